@@ -1,0 +1,37 @@
+"""shmstore: the newest value of a typed state, shared between processes in microseconds.
+
+One writer at a time commits msgspec-encoded snapshots into a seqlock-guarded ring in POSIX shared
+memory; readers in any process get the newest committed snapshot lock-free and never a torn one.
+"""
+
+from ._errors import CorruptStoreError as CorruptStoreError
+from ._errors import InvalidSnapshotError as InvalidSnapshotError
+from ._errors import SchemaMismatchError as SchemaMismatchError
+from ._errors import SnapshotTooLargeError as SnapshotTooLargeError
+from ._errors import StateStoreError as StateStoreError
+from ._errors import StateVersionError as StateVersionError
+from ._errors import StoreExistsError as StoreExistsError
+from ._errors import StoreNotFoundError as StoreNotFoundError
+from ._errors import StorePermissionError as StorePermissionError
+from ._errors import SubscriberLaggedError as SubscriberLaggedError
+from ._store import Store as Store
+from ._store import remove as remove
+
+__all__ = [
+    # the store
+    "Store",
+    "remove",
+    # errors
+    "CorruptStoreError",
+    "InvalidSnapshotError",
+    "SchemaMismatchError",
+    "SnapshotTooLargeError",
+    "StateStoreError",
+    "StateVersionError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "StorePermissionError",
+    "SubscriberLaggedError",
+]
+
+__version__ = "0.1.0"

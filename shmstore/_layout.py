@@ -1,0 +1,245 @@
+"""The binary layout of a store segment: the one place it is defined.
+
+All integers are little-endian. Every field that another process reads while it may change (HEAD,
+the counters, slot ``seq``, registry words) is a ``u64`` at an 8-byte-aligned offset, so that one
+aligned 8-byte ``mov`` stores or loads it whole.
+
+Segment::
+
+    0        +--------------------------------------------------------------+
+             | header (512 bytes)                                           |
+    512      +--------------------------------------------------------------+
+             | reader registry: registry_capacity x 32-byte entries         |
+    slots_at +--------------------------------------------------------------+  64-byte aligned
+             | slot 0: 32-byte slot header | payload (slot_size bytes)      |
+             | slot 1                                                       |  stride is a
+             | ...                                                          |  multiple of 64
+             | slot N-1                                                     |
+             +--------------------------------------------------------------+  page aligned
+
+Header::
+
+    off  size  field
+      0     8  magic  b"SHMSTORE"  (written last at create: a half-made segment is not a store)
+      8     4  layout version (u32)
+     12     4  flags (u32): bit 0 = payload CRC32 checked by readers
+     16     4  slot count (u32)
+     20     4  slot payload capacity in bytes (u32)
+     24     4  registry capacity (u32)
+     28     4  reserved
+     32     8  total segment size (u64)
+     40     8  created, ns since the epoch (u64)
+     48    16  schema fingerprint (blake2b-128 of the type's JSON schema)
+     64     8  HEAD = version of the newest committed value, 0 while empty (u64, own cache line)
+    128     8  commits made by set() (u64)
+    136     8  version conflicts refused by set() (u64)
+    144     8  last commit, ns since the epoch (u64)
+    192    64  type name, UTF-8, NUL padded (for tools)
+    256    64  store name, UTF-8, NUL padded (for tools)
+
+Registry entry (32 bytes)::
+
+      0     8  generation (u64): bumped each time the entry is claimed
+      8     8  pid of the owner (u64), informational
+     16     8  state (u64): 0 free, 1 in use
+     24     8  claimed, ns since the epoch (u64)
+
+Slot header (32 bytes)::
+
+      0     8  seq (u64): 2m-1 while message m is being written, 2m once it is complete
+      8     4  payload length (u32)
+     12     4  CRC32 of the payload (u32), 0 when CRC is off
+     16     8  commit time, ns since the epoch (u64)
+     24     8  reserved
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+
+from ._errors import CorruptStoreError
+
+__all__ = [
+    "FLAG_CRC",
+    "HEADER",
+    "HEADER_SIZE",
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "Geometry",
+]
+
+MAGIC = b"SHMSTORE"
+LAYOUT_VERSION = 1
+FLAG_CRC = 1
+
+HEADER_SIZE = 512
+REGISTRY_ENTRY_SIZE = 32
+SLOT_HEADER_SIZE = 32
+CACHE_LINE = 64
+PAGE = 4096
+
+MAX_SLOTS = 1 << 16
+MAX_SLOT_SIZE = (1 << 31) - 1
+MAX_REGISTRY = 4096
+NAME_FIELD = 64
+
+# Byte offsets of the live u64 words; divide by 8 for an index into a memoryview cast to "Q".
+OFF_HEAD = 64
+OFF_COMMITS = 128
+OFF_CONFLICTS = 136
+OFF_LAST_UPDATE = 144
+
+# The static part of the header, written once at create before the magic.
+HEADER = struct.Struct("<8sIIIII4xQQ16s")
+TYPE_NAME = struct.Struct("<64s")
+OFF_TYPE_NAME = 192
+OFF_STORE_NAME = 256
+
+# Registry entry fields, as u64 indexes relative to the entry start.
+REG_GEN = 0
+REG_PID = 1
+REG_STATE = 2
+REG_CLAIMED = 3
+
+# Slot header fields: seq and ts are u64 indexes, length and crc are u32 indexes, relative to
+# the slot start.
+SLOT_SEQ_Q = 0
+SLOT_LEN_I = 2
+SLOT_CRC_I = 3
+SLOT_TS_Q = 2
+SLOT_META = struct.Struct("<IIQ")  # length, crc, ts: read together between the seq checks
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Sizes and offsets derived from the three create parameters."""
+
+    slots: int
+    slot_size: int
+    registry_capacity: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.slots <= MAX_SLOTS:
+            # One slot cannot work: the slot being rewritten would be the one HEAD names.
+            raise ValueError(f"slots must be between 2 and {MAX_SLOTS}, got {self.slots}")
+        if not 1 <= self.slot_size <= MAX_SLOT_SIZE:
+            raise ValueError(
+                f"slot_size must be between 1 and {MAX_SLOT_SIZE}, got {self.slot_size}"
+            )
+        if not 1 <= self.registry_capacity <= MAX_REGISTRY:
+            raise ValueError(
+                f"max_readers must be between 1 and {MAX_REGISTRY}, got {self.registry_capacity}"
+            )
+
+    @property
+    def registry_at(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def slots_at(self) -> int:
+        return _align(HEADER_SIZE + self.registry_capacity * REGISTRY_ENTRY_SIZE, CACHE_LINE)
+
+    @property
+    def stride(self) -> int:
+        return _align(SLOT_HEADER_SIZE + self.slot_size, CACHE_LINE)
+
+    @property
+    def total_size(self) -> int:
+        return _align(self.slots_at + self.slots * self.stride, PAGE)
+
+    def slot_at(self, version: int) -> int:
+        """Byte offset of the slot that holds message *version*."""
+        return self.slots_at + (version % self.slots) * self.stride
+
+    def entry_at(self, index: int) -> int:
+        return self.registry_at + index * REGISTRY_ENTRY_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInfo:
+    """The static header fields as read from a segment."""
+
+    magic: bytes
+    layout_version: int
+    flags: int
+    geometry: Geometry
+    total_size: int
+    created_ns: int
+    fingerprint: bytes
+    type_name: str
+    store_name: str
+
+
+def pack_header(
+    geometry: Geometry, flags: int, created_ns: int, fingerprint: bytes, magic: bytes
+) -> bytes:
+    return HEADER.pack(
+        magic,
+        LAYOUT_VERSION,
+        flags,
+        geometry.slots,
+        geometry.slot_size,
+        geometry.registry_capacity,
+        geometry.total_size,
+        created_ns,
+        fingerprint,
+    )
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInfo:
+    """Parse and validate the static header against the segment's real size.
+
+    Raises :class:`CorruptStoreError` for anything that is not a store of this layout. Never
+    trusts a size field beyond *real_size*, so a hostile header cannot make a reader allocate or
+    index past the mapping.
+    """
+    if real_size < HEADER_SIZE:
+        raise CorruptStoreError(f"segment is {real_size} bytes, smaller than a store header")
+    magic, layout, flags, slots, slot_size, reg_cap, total, created, fp = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise CorruptStoreError(f"bad magic {magic!r}: not a shmstore segment")
+    if layout != LAYOUT_VERSION:
+        raise CorruptStoreError(
+            f"layout version {layout} is not supported (this shmstore reads {LAYOUT_VERSION})"
+        )
+    try:
+        geometry = Geometry(slots, slot_size, reg_cap)
+    except ValueError as exc:
+        raise CorruptStoreError(f"header has impossible geometry: {exc}") from None
+    if total != geometry.total_size or total > real_size:
+        raise CorruptStoreError(
+            f"header says {total} bytes, geometry needs {geometry.total_size}, "
+            f"segment has {real_size}"
+        )
+    if flags & ~FLAG_CRC:
+        raise CorruptStoreError(f"unknown header flags {flags:#x}")
+    return HeaderInfo(
+        magic=magic,
+        layout_version=layout,
+        flags=flags,
+        geometry=geometry,
+        total_size=total,
+        created_ns=created,
+        fingerprint=fp,
+        type_name=_text(bytes(buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD])),
+        store_name=_text(bytes(buf[OFF_STORE_NAME : OFF_STORE_NAME + NAME_FIELD])),
+    )
+
+
+def name_field(text: str) -> bytes:
+    """*text* as a NUL-padded 64-byte field, cut at a character boundary."""
+    raw = text.encode("utf-8")
+    while len(raw) > NAME_FIELD:
+        text = text[:-1]
+        raw = text.encode("utf-8")
+    return TYPE_NAME.pack(raw)

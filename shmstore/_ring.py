@@ -1,0 +1,226 @@
+"""The seqlock ring: one writer publishes, many readers copy, and no reader sees a torn value.
+
+Algorithm
+---------
+The segment holds N slots and a header word HEAD, the version of the newest complete message
+(0 while the store is empty). Message *m* lives in slot ``m % N``, and the slot's ``seq`` word
+encodes both its state and which message it holds:
+
+* ``2m - 1`` (odd) while message *m* is being written,
+* ``2m`` (even) once message *m* is complete.
+
+Writer (callers serialize writers; see ``_writelock``)::
+
+    m = HEAD + 1
+    slot.seq = 2m - 1; slot.payload = bytes; slot.length, crc, ts = ...; slot.seq = 2m
+    HEAD = m                                  # publish
+
+Reader::
+
+    h = HEAD                                  # 0: empty
+    s1 = slot(h).seq; s1 != 2h  -> lapped or raced: read HEAD again
+    copy length, crc, ts and payload OUT of the mapping
+    s2 = slot(h).seq; s2 != s1  -> the writer came round while we copied: read HEAD again
+    (CRC on) crc32(copy) != crc -> treat like a moved seq
+    decode the private copy
+
+Because ``seq`` names the message and only ever grows, there is no ABA: a reader that sees ``2h``
+twice saw message *h* and nothing else. Because HEAD is stored only after the slot is even, HEAD
+always names a complete slot, so a writer killed at any instruction leaves at worst one odd slot
+that HEAD does not name; the next writer overwrites it. There is no repair step and readers never
+wait for a dead writer. Two slots are the minimum: with one, the slot being rewritten would be
+the one HEAD names.
+
+What CPython can and cannot promise
+-----------------------------------
+Python cannot emit fences or atomics. The protocol relies only on this:
+
+* Each counter store is ``memoryview.cast("Q")[i] = v``: one aligned 8-byte store, so a reader
+  never sees half of it. ``struct.pack_into`` must never be used for these words: CPython's
+  ``s_pack_internal`` zero-fills the target before writing, so a concurrent reader can see
+  ``seq == 0`` -- even, "stable" -- and copy a torn payload. That was measured (about one torn read
+  in six million) and is why ``tests/test_ring.py`` keeps ``pack_into`` out of the package.
+* Every access is its own opaque C call, so the compiler cannot reorder them across each other,
+  and x86-64 (TSO) keeps store->store and load->load order in hardware. Those are exactly the
+  orders a seqlock needs.
+* On weakly ordered CPUs (aarch64) loads may pass loads; there the writer stores a CRC32 of the
+  payload and readers verify it after the copy (on by default off x86-64). A reorder then shows as
+  a CRC mismatch and is retried like a moved seq.
+
+Readers never decode out of the live mapping: a torn buffer can make a decoder raise or build
+garbage, and a memoryview into the mapping would pin it (``BufferError`` at close) and alias memory
+the writer is about to overwrite.
+
+Bounds
+------
+A reader retries while HEAD or seq moves. A healthy writer holds a slot for one memcpy, so a
+reader that still cannot get a consistent copy after ``READ_DEADLINE`` seconds is looking at a
+damaged segment and raises :class:`CorruptStoreError` instead of spinning forever. Lengths are
+checked against the slot capacity before anything is copied.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+import zlib
+from typing import Final
+
+from ._errors import CorruptStoreError
+from ._layout import (
+    OFF_COMMITS,
+    OFF_CONFLICTS,
+    OFF_HEAD,
+    OFF_LAST_UPDATE,
+    SLOT_CRC_I,
+    SLOT_HEADER_SIZE,
+    SLOT_LEN_I,
+    SLOT_META,
+    SLOT_SEQ_Q,
+    SLOT_TS_Q,
+    Geometry,
+)
+
+__all__ = ["READ_DEADLINE", "Ring"]
+
+READ_DEADLINE: Final = 0.5
+_SPINS_BEFORE_YIELD: Final = 64
+
+_HEAD: Final = OFF_HEAD // 8
+_COMMITS: Final = OFF_COMMITS // 8
+_CONFLICTS: Final = OFF_CONFLICTS // 8
+_LAST_UPDATE: Final = OFF_LAST_UPDATE // 8
+
+
+class Ring:
+    """The seqlock ring over any writable buffer (a shared mapping, or a ``bytearray`` in tests).
+
+    The ring does no locking of its own: callers of :meth:`commit` must be serialized.
+    """
+
+    __slots__ = ("_buf", "_crc", "_geometry", "_i", "_q", "verify")
+
+    def __init__(self, buf: bytearray | mmap.mmap, geometry: Geometry, *, crc: bool) -> None:
+        view = memoryview(buf)
+        self._buf = buf
+        self._q = view.cast("Q")
+        self._i = view.cast("I")
+        view.release()
+        self._geometry = geometry
+        self._crc = crc
+        # Only the negative-control test turns this off, to show the torture test detects tearing.
+        self.verify = True
+
+    @property
+    def geometry(self) -> Geometry:
+        return self._geometry
+
+    @property
+    def crc(self) -> bool:
+        return self._crc
+
+    @property
+    def words(self) -> memoryview:
+        """The buffer as u64 words, for callers that read HEAD on a hot path."""
+        return self._q
+
+    def head(self) -> int:
+        return int(self._q[_HEAD])
+
+    def commits(self) -> int:
+        return int(self._q[_COMMITS])
+
+    def conflicts(self) -> int:
+        return int(self._q[_CONFLICTS])
+
+    def last_update_ns(self) -> int:
+        return int(self._q[_LAST_UPDATE])
+
+    def count_conflict(self) -> None:
+        """Count a refused compare-and-set. Callers hold the writer lock."""
+        self._q[_CONFLICTS] += 1
+
+    def commit(self, payload: bytes, ts_ns: int) -> int:
+        """Write *payload* as message HEAD+1 and publish it. Returns the new version.
+
+        The caller holds the writer lock and has checked ``len(payload)`` against the slot size.
+        """
+        q = self._q
+        version = q[_HEAD] + 1
+        base = self._geometry.slot_at(version)
+        seq = base // 8 + SLOT_SEQ_Q
+        q[seq] = 2 * version - 1
+        start = base + SLOT_HEADER_SIZE
+        self._buf[start : start + len(payload)] = payload
+        word = base // 4
+        self._i[word + SLOT_LEN_I] = len(payload)
+        self._i[word + SLOT_CRC_I] = zlib.crc32(payload) if self._crc else 0
+        q[base // 8 + SLOT_TS_Q] = ts_ns
+        q[seq] = 2 * version
+        q[_HEAD] = version
+        q[_COMMITS] += 1
+        q[_LAST_UPDATE] = ts_ns
+        return version
+
+    def restart_at(self, version: int) -> None:
+        """Make the empty ring continue from *version* (restore). Callers hold the writer lock."""
+        self._q[_HEAD] = version
+
+    def read(self, version: int) -> tuple[bytes, int] | None:
+        """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no
+        longer (or not yet) holds it consistently, in which case the caller re-reads HEAD."""
+        q = self._q
+        base = self._geometry.slot_at(version)
+        seq = base // 8 + SLOT_SEQ_Q
+        stable = 2 * version
+        if q[seq] != stable:
+            return None
+        length, crc, ts_ns = SLOT_META.unpack_from(self._buf, base + 8)
+        if length > self._geometry.slot_size:
+            # A writer never stores such a length; if seq still holds, the slot is damaged.
+            if q[seq] == stable:
+                raise CorruptStoreError(
+                    f"slot of version {version} claims {length} bytes, "
+                    f"more than the slot size {self._geometry.slot_size}"
+                )
+            return None
+        start = base + SLOT_HEADER_SIZE
+        data = bytes(self._buf[start : start + length])
+        if self.verify and q[seq] != stable:
+            return None
+        if self._crc and zlib.crc32(data) != crc:
+            return None
+        return data, ts_ns
+
+    def read_newest(self) -> tuple[bytes | None, int, int]:
+        """``(payload, version, ts_ns)`` of the newest message; ``(None, 0, 0)`` while empty.
+
+        Retries while the writer races us; raises :class:`CorruptStoreError` past the deadline.
+        """
+        q = self._q
+        deadline = 0.0
+        spins = 0
+        while True:
+            version = int(q[_HEAD])
+            if version == 0:
+                return None, 0, 0
+            got = self.read(version)
+            if got is not None:
+                return got[0], version, got[1]
+            spins += 1
+            if spins < _SPINS_BEFORE_YIELD:
+                continue
+            now = time.monotonic()
+            if deadline == 0.0:
+                deadline = now + READ_DEADLINE
+            elif now > deadline:
+                raise CorruptStoreError(
+                    f"could not read a consistent copy of version {version} "
+                    f"within {READ_DEADLINE} s: the slot is damaged"
+                )
+            time.sleep(0)
+
+    def release(self) -> None:
+        """Drop the views into the buffer so that a mapping can be closed."""
+        self._q.release()
+        self._i.release()

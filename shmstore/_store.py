@@ -1,0 +1,411 @@
+"""``Store[T]``: a typed, versioned value shared by processes through one shared-memory segment.
+
+This module ties the pieces together: the segment (``_segment``), the layout (``_layout``), the
+seqlock ring (``_ring``), the writer lock (``_writelock``) and the codec (``_codec``). Reads never
+block and never take a lock; writes encode and validate outside the lock and hold it only for the
+compare-and-set and one memcpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import warnings
+import weakref
+from types import TracebackType
+from typing import Any, Final, Generic, TypeVar, overload
+
+import msgspec
+
+from ._codec import ANY_FINGERPRINT, Codec
+from ._errors import (
+    CorruptStoreError,
+    SchemaMismatchError,
+    SnapshotTooLargeError,
+    StateStoreError,
+    StateVersionError,
+    StoreNotFoundError,
+)
+from ._layout import (
+    FLAG_CRC,
+    MAGIC,
+    OFF_HEAD,
+    OFF_STORE_NAME,
+    OFF_TYPE_NAME,
+    Geometry,
+    HeaderInfo,
+    name_field,
+    pack_header,
+    read_header,
+)
+from ._names import validate_name
+from ._ring import Ring
+from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._writelock import WriteLock
+
+__all__ = ["Store"]
+
+T = TypeVar("T")
+
+log = logging.getLogger("shmstore")
+
+DEFAULT_SLOTS: Final = 8
+DEFAULT_SLOT_SIZE: Final = 65536
+DEFAULT_MAX_READERS: Final = 64
+OPEN_WAIT: Final = 1.0  # how long open() waits for a concurrent create to finish
+
+_HEAD: Final = OFF_HEAD // 8
+_WEAKLY_ORDERED_SAFE = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+_live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
+
+
+def _default_crc() -> bool:
+    # x86 keeps load->load and store->store order; elsewhere the CRC catches what the
+    # hardware may reorder (see _ring).
+    return platform.machine().lower() not in _WEAKLY_ORDERED_SAFE
+
+
+class Store(Generic[T]):
+    """A typed value in shared memory: one writer at a time, any number of lock-free readers.
+
+    Make one with :meth:`create` or :meth:`open`; ``close()`` detaches this process, ``unlink()``
+    removes the store for everyone. A handle may be shared by the threads of one process.
+    """
+
+    # ---------------------------------------------------------------- construction
+
+    def __init__(self, segment: Segment, info: HeaderInfo, codec: Codec[T], writable: bool) -> None:
+        self._segment = segment
+        self._info = info
+        self._codec = codec
+        self._writable = writable
+        self._ring = Ring(segment.map, info.geometry, crc=bool(info.flags & FLAG_CRC))
+        # The hot paths read HEAD through this view directly: one indexed load, no method call.
+        self._words = self._ring.words
+        self._cache: tuple[int, T | None] = (0, None)
+        self._lock = WriteLock(lambda: self._segment.fd)
+        self._closed = False
+        self._pid = os.getpid()
+        _live_handles.add(self)
+
+    @overload
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        type: type[T],
+        *,
+        slots: int = ...,
+        slot_size: int = ...,
+        max_readers: int = ...,
+        crc: bool | None = ...,
+        mode: int = ...,
+    ) -> Store[T]: ...
+
+    @overload
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        type: Any = ...,
+        *,
+        slots: int = ...,
+        slot_size: int = ...,
+        max_readers: int = ...,
+        crc: bool | None = ...,
+        mode: int = ...,
+    ) -> Store[Any]: ...
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        type: Any = Any,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        crc: bool | None = None,
+        mode: int = 0o600,
+    ) -> Store[Any]:
+        """Create a new store named *name* holding values of *type* (any msgspec-supported type).
+
+        *slots* is the ring depth (how many versions stay readable), *slot_size* the largest
+        encoded value in bytes, *max_readers* the number of processes that may wait on the store
+        at once. *crc* adds a CRC32 check to every read (default: on where the CPU reorders
+        loads). *mode* is the permission bits of the segment.
+
+        Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
+        geometry, :class:`StateStoreError` if shared memory cannot hold the store.
+        """
+        validate_name(name)
+        geometry = Geometry(slots, slot_size, max_readers)
+        codec: Codec[Any] = Codec(type)
+        flags = FLAG_CRC if (_default_crc() if crc is None else crc) else 0
+        if mode & ~0o777:
+            raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
+        segment = Segment.create(name, geometry.total_size, mode)
+        try:
+            created = time.time_ns()
+            m = segment.map
+            m[OFF_TYPE_NAME : OFF_TYPE_NAME + 64] = name_field(codec.type_name)
+            m[OFF_STORE_NAME : OFF_STORE_NAME + 64] = name_field(name)
+            header = pack_header(geometry, flags, created, codec.fingerprint, magic=b"\0" * 8)
+            m[0 : len(header)] = header
+            # The magic goes in last: until it is there, open() treats the segment as unborn.
+            m[0 : len(MAGIC)] = MAGIC
+            info = read_header(m, segment.size)
+        except BaseException:
+            segment.close()
+            unlink_segment(name)
+            raise
+        return cls(segment, info, codec, writable=True)
+
+    @overload
+    @classmethod
+    def open(cls, name: str, type: type[T]) -> Store[T]: ...
+
+    @overload
+    @classmethod
+    def open(cls, name: str, type: Any = ...) -> Store[Any]: ...
+
+    @classmethod
+    def open(cls, name: str, type: Any = None) -> Store[Any]:
+        """Attach to the existing store *name*.
+
+        With *type*, the store must have been created for a type of the same schema
+        (:class:`SchemaMismatchError` otherwise). Without it, values decode to builtins
+        (dict, list, ...) and the handle may write only if the store itself is untyped.
+
+        Raises :class:`StoreNotFoundError` if there is no such store and
+        :class:`CorruptStoreError` if the segment is not a valid store.
+        """
+        validate_name(name)
+        segment, info = _attach(name)
+        try:
+            if type is None:
+                codec: Codec[Any] = Codec(Any)
+                writable = info.fingerprint == ANY_FINGERPRINT
+            else:
+                codec = Codec(type)
+                if codec.fingerprint != info.fingerprint:
+                    raise SchemaMismatchError(
+                        f"store {name!r} holds {info.type_name}, "
+                        f"which does not match the requested type {codec.type_name}"
+                    )
+                writable = True
+        except BaseException:
+            segment.close()
+            raise
+        return cls(segment, info, codec, writable)
+
+    # ---------------------------------------------------------------- reading
+
+    @property
+    def name(self) -> str:
+        return self._segment.name
+
+    @property
+    def value_type(self) -> Any:
+        """The value type this handle decodes to (``typing.Any`` for an untyped handle)."""
+        return self._codec.type
+
+    @property
+    def geometry(self) -> Geometry:
+        return self._info.geometry
+
+    @property
+    def version(self) -> int:
+        """The newest committed version: 0 while empty, +1 per commit. One shared-memory load."""
+        try:
+            return int(self._words[_HEAD])
+        except ValueError:
+            raise self._closed_error() from None
+
+    def get(self) -> T | None:
+        """The newest committed value, or ``None`` while the store is empty.
+
+        Lock-free and never torn. While the version is unchanged this returns the same decoded
+        object again without copying or decoding, so treat values as immutable.
+        """
+        version, value = self._cache
+        try:
+            head = self._words[_HEAD]
+        except ValueError:
+            raise self._closed_error() from None
+        if head == version:
+            return value
+        return self._refresh()[0]
+
+    def get_with_version(self) -> tuple[T | None, int]:
+        """The newest value together with its version, read as one consistent pair."""
+        cached = self._cache
+        try:
+            head = self._words[_HEAD]
+        except ValueError:
+            raise self._closed_error() from None
+        if head == cached[0]:
+            return cached[1], head
+        value, version = self._refresh()
+        return value, version
+
+    def _refresh(self) -> tuple[T | None, int]:
+        payload, version, _ts = self._ring.read_newest()
+        if payload is None:
+            return None, 0
+        try:
+            value = self._codec.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise CorruptStoreError(
+                f"store {self.name!r}: version {version} does not decode as "
+                f"{self._codec.type_name}: {exc}"
+            ) from exc
+        self._cache = (version, value)
+        return value, version
+
+    # ---------------------------------------------------------------- writing
+
+    def set(self, value: T, expected_version: int | None = None) -> int:
+        """Commit *value* as the next version and return that version.
+
+        With *expected_version*, commit only if the store is still at that version, else raise
+        :class:`StateVersionError` (optimistic concurrency: read, compute, set, retry on
+        conflict). Raises :class:`SnapshotTooLargeError` if the encoded value does not fit a
+        slot and :class:`InvalidSnapshotError` if readers could not decode it; in every error
+        case nothing is written.
+        """
+        if not self._writable:
+            self._check_open()
+            raise StateStoreError(
+                f"store {self.name!r} holds {self._info.type_name}; open it with that type "
+                "to write (an untyped handle could publish values its readers cannot decode)"
+            )
+        codec = self._codec
+        data = codec.encode(value)
+        capacity = self._info.geometry.slot_size
+        if len(data) > capacity:
+            raise SnapshotTooLargeError(
+                f"encoded value is {len(data)} bytes; store {self.name!r} holds at most "
+                f"{capacity} bytes per slot"
+            )
+        checked = codec.validate(data)
+        ring = self._ring
+        self._check_open()
+        with self._lock:
+            head = ring.head()
+            if expected_version is not None and head != expected_version:
+                ring.count_conflict()
+                conflict = StateVersionError(expected_version, head)
+            else:
+                conflict = None
+                version = ring.commit(data, time.time_ns())
+        if conflict is not None:
+            log.warning("store %r: %s", self.name, conflict)
+            raise conflict
+        self._cache = (version, checked)
+        return version
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Detach this process from the store. The store itself stays; see :meth:`unlink`."""
+        if self._closed:
+            return
+        self._closed = True
+        _live_handles.discard(self)
+        self._ring.release()
+        self._segment.close()
+
+    def unlink(self) -> None:
+        """Remove the store's names for everyone. Attached handles keep working until closed;
+        no new handle can open it."""
+        remove(self.name)
+
+    def __enter__(self) -> Store[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            warnings.warn(
+                f"shmstore.Store {self.name!r} was never closed", ResourceWarning, stacklevel=1
+            )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"version={self.version}"
+        return f"<shmstore.Store {self.name!r} {self._info.type_name} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> StateStoreError:
+        return StateStoreError(f"store {self.name!r} is closed")
+
+    def _after_fork_in_child(self) -> None:
+        self._pid = os.getpid()
+        self._lock.after_fork_in_child()
+        try:
+            self._segment.reopen()
+        except StoreNotFoundError:
+            # Unlinked before the fork: reads still work on the inherited mapping, but this child
+            # must not write under the parent's lock, so it gets no writer lock at all.
+            self._writable = False
+
+
+def _attach(name: str) -> tuple[Segment, HeaderInfo]:
+    """Open and validate the segment, waiting up to OPEN_WAIT for a concurrent create."""
+    deadline = time.monotonic() + OPEN_WAIT
+    while True:
+        try:
+            segment = Segment.open(name)
+        except UnsizedSegmentError:
+            if time.monotonic() > deadline:
+                raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
+            time.sleep(0.001)
+            continue
+        try:
+            unborn = segment.map[0 : len(MAGIC)] == b"\0" * len(MAGIC)
+            if unborn and time.monotonic() < deadline:
+                segment.close()
+                time.sleep(0.001)
+                continue
+            info = read_header(segment.map, segment.size)
+            if info.store_name != name:
+                raise CorruptStoreError(
+                    f"segment for {name!r} names itself {info.store_name!r}: not this store"
+                )
+        except BaseException:
+            if not segment.map.closed:
+                segment.close()
+            raise
+        return segment, info
+
+
+def remove(name: str) -> bool:
+    """Remove every OS object of store *name*. ``False`` if there was no segment."""
+    validate_name(name)
+    return unlink_segment(name)
+
+
+def _after_fork_in_child() -> None:
+    for handle in list(_live_handles):
+        handle._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,37 @@
+"""Shared fixtures: unique store names that are always removed, and a /dev/shm leak check."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import shmstore
+
+SHM = Path("/dev/shm")
+
+
+def _our_objects() -> set[str]:
+    if not SHM.is_dir():
+        return set()
+    return {p.name for p in SHM.iterdir() if "shmstore." in p.name}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_left_as_found() -> Iterator[None]:
+    """The suite must leave /dev/shm exactly as it found it."""
+    before = _our_objects()
+    yield
+    leaked = _our_objects() - before
+    assert not leaked, f"tests left shared-memory objects behind: {sorted(leaked)}"
+
+
+@pytest.fixture
+def store_name() -> Iterator[str]:
+    """A fresh store name; whatever the test created under it is removed, pass or fail."""
+    name = f"test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    yield name
+    shmstore.remove(name)

@@ -1,0 +1,109 @@
+"""The seqlock ring on a plain bytearray: the algorithm without shared memory."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import shmstore
+from shmstore import CorruptStoreError, _ring
+from shmstore._layout import OFF_HEAD, SLOT_HEADER_SIZE, Geometry
+from shmstore._ring import Ring
+
+GEOMETRY = Geometry(slots=4, slot_size=256, registry_capacity=1)
+
+
+def ring(crc: bool = False) -> Ring:
+    return Ring(bytearray(GEOMETRY.total_size), GEOMETRY, crc=crc)
+
+
+def seq_of(r: Ring, version: int) -> int:
+    return int(r.words[GEOMETRY.slot_at(version) // 8])
+
+
+def test_empty_ring_reads_none() -> None:
+    assert ring().read_newest() == (None, 0, 0)
+
+
+def test_commit_publishes_in_order_and_slots_encode_identity() -> None:
+    r = ring()
+    for m in range(1, 10):
+        assert r.commit(bytes([m]) * m, ts_ns=m * 1000) == m
+        assert r.head() == m
+        assert seq_of(r, m) == 2 * m
+        assert r.read_newest() == (bytes([m]) * m, m, m * 1000)
+    assert r.commits() == 9
+    assert r.last_update_ns() == 9000
+    # versions 6..9 are still in the ring; 5 was overwritten by 9 (same slot)
+    assert r.read(6) == (bytes([6]) * 6, 6000)
+    assert r.read(5) is None
+
+
+def test_writer_killed_mid_write_leaves_head_readable() -> None:
+    r = ring()
+    r.commit(b"committed", ts_ns=1)
+    # A writer that died after marking slot 2 odd and scribbling half a payload:
+    base = GEOMETRY.slot_at(2)
+    r.words[base // 8] = 2 * 2 - 1
+    r._buf[base + SLOT_HEADER_SIZE : base + SLOT_HEADER_SIZE + 4] = b"junk"
+    assert r.read_newest() == (b"committed", 1, 1)
+    # ... and the next writer simply overwrites the odd slot.
+    assert r.commit(b"next", ts_ns=2) == 2
+    assert r.read_newest() == (b"next", 2, 2)
+
+
+def test_length_beyond_slot_is_corruption_not_an_allocation() -> None:
+    r = ring()
+    r.commit(b"x", ts_ns=1)
+    base = GEOMETRY.slot_at(1)
+    r._i[base // 4 + 2] = 2**32 - 1
+    with pytest.raises(CorruptStoreError, match="more than the slot size"):
+        r.read_newest()
+
+
+def test_slot_that_never_matches_head_raises_within_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_ring, "READ_DEADLINE", 0.05)
+    r = ring()
+    r.commit(b"x", ts_ns=1)
+    r.words[GEOMETRY.slot_at(1) // 8] = 12345  # seq names some other message
+    with pytest.raises(CorruptStoreError, match="damaged"):
+        r.read_newest()
+
+
+def test_crc_detects_a_changed_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ring, "READ_DEADLINE", 0.05)
+    r = ring(crc=True)
+    r.commit(b"hello", ts_ns=1)
+    assert r.read_newest()[0] == b"hello"
+    base = GEOMETRY.slot_at(1) + SLOT_HEADER_SIZE
+    r._buf[base] = ord("j")
+    with pytest.raises(CorruptStoreError):
+        r.read_newest()
+
+
+def test_head_is_where_the_layout_says() -> None:
+    r = ring()
+    r.commit(b"a", ts_ns=1)
+    r.commit(b"b", ts_ns=1)
+    assert int.from_bytes(r._buf[OFF_HEAD : OFF_HEAD + 8], "little") == 2
+
+
+def test_counters_are_never_stored_with_pack_into() -> None:
+    """struct.pack_into zero-fills its target before writing, so a concurrent reader can see a
+    transient seq == 0 (even, "stable") and take a torn copy. Nothing in the package may use it."""
+    package = Path(shmstore.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = None
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+            elif isinstance(node, ast.Name):
+                name = node.id
+            if name == "pack_into":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
