@@ -1,0 +1,180 @@
+"""Process entry points for the multi-process tests (importable by spawned children).
+
+Records are self-checking: the payload of message *seq* is derived from *seq* alone, its length
+changes on every commit, and a CRC ties the two together, so a reader can tell a torn or
+mismatched value from a good one without knowing anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+from multiprocessing.synchronize import Barrier, Event
+from typing import Any
+
+import msgspec
+
+from shmstore import CorruptStoreError, StateVersionError, Store
+
+MAX_BLOB = 3000
+
+
+class Rec(msgspec.Struct, array_like=True, frozen=True):
+    seq: int
+    blob: bytes
+    check: int
+
+
+def make_rec(seq: int, max_blob: int = MAX_BLOB) -> Rec:
+    n = 1 + (seq * 7919) % max_blob
+    blob = (seq.to_bytes(8, "little") * (n // 8 + 1))[:n]
+    return Rec(seq, blob, zlib.crc32(blob) ^ seq)
+
+
+def rec_ok(rec: Any, max_blob: int = MAX_BLOB) -> bool:
+    return isinstance(rec, Rec) and rec == make_rec(rec.seq, max_blob)
+
+
+# ------------------------------------------------------------------ torture
+
+
+def torture_reader(
+    name: str, final: int, start: Barrier, results: Any, recheck: bool, max_blob: int
+) -> None:
+    """Read until the writer's final version; report (reads, bad, regressions, distinct)."""
+    st = Store.open(name, Rec)
+    st._ring.verify = recheck
+    reads = bad = regressions = 0
+    last = 0
+    seen = set()
+    start.wait()
+    try:
+        while last < final:
+            try:
+                rec, version = st.get_with_version()
+            except CorruptStoreError:
+                bad += 1
+                continue
+            reads += 1
+            if version < last:
+                regressions += 1
+            last = version
+            if rec is None:
+                continue
+            # In the real test the writer commits make_rec(v) as version v, so the pair is
+            # checked too; the negative control's writer cycles a few payloads, so there only
+            # the content is.
+            if not rec_ok(rec, max_blob) or (recheck and rec.seq != version):
+                bad += 1
+            seen.add(version)
+    finally:
+        st.close()
+    results.put((reads, bad, regressions, len(seen)))
+
+
+def torture_writer(name: str, commits: int, start: Barrier, max_blob: int) -> None:
+    st = Store.open(name, Rec)
+    start.wait()
+    try:
+        for v in range(1, commits + 1):
+            assert st.set(make_rec(v, max_blob)) == v
+    finally:
+        st.close()
+
+
+def raw_writer(name: str, stop: Event, start: Barrier, max_blob: int) -> None:
+    """The negative control's writer: commits pre-encoded payloads as fast as memcpy allows,
+    so that a reader without the re-check is lapped mid-copy often."""
+    st = Store.open(name, Rec)
+    payloads = [st._codec.encode(make_rec(s, max_blob)) for s in range(1, 33)]
+    ring = st._ring
+    start.wait()
+    try:
+        i = 0
+        while not stop.is_set():
+            for data in payloads:
+                with st._lock:
+                    ring.commit(data, i)
+            i += 1
+            if i % 1_000_000 == 0:
+                break
+    finally:
+        st.close()
+
+
+# ------------------------------------------------------------------ killed writers
+
+
+def looping_writer(name: str, ready: Event) -> None:
+    """Commit make_rec(version) forever; set *ready* after a first batch."""
+    st = Store.open(name, Rec)
+    n = 0
+    while True:
+        version = st.version
+        try:
+            st.set(make_rec(version + 1), expected_version=version)
+        except StateVersionError:
+            continue
+        n += 1
+        if n == 50:
+            ready.set()
+
+
+def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
+    """Commit once, but freeze at the line of Ring.commit that contains *marker* (with every
+    earlier line executed) and wait there to be killed."""
+    import inspect
+
+    from shmstore._ring import Ring
+
+    lines, first = inspect.getsourcelines(Ring.commit)
+    target = first + next(i for i, line in enumerate(lines) if marker in line)
+    code = Ring.commit.__code__
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == target:
+                reached.set()
+                while True:
+                    signal.pause()
+            return local
+
+        return local
+
+    st = Store.open(name, Rec)
+    version = st.version
+    sys.settrace(tracer)
+    st.set(make_rec(version + 1))
+
+
+# ------------------------------------------------------------------ CAS
+
+
+def cas_incrementer(name: str, count: int, start: Barrier, results: Any) -> None:
+    st = Store.open(name, int)
+    conflicts = 0
+    start.wait()
+    try:
+        done = 0
+        while done < count:
+            value, version = st.get_with_version()
+            assert value is not None
+            try:
+                st.set(value + 1, expected_version=version)
+                done += 1
+            except StateVersionError:
+                conflicts += 1
+    finally:
+        st.close()
+    results.put((os.getpid(), conflicts))
+
+
+def random_pause() -> None:
+    time.sleep(random.uniform(0, 0.02))
