@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import random
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
-
-from shmstore import Store
 from workers import (
     Rec,
     cas_incrementer,
@@ -23,8 +23,24 @@ from workers import (
     writer_stopped_at,
 )
 
+from shmstore import Store
+
 ctx = mp.get_context("spawn")
 JOIN = 120  # seconds: a hang detector, not a performance bound
+
+
+def collect(results: Any, procs: list[Any], n: int) -> list[Any]:
+    """*n* results from the children, failing at once if one of them died instead."""
+    got: list[Any] = []
+    deadline = time.monotonic() + JOIN
+    while len(got) < n:
+        try:
+            got.append(results.get(timeout=0.2))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"worker died: exit codes {[p.exitcode for p in dead]}"
+            assert time.monotonic() < deadline, "workers did not report in time"
+    return got
 
 
 def test_no_torn_reads_under_stress(store_name: str) -> None:
@@ -34,14 +50,16 @@ def test_no_torn_reads_under_stress(store_name: str) -> None:
         results = ctx.Queue()
         procs = [
             ctx.Process(
-                target=torture_reader, args=(store_name, commits, start, results, True, 3000)
+                target=torture_reader,
+                args=(store_name, commits, start, results),
+                kwargs={"recheck": True, "max_blob": 3000},
             )
             for _ in range(readers)
         ]
         procs.append(ctx.Process(target=torture_writer, args=(store_name, commits, start, 3000)))
         for p in procs:
             p.start()
-        stats = [results.get(timeout=JOIN) for _ in range(readers)]
+        stats = collect(results, procs, readers)
         for p in procs:
             p.join(JOIN)
             assert p.exitcode == 0
@@ -63,12 +81,14 @@ def test_negative_control_detects_tearing_without_the_recheck(store_name: str) -
         results = ctx.Queue()
         # The reader stops at a version the raw writer reaches in a few seconds at most.
         reader = ctx.Process(
-            target=torture_reader, args=(store_name, 200_000, start, results, False, max_blob)
+            target=torture_reader,
+            args=(store_name, 200_000, start, results),
+            kwargs={"recheck": False, "max_blob": max_blob},
         )
         writer = ctx.Process(target=raw_writer, args=(store_name, stop, start, max_blob))
         reader.start()
         writer.start()
-        reads, bad, _regressions, _distinct = results.get(timeout=JOIN)
+        ((reads, bad, _regressions, _distinct),) = collect(results, [reader, writer], 1)
         stop.set()
         reader.join(JOIN)
         writer.join(JOIN)
@@ -147,7 +167,7 @@ def test_compare_and_set_across_processes(store_name: str) -> None:
         ]
         for p in procs:
             p.start()
-        conflicts = [results.get(timeout=JOIN)[1] for _ in procs]
+        conflicts = [pid_conflicts[1] for pid_conflicts in collect(results, procs, procs_n)]
         for p in procs:
             p.join(JOIN)
             assert p.exitcode == 0

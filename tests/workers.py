@@ -7,6 +7,7 @@ mismatched value from a good one without knowing anything else.
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
@@ -19,8 +20,10 @@ from typing import Any
 import msgspec
 
 from shmstore import CorruptStoreError, StateVersionError, Store
+from shmstore._ring import Ring
 
 MAX_BLOB = 3000
+BARRIER_WAIT = 60  # a dead sibling must fail the test, not hang it
 
 
 class Rec(msgspec.Struct, array_like=True, frozen=True):
@@ -43,7 +46,7 @@ def rec_ok(rec: Any, max_blob: int = MAX_BLOB) -> bool:
 
 
 def torture_reader(
-    name: str, final: int, start: Barrier, results: Any, recheck: bool, max_blob: int
+    name: str, final: int, start: Barrier, results: Any, *, recheck: bool, max_blob: int
 ) -> None:
     """Read until the writer's final version; report (reads, bad, regressions, distinct)."""
     st = Store.open(name, Rec)
@@ -51,7 +54,7 @@ def torture_reader(
     reads = bad = regressions = 0
     last = 0
     seen = set()
-    start.wait()
+    start.wait(BARRIER_WAIT)
     try:
         while last < final:
             try:
@@ -78,7 +81,7 @@ def torture_reader(
 
 def torture_writer(name: str, commits: int, start: Barrier, max_blob: int) -> None:
     st = Store.open(name, Rec)
-    start.wait()
+    start.wait(BARRIER_WAIT)
     try:
         for v in range(1, commits + 1):
             assert st.set(make_rec(v, max_blob)) == v
@@ -92,7 +95,7 @@ def raw_writer(name: str, stop: Event, start: Barrier, max_blob: int) -> None:
     st = Store.open(name, Rec)
     payloads = [st._codec.encode(make_rec(s, max_blob)) for s in range(1, 33)]
     ring = st._ring
-    start.wait()
+    start.wait(BARRIER_WAIT)
     try:
         i = 0
         while not stop.is_set():
@@ -127,10 +130,6 @@ def looping_writer(name: str, ready: Event) -> None:
 def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
     """Commit once, but freeze at the line of Ring.commit that contains *marker* (with every
     earlier line executed) and wait there to be killed."""
-    import inspect
-
-    from shmstore._ring import Ring
-
     lines, first = inspect.getsourcelines(Ring.commit)
     target = first + next(i for i, line in enumerate(lines) if marker in line)
     code = Ring.commit.__code__
@@ -160,7 +159,7 @@ def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
 def cas_incrementer(name: str, count: int, start: Barrier, results: Any) -> None:
     st = Store.open(name, int)
     conflicts = 0
-    start.wait()
+    start.wait(BARRIER_WAIT)
     try:
         done = 0
         while done < count:
