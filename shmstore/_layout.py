@@ -22,7 +22,8 @@ Header::
     off  size  field
       0     8  magic  b"SHMSTORE"  (written last at create: a half-made segment is not a store)
       8     4  layout version (u32)
-     12     4  flags (u32): bit 0 = payload CRC32 checked by readers
+     12     4  flags (u32): bit 0 = payload CRC32 checked by readers,
+                             bit 1 = writers lock the robust mutex at 320 (else flock)
      16     4  slot count (u32)
      20     4  slot payload capacity in bytes (u32)
      24     4  registry capacity (u32)
@@ -36,6 +37,7 @@ Header::
     144     8  last commit, ns since the epoch (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
     256    64  store name, UTF-8, NUL padded (for tools)
+    320    64  writer mutex (pthread_mutex_t, process-shared and robust), when flag bit 1
 
 Registry entry (32 bytes)::
 
@@ -63,6 +65,7 @@ from ._errors import CorruptStoreError
 
 __all__ = [
     "FLAG_CRC",
+    "FLAG_ROBUST_MUTEX",
     "HEADER",
     "HEADER_SIZE",
     "LAYOUT_VERSION",
@@ -73,6 +76,7 @@ __all__ = [
 MAGIC = b"SHMSTORE"
 LAYOUT_VERSION = 1
 FLAG_CRC = 1
+FLAG_ROBUST_MUTEX = 2
 
 HEADER_SIZE = 512
 REGISTRY_ENTRY_SIZE = 32
@@ -96,6 +100,7 @@ HEADER = struct.Struct("<8sIIIII4xQQ16s")
 TYPE_NAME = struct.Struct("<64s")
 OFF_TYPE_NAME = 192
 OFF_STORE_NAME = 256
+OFF_MUTEX = 320
 
 # Registry entry fields, as u64 indexes relative to the entry start.
 REG_GEN = 0
@@ -103,13 +108,11 @@ REG_PID = 1
 REG_STATE = 2
 REG_CLAIMED = 3
 
-# Slot header fields: seq and ts are u64 indexes, length and crc are u32 indexes, relative to
-# the slot start.
-SLOT_SEQ_Q = 0
+# Slot header fields after seq (the slot's first u64): ts is a u64 index, length and crc are u32
+# indexes, relative to the slot start.
 SLOT_LEN_I = 2
 SLOT_CRC_I = 3
 SLOT_TS_Q = 2
-SLOT_META = struct.Struct("<IIQ")  # length, crc, ts: read together between the seq checks
 
 
 def _align(n: int, to: int) -> int:
@@ -221,7 +224,7 @@ def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInf
             f"header says {total} bytes, geometry needs {geometry.total_size}, "
             f"segment has {real_size}"
         )
-    if flags & ~FLAG_CRC:
+    if flags & ~(FLAG_CRC | FLAG_ROBUST_MUTEX):
         raise CorruptStoreError(f"unknown header flags {flags:#x}")
     return HeaderInfo(
         magic=magic,

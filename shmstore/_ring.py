@@ -75,8 +75,6 @@ from ._layout import (
     SLOT_CRC_I,
     SLOT_HEADER_SIZE,
     SLOT_LEN_I,
-    SLOT_META,
-    SLOT_SEQ_Q,
     SLOT_TS_Q,
     Geometry,
 )
@@ -98,7 +96,18 @@ class Ring:
     The ring does no locking of its own: callers of :meth:`commit` must be serialized.
     """
 
-    __slots__ = ("_buf", "_crc", "_geometry", "_i", "_q", "verify")
+    __slots__ = (
+        "_buf",
+        "_capacity",
+        "_crc",
+        "_geometry",
+        "_i",
+        "_nslots",
+        "_q",
+        "_slots_at",
+        "_stride",
+        "verify",
+    )
 
     def __init__(self, buf: bytearray | mmap.mmap, geometry: Geometry, *, crc: bool) -> None:
         view = memoryview(buf)
@@ -108,6 +117,11 @@ class Ring:
         view.release()
         self._geometry = geometry
         self._crc = crc
+        # Plain ints: the hot paths compute a slot offset per call, and properties cost ~250 ns.
+        self._slots_at = geometry.slots_at
+        self._stride = geometry.stride
+        self._nslots = geometry.slots
+        self._capacity = geometry.slot_size
         # Only the negative-control test turns this off, to show the torture test detects tearing.
         self.verify = True
 
@@ -147,15 +161,16 @@ class Ring:
         """
         q = self._q
         version = q[_HEAD] + 1
-        base = self._geometry.slot_at(version)
-        seq = base // 8 + SLOT_SEQ_Q
+        base = self._slots_at + (version % self._nslots) * self._stride
+        seq = base >> 3
         q[seq] = 2 * version - 1
         start = base + SLOT_HEADER_SIZE
         self._buf[start : start + len(payload)] = payload
-        word = base // 4
+        word = base >> 2
         self._i[word + SLOT_LEN_I] = len(payload)
-        self._i[word + SLOT_CRC_I] = zlib.crc32(payload) if self._crc else 0
-        q[base // 8 + SLOT_TS_Q] = ts_ns
+        if self._crc:
+            self._i[word + SLOT_CRC_I] = zlib.crc32(payload)
+        q[seq + SLOT_TS_Q] = ts_ns
         q[seq] = 2 * version
         q[_HEAD] = version
         q[_COMMITS] += 1
@@ -170,20 +185,23 @@ class Ring:
         """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no
         longer (or not yet) holds it consistently, in which case the caller re-reads HEAD."""
         q = self._q
-        base = self._geometry.slot_at(version)
-        seq = base // 8 + SLOT_SEQ_Q
+        base = self._slots_at + (version % self._nslots) * self._stride
+        seq = base >> 3
         stable = 2 * version
         if q[seq] != stable:
             return None
-        length, crc, ts_ns = SLOT_META.unpack_from(self._buf, base + 8)
-        if length > self._geometry.slot_size:
+        word = base >> 2
+        length = self._i[word + SLOT_LEN_I]
+        if length > self._capacity:
             # A writer never stores such a length; if seq still holds, the slot is damaged.
             if q[seq] == stable:
                 raise CorruptStoreError(
                     f"slot of version {version} claims {length} bytes, "
-                    f"more than the slot size {self._geometry.slot_size}"
+                    f"more than the slot size {self._capacity}"
                 )
             return None
+        crc = self._i[word + SLOT_CRC_I]
+        ts_ns = q[seq + SLOT_TS_Q]
         start = base + SLOT_HEADER_SIZE
         data = bytes(self._buf[start : start + length])
         if self.verify and q[seq] != stable:

@@ -15,7 +15,7 @@ import time
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, overload
+from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 import msgspec
 
@@ -30,8 +30,10 @@ from ._errors import (
 )
 from ._layout import (
     FLAG_CRC,
+    FLAG_ROBUST_MUTEX,
     MAGIC,
     OFF_HEAD,
+    OFF_MUTEX,
     OFF_STORE_NAME,
     OFF_TYPE_NAME,
     Geometry,
@@ -43,11 +45,12 @@ from ._layout import (
 from ._names import validate_name
 from ._ring import Ring
 from ._segment import Segment, UnsizedSegmentError, unlink_segment
-from ._writelock import WriteLock
+from ._writelock import FlockLock, RobustMutexLock, WriteLock, robust_mutex_supported
 
 __all__ = ["Store"]
 
 T = TypeVar("T")
+WriterLockKind = Literal["auto", "mutex", "flock"]
 
 log = logging.getLogger("shmstore")
 
@@ -86,7 +89,11 @@ class Store(Generic[T]):
         # The hot paths read HEAD through this view directly: one indexed load, no method call.
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
-        self._lock = WriteLock(lambda: self._segment.fd)
+        self._lock: WriteLock
+        if info.flags & FLAG_ROBUST_MUTEX:
+            self._lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
+        else:
+            self._lock = FlockLock(segment.fd)
         self._closed = False
         self._pid = os.getpid()
         _live_handles.add(self)
@@ -103,6 +110,7 @@ class Store(Generic[T]):
         max_readers: int = ...,
         crc: bool | None = ...,
         mode: int = ...,
+        writer_lock: WriterLockKind = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -117,6 +125,7 @@ class Store(Generic[T]):
         max_readers: int = ...,
         crc: bool | None = ...,
         mode: int = ...,
+        writer_lock: WriterLockKind = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -130,13 +139,16 @@ class Store(Generic[T]):
         max_readers: int = DEFAULT_MAX_READERS,
         crc: bool | None = None,
         mode: int = 0o600,
+        writer_lock: WriterLockKind = "auto",
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
         *slots* is the ring depth (how many versions stay readable), *slot_size* the largest
         encoded value in bytes, *max_readers* the number of processes that may wait on the store
         at once. *crc* adds a CRC32 check to every read (default: on where the CPU reorders
-        loads). *mode* is the permission bits of the segment.
+        loads). *mode* is the permission bits of the segment. *writer_lock* picks how writers
+        are serialized: ``"mutex"`` (a robust process-shared mutex, Linux), ``"flock"``, or
+        ``"auto"`` (the mutex where the C library has robust mutexes); see ``_writelock``.
 
         Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
         geometry, :class:`StateStoreError` if shared memory cannot hold the store.
@@ -145,6 +157,16 @@ class Store(Generic[T]):
         geometry = Geometry(slots, slot_size, max_readers)
         codec: Codec[Any] = Codec(type)
         flags = FLAG_CRC if (_default_crc() if crc is None else crc) else 0
+        if writer_lock == "auto":
+            writer_lock = "mutex" if robust_mutex_supported() else "flock"
+        if writer_lock == "mutex":
+            if not robust_mutex_supported():
+                raise ValueError(
+                    "writer_lock='mutex' needs robust mutexes, which this platform lacks"
+                )
+            flags |= FLAG_ROBUST_MUTEX
+        elif writer_lock != "flock":
+            raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
         if mode & ~0o777:
             raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
         segment = Segment.create(name, geometry.total_size, mode)
@@ -155,6 +177,8 @@ class Store(Generic[T]):
             m[OFF_STORE_NAME : OFF_STORE_NAME + 64] = name_field(name)
             header = pack_header(geometry, flags, created, codec.fingerprint, magic=b"\0" * 8)
             m[0 : len(header)] = header
+            if flags & FLAG_ROBUST_MUTEX:
+                RobustMutexLock.initialize(m, OFF_MUTEX)
             # The magic goes in last: until it is there, open() treats the segment as unborn.
             m[0 : len(MAGIC)] = MAGIC
             info = read_header(m, segment.size)
@@ -320,6 +344,7 @@ class Store(Generic[T]):
             return
         self._closed = True
         _live_handles.discard(self)
+        self._lock.close()
         self._ring.release()
         self._segment.close()
 
@@ -358,9 +383,9 @@ class Store(Generic[T]):
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
-        self._lock.after_fork_in_child()
         try:
             self._segment.reopen()
+            self._lock.after_fork_in_child(self._segment.fd)
         except StoreNotFoundError:
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.

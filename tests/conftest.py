@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import shmstore
+from shmstore._writelock import robust_mutex_supported
 
 SHM = Path("/dev/shm")
 
@@ -35,3 +36,12 @@ def store_name() -> Iterator[str]:
     name = f"test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
     yield name
     shmstore.remove(name)
+
+
+@pytest.fixture(params=["mutex", "flock"])
+def writer_lock(request: pytest.FixtureRequest) -> str:
+    """Both writer-lock implementations, for the tests about serializing writers."""
+    kind: str = request.param
+    if kind == "mutex" and not robust_mutex_supported():
+        pytest.skip("this platform has no robust mutexes")
+    return kind

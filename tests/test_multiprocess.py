@@ -114,9 +114,9 @@ def _check_after_kill(st: Store[Rec]) -> None:
     assert committed == [version + 1], "a new writer could not commit after the kill"
 
 
-def test_writer_killed_at_random_moments_loses_nothing(store_name: str) -> None:
+def test_writer_killed_at_random_moments_loses_nothing(store_name: str, writer_lock: str) -> None:
     rng = random.Random(1234)
-    with Store.create(store_name, Rec, slots=4, slot_size=4096) as st:
+    with Store.create(store_name, Rec, slots=4, slot_size=4096, writer_lock=writer_lock) as st:
         for _ in range(12):
             ready = ctx.Event()
             p = ctx.Process(target=looping_writer, args=(store_name, ready))
@@ -139,8 +139,10 @@ def test_writer_killed_at_random_moments_loses_nothing(store_name: str) -> None:
         "q[_COMMITS] += 1",  # published, counters not yet updated
     ],
 )
-def test_writer_killed_at_dangerous_points_loses_nothing(store_name: str, marker: str) -> None:
-    with Store.create(store_name, Rec, slots=2, slot_size=4096) as st:
+def test_writer_killed_at_dangerous_points_loses_nothing(
+    store_name: str, marker: str, writer_lock: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Store.create(store_name, Rec, slots=2, slot_size=4096, writer_lock=writer_lock) as st:
         st.set(make_rec(1))
         st.set(make_rec(2))
         reached = ctx.Event()
@@ -153,11 +155,13 @@ def test_writer_killed_at_dangerous_points_loses_nothing(store_name: str, marker
         published = marker.startswith("q[_COMMITS]")
         assert st.version == (3 if published else 2)
         _check_after_kill(st)
+        if writer_lock == "mutex":
+            assert "died holding the write lock; recovered" in caplog.text
 
 
-def test_compare_and_set_across_processes(store_name: str) -> None:
+def test_compare_and_set_across_processes(store_name: str, writer_lock: str) -> None:
     procs_n, per_proc = 3, 400
-    with Store.create(store_name, int) as st:
+    with Store.create(store_name, int, writer_lock=writer_lock) as st:
         st.set(0)
         start = ctx.Barrier(procs_n)
         results = ctx.Queue()

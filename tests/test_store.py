@@ -28,7 +28,6 @@ from shmstore import (
 )
 from shmstore._names import reader_semaphore_name, segment_name
 from shmstore._ring import Ring
-from shmstore._writelock import WriteLock
 
 
 class Color(enum.IntEnum):
@@ -170,13 +169,14 @@ def test_oversize_value_is_refused_and_state_kept(
     with Store.create(store_name, bytes, slot_size=100) as st:
         st.set(b"good")
         lock_taken: list[int] = []
-        real_enter = WriteLock.__enter__
+        lock_class = type(st._lock)
+        real_enter = lock_class.__enter__
 
-        def spying_enter(lock: WriteLock) -> None:
+        def spying_enter(lock: Any) -> None:
             lock_taken.append(1)
             real_enter(lock)
 
-        monkeypatch.setattr(WriteLock, "__enter__", spying_enter)
+        monkeypatch.setattr(lock_class, "__enter__", spying_enter)
         with pytest.raises(SnapshotTooLargeError, match=r"is 10[0-9] bytes.*at most 100"):
             st.set(b"x" * 100)
         assert lock_taken == []  # checked before taking the lock
@@ -306,12 +306,12 @@ def test_corrupted_slot_gives_valid_value_or_corrupt_error(store_name: str) -> N
 
 
 def test_threads_of_one_handle_never_overlap_in_the_critical_section(
-    store_name: str, monkeypatch: pytest.MonkeyPatch
+    store_name: str, monkeypatch: pytest.MonkeyPatch, writer_lock: str
 ) -> None:
-    """flock is per open file description, so two threads of one handle would both "hold" it;
-    the handle's threading.Lock is what keeps them apart. The first thread parks inside the
-    critical section until the second one either gets in too (a failure) or half a second
-    passes with it blocked on the lock."""
+    """flock is per open file description, so two threads of one handle would both "hold" it
+    (the handle's threading.Lock keeps them apart); the mutex is per thread. The first thread
+    parks inside the critical section until the second one either gets in too (a failure) or
+    half a second passes with it blocked on the lock."""
     inside = most = 0
     first_in = threading.Event()
     second_in = threading.Event()
@@ -332,7 +332,7 @@ def test_threads_of_one_handle_never_overlap_in_the_critical_section(
             inside -= 1
 
     monkeypatch.setattr(Ring, "commit", watched_commit)
-    with Store.create(store_name, int) as st:
+    with Store.create(store_name, int, writer_lock=writer_lock) as st:
         first = threading.Thread(target=st.set, args=(1,))
         first.start()
         assert first_in.wait(10)
@@ -349,3 +349,8 @@ def test_remove_is_quiet_about_missing_stores(store_name: str) -> None:
     assert shmstore.remove(store_name) is False
     Store.create(store_name, int).close()
     assert shmstore.remove(store_name) is True
+
+
+def test_writer_lock_kind_is_validated(store_name: str) -> None:
+    with pytest.raises(ValueError, match="writer_lock must be"):
+        Store.create(store_name, int, writer_lock="spinlock")  # type: ignore[arg-type]

@@ -1,0 +1,259 @@
+"""Core costs of a Store against msgspec's own encode/decode, measured in one process and one run.
+
+What it measures, per value size (small ~100 B, FSM-like ~0.7 KB, 64 KB):
+
+* ``get() unchanged``  -- the version has not moved: one shared-memory load, cached object back.
+* ``get() changed``    -- another handle committed since the last read: copy + re-check + decode.
+* ``set()``            -- encode, validate (decode), lock, write slot, publish, unlock.
+* ``encode``/``decode``-- msgspec alone on the same value: the floor every store has to pay.
+
+Every operation is timed per call with ``perf_counter_ns``; the timer's own median cost is measured
+first and subtracted. Each figure is the median over all calls of all rounds. Ratios are against
+the floors measured in the same run, next to the targets of the core issue.
+
+Run:  python benchmarks/core.py [--calls N] [--rounds R] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+import shmstore
+from shmstore import Store
+
+# ----------------------------------------------------------------------------- values
+
+
+class Small(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    score: float
+    active: bool
+    tags: list[str]
+
+
+class Transition(msgspec.Struct, frozen=True):
+    from_state: int
+    to_state: int
+    trigger_event: str
+    status: int
+    error_message: str
+    ts_mono: float
+    ts_wall: float
+
+
+class FsmLike(msgspec.Struct, frozen=True):
+    version: int
+    state: int
+    reason: str
+    ts_mono: float
+    ts_wall: float
+    snapshot_id: str
+    prev_state: int | None
+    fsm_instance_id: str
+    source_module: str
+    attempt_count: int
+    history: tuple[Transition, ...]
+    context_data: dict[str, str]
+
+
+class Blob(msgspec.Struct, frozen=True):
+    seq: int
+    data: bytes
+
+
+def small(i: int) -> Small:
+    return Small(i, "sensor-front-left", 0.5 + i, True, ["alpha", "beta", "gamma", "delta"])
+
+
+def fsm_like(i: int) -> FsmLike:
+    history = tuple(
+        Transition(k % 5, (k + 1) % 5, f"EVENT_{k}", 1, "", 1000.0 + k, 1.7e9 + k) for k in range(8)
+    )
+    return FsmLike(
+        version=i,
+        state=3,
+        reason="transition requested by scheduler",
+        ts_mono=1234.5,
+        ts_wall=1.7e9,
+        snapshot_id=str(uuid.UUID(int=i)),
+        prev_state=2,
+        fsm_instance_id="6f1c1a9e-0000-4000-8000-000000000001",
+        source_module="fsm_handler",
+        attempt_count=0,
+        history=history,
+        context_data={f"key_{k}": f"value-{k}-{i}" for k in range(8)},
+    )
+
+
+def blob(i: int) -> Blob:
+    return Blob(i, bytes([i % 256]) * 65_000)
+
+
+CASES: list[tuple[str, Any, Callable[[int], Any]]] = [
+    ("small", Small, small),
+    ("fsm", FsmLike, fsm_like),
+    ("64k", Blob, blob),
+]
+
+TARGETS = {
+    "get() unchanged": ("decode", 0.2),
+    "get() changed": ("decode", 1.3),
+    "set()": ("encode+decode", 1.8),
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timer_overhead(n: int = 200_000) -> int:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        samples.append(clock() - t0)
+    return int(statistics.median(samples))
+
+
+def per_call(
+    op: Callable[[], Any], calls: int, overhead: int, before: Callable[[], Any] | None = None
+) -> list[int]:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        t0 = clock()
+        op()
+        samples.append(clock() - t0 - overhead)
+    return samples
+
+
+def bench_case(
+    label: str, tp: Any, make: Callable[[int], Any], *, calls: int, rounds: int, overhead: int
+) -> dict[str, Any]:
+    name = f"bench-{os.getpid()}-{label}"
+    values = [make(i) for i in range(64)]
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(tp)
+    payload = encoder.encode(values[0])
+    samples: dict[str, list[int]] = {
+        k: [] for k in ("encode", "decode", "get() unchanged", "get() changed", "set()")
+    }
+    slot_size = max(4096, len(payload) * 2)
+    writer = Store.create(name, tp, slots=8, slot_size=slot_size)
+    try:
+        reader = Store.open(name, tp)
+        try:
+            counter = iter(range(10**12))
+
+            def commit_next() -> None:
+                writer.set(values[next(counter) % 64])
+
+            commit_next()
+            reader.get()
+            for _ in range(rounds):
+                samples["encode"] += per_call(lambda: encoder.encode(values[0]), calls, overhead)
+                samples["decode"] += per_call(lambda: decoder.decode(payload), calls, overhead)
+                samples["get() unchanged"] += per_call(reader.get, calls, overhead)
+                samples["get() changed"] += per_call(reader.get, calls, overhead, commit_next)
+                samples["set()"] += per_call(
+                    lambda: writer.set(values[next(counter) % 64]), calls, overhead
+                )
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+        shmstore.remove(name)
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    floor = {"decode": medians["decode"], "encode+decode": medians["encode"] + medians["decode"]}
+    ratios = {op: medians[op] / floor[base] for op, (base, _t) in TARGETS.items()}
+    return {
+        "case": label,
+        "value_bytes": len(payload),
+        "median_ns": medians,
+        "p90_ns": {k: statistics.quantiles(v, n=10)[-1] for k, v in samples.items()},
+        "ratio": ratios,
+        "target": {op: t for op, (_b, t) in TARGETS.items()},
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "msgspec": msgspec.__version__,
+        "shmstore": shmstore.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    overhead = timer_overhead()
+    print(
+        f"shmstore core benchmark -- {info['cpu']}, {info['cores']} cores, "
+        f"Linux {info['kernel']}, Python {info['python']}, msgspec {info['msgspec']}"
+    )
+    print(f"timer overhead {overhead} ns (subtracted); medians of {args.rounds}x{args.calls} calls")
+    results = []
+    for label, tp, make in CASES:
+        print(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        results.append(
+            bench_case(label, tp, make, calls=args.calls, rounds=args.rounds, overhead=overhead)
+        )
+
+    header = f"{'case':<7}{'bytes':>7}  {'op':<16}{'median':>10}{'p90':>10}  {'ratio':>6}  target"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for op in ("encode", "decode", "get() unchanged", "get() changed", "set()"):
+            med, p90 = r["median_ns"][op], r["p90_ns"][op]
+            line = f"{r['case']:<7}{r['value_bytes']:>7}  {op:<16}{_fmt(med):>10}{_fmt(p90):>10}"
+            if op in r["ratio"]:
+                ratio, target = r["ratio"][op], r["target"][op]
+                base = TARGETS[op][0]
+                verdict = "ok" if ratio <= target else "MISSED"
+                line += f"  {ratio:>5.2f}x  <= {target}x {base} ({verdict})"
+            print(line)
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"machine": info, "timer_overhead_ns": overhead, "results": results}, f, indent=2
+            )
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _fmt(ns: float) -> str:
+    return f"{ns / 1000:.2f} us" if ns >= 1000 else f"{ns:.0f} ns"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
