@@ -4,6 +4,8 @@ One writer at a time commits msgspec-encoded snapshots into a seqlock-guarded ri
 memory; readers in any process get the newest committed snapshot lock-free and never a torn one.
 """
 
+from ._aio import AsyncStore as AsyncStore
+from ._aio import AsyncSubscription as AsyncSubscription
 from ._errors import CorruptStoreError as CorruptStoreError
 from ._errors import InvalidSnapshotError as InvalidSnapshotError
 from ._errors import SchemaMismatchError as SchemaMismatchError
@@ -14,16 +16,23 @@ from ._errors import StoreExistsError as StoreExistsError
 from ._errors import StoreNotFoundError as StoreNotFoundError
 from ._errors import StorePermissionError as StorePermissionError
 from ._errors import SubscriberLaggedError as SubscriberLaggedError
+from ._registry import RegistryFullError as RegistryFullError
 from ._store import Store as Store
 from ._store import remove as remove
+from ._subscription import Subscription as Subscription
 
 __all__ = [
     # the store
     "Store",
+    "Subscription",
     "remove",
+    # asyncio
+    "AsyncStore",
+    "AsyncSubscription",
     # errors
     "CorruptStoreError",
     "InvalidSnapshotError",
+    "RegistryFullError",
     "SchemaMismatchError",
     "SnapshotTooLargeError",
     "StateStoreError",

@@ -35,6 +35,7 @@ Header::
     128     8  commits made by set() (u64)
     136     8  version conflicts refused by set() (u64)
     144     8  last commit, ns since the epoch (u64)
+    152     8  registry high-water mark: entries at or above it were never used (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
     256    64  store name, UTF-8, NUL padded (for tools)
     320    64  writer mutex (pthread_mutex_t, process-shared and robust), when flag bit 1
@@ -94,6 +95,7 @@ OFF_HEAD = 64
 OFF_COMMITS = 128
 OFF_CONFLICTS = 136
 OFF_LAST_UPDATE = 144
+OFF_REG_HIGH = 152
 
 # The static part of the header, written once at create before the magic.
 HEADER = struct.Struct("<8sIIIII4xQQ16s")

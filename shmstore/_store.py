@@ -32,6 +32,7 @@ from ._layout import (
     FLAG_CRC,
     FLAG_ROBUST_MUTEX,
     MAGIC,
+    MAX_REGISTRY,
     OFF_HEAD,
     OFF_MUTEX,
     OFF_STORE_NAME,
@@ -43,8 +44,11 @@ from ._layout import (
     read_header,
 )
 from ._names import validate_name
+from ._registry import Registry, unlink_all_semaphores
 from ._ring import Ring
 from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._subscription import Subscription
+from ._waiting import WaitGate
 from ._writelock import FlockLock, RobustMutexLock, WriteLock, robust_mutex_supported
 
 __all__ = ["Store"]
@@ -94,6 +98,10 @@ class Store(Generic[T]):
             self._lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
         else:
             self._lock = FlockLock(segment.fd)
+        self._registry = Registry(
+            self._words, info.geometry, segment.name, self._lock, fd=segment.fd, mode=segment.mode()
+        )
+        self._gate = WaitGate(self._head, self._registry)
         self._closed = False
         self._pid = os.getpid()
         _live_handles.add(self)
@@ -280,15 +288,59 @@ class Store(Generic[T]):
         payload, version, _ts = self._ring.read_newest()
         if payload is None:
             return None, 0
+        value = self._decode(payload, version)
+        self._cache = (version, value)
+        return value, version
+
+    def _decode(self, payload: bytes, version: int) -> T:
         try:
-            value = self._codec.decode(payload)
+            return self._codec.decode(payload)
         except msgspec.DecodeError as exc:
             raise CorruptStoreError(
                 f"store {self.name!r}: version {version} does not decode as "
                 f"{self._codec.type_name}: {exc}"
             ) from exc
-        self._cache = (version, value)
-        return value, version
+
+    def _read_version(self, version: int) -> tuple[T] | None:
+        """Version *version* if the ring still holds it, as a 1-tuple; else ``None``."""
+        cached = self._cache
+        if cached[0] == version:
+            return (cached[1],)  # type: ignore[return-value]
+        got = self._ring.read(version)
+        if got is None:
+            return None
+        return (self._decode(got[0], version),)
+
+    def _head(self) -> int:
+        try:
+            return int(self._words[_HEAD])
+        except ValueError:
+            raise self._closed_error() from None
+
+    # ---------------------------------------------------------------- waiting
+
+    def wait(self, after_version: int, timeout: float | None = None) -> int:
+        """Block until the store's version is greater than *after_version*; return it.
+
+        Sleeps on a semaphore the writer posts after each commit (no polling, no CPU while
+        asleep). ``timeout`` is in seconds: ``TimeoutError`` when it passes, and ``timeout=0``
+        is a non-blocking check. The first call registers this handle as a reader of the store
+        (see ``max_readers``); the registration lasts until :meth:`close`.
+        """
+        return self._gate.wait(after_version, timeout)
+
+    def subscribe(
+        self, after_version: int | None = None, *, timeout: float | None = None
+    ) -> Subscription[T]:
+        """Iterate over every committed ``(version, value)`` in order, blocking for the next.
+
+        Starts with the current value (or, with *after_version*, just after that version).
+        A subscriber that falls more than ``slots`` versions behind gets
+        :class:`SubscriberLaggedError` with the exact number missed, and continues with the
+        newest version when iterated again. *timeout* bounds each wait for the next version.
+        """
+        self._check_open()
+        return Subscription(self, after_version, timeout)
 
     # ---------------------------------------------------------------- writing
 
@@ -330,6 +382,7 @@ class Store(Generic[T]):
             log.warning("store %r: %s", self.name, conflict)
             raise conflict
         self._cache = (version, checked)
+        self._registry.notify()
         return version
 
     # ---------------------------------------------------------------- lifecycle
@@ -342,6 +395,8 @@ class Store(Generic[T]):
         """Detach this process from the store. The store itself stays; see :meth:`unlink`."""
         if self._closed:
             return
+        self._gate.close()
+        self._registry.close()
         self._closed = True
         _live_handles.discard(self)
         self._lock.close()
@@ -386,15 +441,17 @@ class Store(Generic[T]):
         try:
             self._segment.reopen()
             self._lock.after_fork_in_child(self._segment.fd)
+            self._registry.after_fork_in_child(self._segment.fd)
+            self._gate.after_fork_in_child()
         except StoreNotFoundError:
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
 
 
-def _attach(name: str) -> tuple[Segment, HeaderInfo]:
-    """Open and validate the segment, waiting up to OPEN_WAIT for a concurrent create."""
-    deadline = time.monotonic() + OPEN_WAIT
+def _attach(name: str, wait: float = OPEN_WAIT) -> tuple[Segment, HeaderInfo]:
+    """Open and validate the segment, waiting up to *wait* seconds for a concurrent create."""
+    deadline = time.monotonic() + wait
     while True:
         try:
             segment = Segment.open(name)
@@ -422,9 +479,22 @@ def _attach(name: str) -> tuple[Segment, HeaderInfo]:
 
 
 def remove(name: str) -> bool:
-    """Remove every OS object of store *name*. ``False`` if there was no segment."""
+    """Remove every OS object of store *name* (segment and reader semaphores) for everyone.
+    ``False`` if there was no segment. Attached handles keep working until they close."""
     validate_name(name)
-    return unlink_segment(name)
+    capacity = MAX_REGISTRY
+    try:
+        segment, info = _attach(name, wait=0.0)
+    except StoreNotFoundError:
+        pass
+    except StateStoreError:
+        pass  # damaged: still remove it, and every semaphore name it could have
+    else:
+        capacity = info.geometry.registry_capacity
+        segment.close()
+    existed = unlink_segment(name)
+    unlink_all_semaphores(name, capacity)
+    return existed
 
 
 def _after_fork_in_child() -> None:
