@@ -7,6 +7,7 @@ mismatched value from a good one without knowing anything else.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import random
@@ -177,3 +178,78 @@ def cas_incrementer(name: str, count: int, start: Barrier, results: Any) -> None
 
 def random_pause() -> None:
     time.sleep(random.uniform(0, 0.02))
+
+
+# ------------------------------------------------------------------ waiting
+
+
+def wait_until(name: str, final: int, results: Any) -> None:
+    """Follow the store with wait() until *final*; report (pid, versions seen, final seen)."""
+    st = Store.open(name, int)
+    try:
+        seen = 0
+        version = 0
+        while version < final:
+            version = st.wait(version, timeout=30)
+            seen += 1
+        results.put((os.getpid(), seen, st.get_with_version()[1]))
+    finally:
+        st.close()
+
+
+def sleep_in_wait(name: str, seconds: float, results: Any) -> None:
+    """Block in wait() with nothing committed; report CPU seconds used per wall second."""
+    st = Store.open(name, int)
+    with contextlib.suppress(TimeoutError):
+        st.wait(0, timeout=0)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        st.wait(st.version, timeout=seconds)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    st.close()
+    results.put((cpu, wall))
+
+
+def ping_pong_echo(ping_name: str, pong_name: str, rounds: int) -> None:
+    """For each version of *ping*, commit the same number to *pong*."""
+    ping = Store.open(ping_name, int)
+    pong = Store.open(pong_name, int)
+    try:
+        version = 0
+        for _ in range(rounds):
+            version = ping.wait(version, timeout=10)
+            pong.set(version)
+    finally:
+        ping.close()
+        pong.close()
+
+
+def block_forever_in_wait(name: str) -> None:
+    st = Store.open(name, int)
+    while True:
+        st.wait(st.version, timeout=None)
+
+
+def subscribe_all(name: str, count: int, results: Any) -> None:
+    """Subscribe from the start and report every (version, value) seen."""
+    st = Store.open(name, int)
+    got = []
+    try:
+        with st.subscribe(after_version=0, timeout=30) as sub:
+            for version, value in sub:
+                got.append((version, value))
+                if len(got) == count:
+                    break
+    finally:
+        st.close()
+    results.put(got)
+
+
+def commit_sequence(name: str, count: int, start: Barrier) -> None:
+    st = Store.open(name, int)
+    start.wait(BARRIER_WAIT)
+    try:
+        for i in range(count):
+            st.set(i)
+    finally:
+        st.close()
