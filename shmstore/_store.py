@@ -319,15 +319,17 @@ class Store(Generic[T]):
 
     # ---------------------------------------------------------------- waiting
 
-    def wait(self, after_version: int, timeout: float | None = None) -> int:
+    def wait(self, after_version: int, timeout: float | None = None, *, spin: bool = True) -> int:
         """Block until the store's version is greater than *after_version*; return it.
 
-        Sleeps on a semaphore the writer posts after each commit (no polling, no CPU while
-        asleep). ``timeout`` is in seconds: ``TimeoutError`` when it passes, and ``timeout=0``
-        is a non-blocking check. The first call registers this handle as a reader of the store
-        (see ``max_readers``); the registration lasts until :meth:`close`.
+        Sleeps on a semaphore the writer posts after each commit (no CPU while asleep).
+        ``timeout`` is in seconds: ``TimeoutError`` when it passes, and ``timeout=0`` is a
+        non-blocking check. While recent waits were short (< 0.1 ms), it first re-reads the
+        version for up to 0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us;
+        ``spin=False`` never spins. The first blocking call registers this handle as a reader
+        of the store (see ``max_readers``); the registration lasts until :meth:`close`.
         """
-        return self._gate.wait(after_version, timeout)
+        return self._gate.wait(after_version, timeout, spin=spin)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None

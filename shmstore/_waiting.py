@@ -7,6 +7,15 @@ and wakes everyone; each thread re-checks HEAD against its own ``after`` and dea
 those still waiting becomes the next sleeper. No thread can miss a commit: whoever sleeps on the
 semaphore is registered, and everyone else re-checks HEAD whenever the sleeper wakes.
 
+Adaptive spinning. On the reference VM a semaphore wake-up costs ~24 us one way (an idle vCPU
+has to be woken by the host), while a commit is a few microseconds. So, like an adaptive mutex, a
+waiting thread first re-reads HEAD in a loop for up to ``SPIN_NS`` -- but only while recent waits
+were that short (an exponential moving average of how long ``wait()`` took, seeded pessimistic).
+A reader of a busy store then sees a commit within a microsecond; a reader of a quiet store never
+spins, and a sleeping reader costs no CPU. The spin is bounded per call, so the worst case --
+commits arriving just after every spin ends -- costs at most ``SPIN_NS`` of CPU per wait.
+Spinning holds the GIL, so the asyncio thread does not spin (``spin=False``).
+
 Where timed semaphore waits do not exist (macOS: ``posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED`` is
 false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead.
 """
@@ -28,6 +37,8 @@ __all__ = ["WaitGate"]
 TIMED_WAIT = posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED  # tests force the polling path
 _POLL_MIN: Final = 50e-6
 _POLL_MAX: Final = 5e-3
+SPIN_NS: Final = 100_000
+_EWMA_SEED: Final = 10 * SPIN_NS  # start out assuming waits are long: no spinning
 
 
 class WaitGate:
@@ -39,15 +50,34 @@ class WaitGate:
         self._cond = threading.Condition(threading.Lock())
         self._sleeper = False
         self._closing = False
+        self._typical_ns = _EWMA_SEED
         self.waiter: Waiter | None = None
 
-    def wait(self, after: int, timeout: float | None) -> int:
+    def wait(self, after: int, timeout: float | None, *, spin: bool = True) -> int:
         head = self._head()
         if head > after:
             return head
         if timeout is not None and timeout <= 0:
             raise TimeoutError(f"no version after {after} (timeout=0)")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        clock = time.perf_counter_ns
+        started = clock()
+        try:
+            if spin and self._typical_ns < SPIN_NS:
+                stop = started + min(
+                    SPIN_NS, int(timeout * 1e9) if timeout is not None else SPIN_NS
+                )
+                head_of = self._head
+                while clock() < stop:
+                    head = head_of()
+                    if head > after:
+                        return head
+            return self._block(after, timeout, started)
+        finally:
+            took = clock() - started
+            self._typical_ns += (took - self._typical_ns) >> 2
+
+    def _block(self, after: int, timeout: float | None, started_ns: int) -> int:
+        deadline = None if timeout is None else started_ns / 1e9 + timeout
         if not TIMED_WAIT:
             return self._poll(after, deadline, timeout)
         with self._cond:
@@ -59,7 +89,7 @@ class WaitGate:
                 head = self._head()
                 if head > after:
                     return head
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if deadline is None else deadline - time.perf_counter()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no version after {after} within {timeout} s")
                 if self._sleeper:
@@ -82,7 +112,7 @@ class WaitGate:
             if head > after:
                 return head
             if deadline is not None:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise TimeoutError(f"no version after {after} within {timeout} s")
                 pause = min(pause, remaining)

@@ -88,17 +88,18 @@ def test_timeout_raises_after_the_timeout(store_name: str) -> None:
         assert st.get_with_version() == (1, 1)
 
 
-def test_no_lost_wake_up_in_ten_thousand_round_trips(store_name: str) -> None:
+@pytest.mark.parametrize("spin", [False, True], ids=["sleep-only", "adaptive-spin"])
+def test_no_lost_wake_up_in_ten_thousand_round_trips(store_name: str, spin: bool) -> None:
     rounds = 10_000
     pong_name = store_name + "-pong"
     try:
         with Store.create(store_name, int) as ping, Store.create(pong_name, int) as pong:
-            echo = ctx.Process(target=ping_pong_echo, args=(store_name, pong_name, rounds))
+            echo = ctx.Process(target=ping_pong_echo, args=(store_name, pong_name, rounds, spin))
             echo.start()
             for i in range(1, rounds + 1):
                 assert ping.set(i) == i
                 # A lost wake-up on either side shows up as this TimeoutError.
-                assert pong.wait(i - 1, timeout=10) == i
+                assert pong.wait(i - 1, timeout=10, spin=spin) == i
             echo.join(JOIN)
             assert echo.exitcode == 0
             assert pong.get() == rounds

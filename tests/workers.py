@@ -210,14 +210,14 @@ def sleep_in_wait(name: str, seconds: float, results: Any) -> None:
     results.put((cpu, wall))
 
 
-def ping_pong_echo(ping_name: str, pong_name: str, rounds: int) -> None:
+def ping_pong_echo(ping_name: str, pong_name: str, rounds: int, spin: bool) -> None:
     """For each version of *ping*, commit the same number to *pong*."""
     ping = Store.open(ping_name, int)
     pong = Store.open(pong_name, int)
     try:
         version = 0
         for _ in range(rounds):
-            version = ping.wait(version, timeout=10)
+            version = ping.wait(version, timeout=10, spin=spin)
             pong.set(version)
     finally:
         ping.close()

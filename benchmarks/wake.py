@@ -1,0 +1,251 @@
+"""Wake-up latency between processes: shmstore against its peers, measured in one run.
+
+What it measures:
+
+* **one-way latency** = round trip / 2 of a ping-pong between two processes, p50/p99/p99.9:
+  - ``shmstore``: ``ping.set(i)`` -> the echo process's ``ping.wait()`` -> ``pong.set(i)`` ->
+    our ``pong.wait()``; a full commit and a wake-up each way. Back-to-back waits are short, so
+    ``wait()`` spins briefly before sleeping (see ``shmstore/_waiting.py``);
+  - ``shmstore spin=False``: the same, always sleeping on the semaphore;
+  - ``multiprocessing.Queue``: ``put`` / ``get`` each way;
+  - ``posix_ipc semaphore``: ``release`` / ``acquire`` each way, the floor under shmstore's wake-up.
+* **fan-out**: one writer, N reader processes blocked in ``wait()``; the time from just before
+  ``set()`` until the *last* reader has returned from ``wait()`` with the new version
+  (CLOCK_MONOTONIC is system-wide, so the readers' timestamps compare with the writer's). Commits
+  are paced so that every reader is asleep again before the next one.
+
+Run:  python benchmarks/wake.py [--rounds N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import posix_ipc
+
+import shmstore
+from shmstore import Store
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from core import machine
+
+ctx = mp.get_context("spawn")
+
+
+def _quantiles(samples: list[int]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def q(p: float) -> float:
+        return float(ordered[min(len(ordered) - 1, int(p * len(ordered)))])
+
+    return {"p50": statistics.median(ordered), "p99": q(0.99), "p99.9": q(0.999)}
+
+
+# ----------------------------------------------------------------------------- ping-pong peers
+
+
+def _store_echo(ping: str, pong: str, rounds: int, spin: bool) -> None:
+    a, b = Store.open(ping, int), Store.open(pong, int)
+    version = 0
+    for _ in range(rounds):
+        version = a.wait(version, timeout=30, spin=spin)
+        b.set(version)
+    a.close()
+    b.close()
+
+
+def pingpong_store(rounds: int, spin: bool = True) -> list[int]:
+    ping, pong = f"bench-ping-{os.getpid()}", f"bench-pong-{os.getpid()}"
+    a, b = Store.create(ping, int), Store.create(pong, int)
+    try:
+        echo = ctx.Process(target=_store_echo, args=(ping, pong, rounds, spin))
+        echo.start()
+        clock = time.perf_counter_ns
+        samples = []
+        for i in range(1, rounds + 1):
+            t0 = clock()
+            a.set(i)
+            b.wait(i - 1, timeout=30, spin=spin)
+            samples.append((clock() - t0) // 2)
+        echo.join()
+        return samples
+    finally:
+        a.close()
+        b.close()
+        shmstore.remove(ping)
+        shmstore.remove(pong)
+
+
+def _queue_echo(q_in: Any, q_out: Any, rounds: int) -> None:
+    for _ in range(rounds):
+        q_out.put(q_in.get())
+
+
+def pingpong_queue(rounds: int) -> list[int]:
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    echo = ctx.Process(target=_queue_echo, args=(q_in, q_out, rounds))
+    echo.start()
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(rounds):
+        t0 = clock()
+        q_in.put(i)
+        q_out.get()
+        samples.append((clock() - t0) // 2)
+    echo.join()
+    return samples
+
+
+def _sem_echo(name_a: str, name_b: str, rounds: int) -> None:
+    a, b = posix_ipc.Semaphore(name_a), posix_ipc.Semaphore(name_b)
+    for _ in range(rounds):
+        a.acquire()
+        b.release()
+    a.close()
+    b.close()
+
+
+def pingpong_semaphore(rounds: int) -> list[int]:
+    name_a, name_b = f"/bench-sa-{os.getpid()}", f"/bench-sb-{os.getpid()}"
+    a = posix_ipc.Semaphore(name_a, posix_ipc.O_CREX)
+    b = posix_ipc.Semaphore(name_b, posix_ipc.O_CREX)
+    try:
+        echo = ctx.Process(target=_sem_echo, args=(name_a, name_b, rounds))
+        echo.start()
+        clock = time.perf_counter_ns
+        samples = []
+        for _ in range(rounds):
+            t0 = clock()
+            a.release()
+            b.acquire()
+            samples.append((clock() - t0) // 2)
+        echo.join()
+        return samples
+    finally:
+        for sem in (a, b):
+            sem.unlink()
+            sem.close()
+
+
+# ----------------------------------------------------------------------------- fan-out
+
+
+def _fan_reader(name: str, commits: int, results: Any, ready: Any) -> None:
+    st = Store.open(name, int)
+    with __import__("contextlib").suppress(TimeoutError):
+        st.wait(0, timeout=0.001)  # register before the writer starts
+    ready.release()
+    clock = time.perf_counter_ns
+    woke: dict[int, int] = {}
+    version = 0
+    while version < commits:
+        version = st.wait(version, timeout=30)
+        woke[version] = clock()
+    st.close()
+    results.put(woke)
+
+
+def fanout(readers: int, commits: int, pace: float) -> list[int]:
+    name = f"bench-fan-{os.getpid()}-{readers}"
+    st = Store.create(name, int, max_readers=max(readers, 1))
+    try:
+        results = ctx.Queue()
+        ready = ctx.Semaphore(0)
+        procs = [
+            ctx.Process(target=_fan_reader, args=(name, commits, results, ready))
+            for _ in range(readers)
+        ]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.acquire()
+        clock = time.perf_counter_ns
+        sent: dict[int, int] = {}
+        for i in range(1, commits + 1):
+            time.sleep(pace)  # let every reader go back to sleep: we measure wake-ups
+            sent[i] = clock()
+            st.set(i)
+        woke = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        # A reader that was still busy may skip a version; count a version only if all saw it.
+        return [max(w[v] for w in woke) - t0 for v, t0 in sent.items() if all(v in w for w in woke)]
+    finally:
+        st.close()
+        shmstore.remove(name)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _fmt(ns: float) -> str:
+    return f"{ns / 1000:.1f} us"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20_000, help="ping-pong round trips")
+    parser.add_argument("--fanout-commits", type=int, default=400)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    print(
+        f"shmstore wake-up benchmark -- {info['cpu']}, {info['cores']} cores, "
+        f"Linux {info['kernel']}, Python {info['python']}"
+    )
+    peers: list[tuple[str, Callable[[int], list[int]]]] = [
+        ("shmstore", pingpong_store),
+        ("shmstore spin=False", lambda rounds: pingpong_store(rounds, spin=False)),
+        ("multiprocessing.Queue", pingpong_queue),
+        ("posix_ipc semaphore", pingpong_semaphore),
+    ]
+    pingpong: dict[str, dict[str, float]] = {}
+    for label, run in peers:
+        print(f"  ping-pong {label} ...", file=sys.stderr, flush=True)
+        run(min(1000, args.rounds))  # warm-up in a separate pair of processes
+        pingpong[label] = _quantiles(run(args.rounds))
+
+    print(f"\none-way latency (round trip / 2), {args.rounds} round trips")
+    print(f"{'system':<24}{'p50':>10}{'p99':>10}{'p99.9':>10}  p50 vs shmstore")
+    base = pingpong["shmstore"]["p50"]
+    for label, q in pingpong.items():
+        ratio = q["p50"] / base
+        print(
+            f"{label:<24}{_fmt(q['p50']):>10}{_fmt(q['p99']):>10}{_fmt(q['p99.9']):>10}"
+            f"  {ratio:.2f}x"
+        )
+    queue_ratio = base / pingpong["multiprocessing.Queue"]["p50"]
+    print(
+        f"target: shmstore p50 <= 0.3x multiprocessing.Queue -> {queue_ratio:.2f}x "
+        f"({'ok' if queue_ratio <= 0.3 else 'MISSED'}); "
+        f"p99 <= 60 us -> {_fmt(pingpong['shmstore']['p99'])} "
+        f"({'ok' if pingpong['shmstore']['p99'] <= 60_000 else 'MISSED'})"
+    )
+
+    fan: dict[int, dict[str, float]] = {}
+    for n in (1, 2, 4, 8):
+        print(f"  fan-out to {n} readers ...", file=sys.stderr, flush=True)
+        fan[n] = _quantiles(fanout(n, args.fanout_commits, pace=0.002))
+    print(f"\nfan-out: commit until the last of N waiting readers has it ({args.fanout_commits})")
+    print(f"{'readers':<10}{'p50':>10}{'p99':>10}{'p99.9':>10}")
+    for n, q in fan.items():
+        print(f"{n:<10}{_fmt(q['p50']):>10}{_fmt(q['p99']):>10}{_fmt(q['p99.9']):>10}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "pingpong_ns": pingpong, "fanout_ns": fan}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
