@@ -36,6 +36,7 @@ Header::
     136     8  version conflicts refused by set() (u64)
     144     8  last commit, ns since the epoch (u64)
     152     8  registry high-water mark: entries at or above it were never used (u64)
+    160    32  four counters for layers above the store, e.g. the FSM layer's conflicts (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
     256    64  store name, UTF-8, NUL padded (for tools)
     320    64  writer mutex (pthread_mutex_t, process-shared and robust), when flag bit 1
@@ -96,6 +97,8 @@ OFF_COMMITS = 128
 OFF_CONFLICTS = 136
 OFF_LAST_UPDATE = 144
 OFF_REG_HIGH = 152
+OFF_APP_COUNTERS = 160
+APP_COUNTERS = 4
 
 # The static part of the header, written once at create before the magic.
 HEADER = struct.Struct("<8sIIIII4xQQ16s")

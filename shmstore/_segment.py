@@ -71,6 +71,23 @@ class Segment:
             raise
 
     @classmethod
+    def anonymous(cls, label: str, size: int) -> Segment:
+        """A segment with no name anywhere (Linux ``memfd_create``): nothing can ever be left in
+        ``/dev/shm``, and only this process and its forked children can map it. Elsewhere, a
+        named segment unlinked right after creation."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create(f"shmstore-{label}", os.MFD_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                return cls(label, fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+        segment = cls.create(label, size, 0o600)
+        unlink_segment(label)
+        return segment
+
+    @classmethod
     def open(cls, name: str) -> Segment:
         fd = _open_fd(name)
         try:

@@ -33,6 +33,7 @@ from ._layout import (
     FLAG_ROBUST_MUTEX,
     MAGIC,
     MAX_REGISTRY,
+    OFF_APP_COUNTERS,
     OFF_HEAD,
     OFF_MUTEX,
     OFF_STORE_NAME,
@@ -162,27 +163,40 @@ class Store(Generic[T]):
         geometry, :class:`StateStoreError` if shared memory cannot hold the store.
         """
         validate_name(name)
-        geometry = Geometry(slots, slot_size, max_readers)
-        codec: Codec[Any] = Codec(type)
-        flags = FLAG_CRC if (_default_crc() if crc is None else crc) else 0
-        if writer_lock == "auto":
-            writer_lock = "mutex" if robust_mutex_supported() else "flock"
-        if writer_lock == "mutex":
-            if not robust_mutex_supported():
-                raise ValueError(
-                    "writer_lock='mutex' needs robust mutexes, which this platform lacks"
-                )
-            flags |= FLAG_ROBUST_MUTEX
-        elif writer_lock != "flock":
-            raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
-        if mode & ~0o777:
-            raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
+        geometry, codec, flags = _plan(type, slots, slot_size, max_readers, crc, mode, writer_lock)
         segment = Segment.create(name, geometry.total_size, mode)
+        return cls._initialize(segment, geometry, codec, flags, unlink_on_error=True)
+
+    @classmethod
+    def _private(
+        cls,
+        type: Any,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        writer_lock: WriterLockKind = "auto",
+    ) -> Store[Any]:
+        """A store no other process can open (see ``Segment.anonymous``)."""
+        geometry, codec, flags = _plan(type, slots, slot_size, 1, None, 0o600, writer_lock)
+        label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
+        segment = Segment.anonymous(label, geometry.total_size)
+        return cls._initialize(segment, geometry, codec, flags, unlink_on_error=False)
+
+    @classmethod
+    def _initialize(
+        cls,
+        segment: Segment,
+        geometry: Geometry,
+        codec: Codec[Any],
+        flags: int,
+        *,
+        unlink_on_error: bool,
+    ) -> Store[Any]:
         try:
             created = time.time_ns()
             m = segment.map
             m[OFF_TYPE_NAME : OFF_TYPE_NAME + 64] = name_field(codec.type_name)
-            m[OFF_STORE_NAME : OFF_STORE_NAME + 64] = name_field(name)
+            m[OFF_STORE_NAME : OFF_STORE_NAME + 64] = name_field(segment.name)
             header = pack_header(geometry, flags, created, codec.fingerprint, magic=b"\0" * 8)
             m[0 : len(header)] = header
             if flags & FLAG_ROBUST_MUTEX:
@@ -192,7 +206,8 @@ class Store(Generic[T]):
             info = read_header(m, segment.size)
         except BaseException:
             segment.close()
-            unlink_segment(name)
+            if unlink_on_error:
+                unlink_segment(segment.name)
             raise
         return cls(segment, info, codec, writable=True)
 
@@ -355,6 +370,9 @@ class Store(Generic[T]):
         slot and :class:`InvalidSnapshotError` if readers could not decode it; in every error
         case nothing is written.
         """
+        return self._set(value, expected_version, log_conflict=True)
+
+    def _set(self, value: T, expected_version: int | None, *, log_conflict: bool) -> int:
         if not self._writable:
             self._check_open()
             raise StateStoreError(
@@ -381,11 +399,46 @@ class Store(Generic[T]):
                 conflict = None
                 version = ring.commit(data, time.time_ns())
         if conflict is not None:
-            log.warning("store %r: %s", self.name, conflict)
+            if log_conflict:
+                log.warning("store %r: %s", self.name, conflict)
             raise conflict
         self._cache = (version, checked)
         self._registry.notify()
         return version
+
+    # ---------------------------------------------------------------- counters
+
+    @property
+    def commits(self) -> int:
+        """Commits made by every process since the store was created."""
+        self._check_open()
+        return self._ring.commits()
+
+    @property
+    def conflicts(self) -> int:
+        """``set(expected_version=...)`` calls refused, by every process."""
+        self._check_open()
+        return self._ring.conflicts()
+
+    @property
+    def last_update_ns(self) -> int:
+        """Wall-clock time of the newest commit (ns since the epoch), 0 while empty."""
+        self._check_open()
+        return self._ring.last_update_ns()
+
+    @property
+    def created_ns(self) -> int:
+        return self._info.created_ns
+
+    def _app_counter(self, index: int) -> int:
+        """One of the header's counters reserved for layers above the store (``shmstore.fsm``)."""
+        self._check_open()
+        return int(self._words[OFF_APP_COUNTERS // 8 + index])
+
+    def _bump_app_counter(self, index: int) -> None:
+        self._check_open()
+        with self._lock:  # read-modify-write of a shared word: writers only, under their lock
+            self._words[OFF_APP_COUNTERS // 8 + index] += 1
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -449,6 +502,32 @@ class Store(Generic[T]):
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
+
+
+def _plan(
+    tp: Any,
+    slots: int,
+    slot_size: int,
+    max_readers: int,
+    crc: bool | None,
+    mode: int,
+    writer_lock: str,
+) -> tuple[Geometry, Codec[Any], int]:
+    """Validate the create options; return the geometry, codec and header flags."""
+    geometry = Geometry(slots, slot_size, max_readers)
+    codec: Codec[Any] = Codec(tp)
+    if mode & ~0o777:
+        raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
+    flags = FLAG_CRC if (_default_crc() if crc is None else crc) else 0
+    if writer_lock == "auto":
+        writer_lock = "mutex" if robust_mutex_supported() else "flock"
+    if writer_lock == "mutex":
+        if not robust_mutex_supported():
+            raise ValueError("writer_lock='mutex' needs robust mutexes, which this platform lacks")
+        flags |= FLAG_ROBUST_MUTEX
+    elif writer_lock != "flock":
+        raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
+    return geometry, codec, flags
 
 
 def _attach(name: str, wait: float = OPEN_WAIT) -> tuple[Segment, HeaderInfo]:
