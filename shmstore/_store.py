@@ -163,7 +163,15 @@ class Store(Generic[T]):
         geometry, :class:`StateStoreError` if shared memory cannot hold the store.
         """
         validate_name(name)
-        geometry, codec, flags = _plan(type, slots, slot_size, max_readers, crc, mode, writer_lock)
+        geometry, codec, flags = _plan(
+            type,
+            slots=slots,
+            slot_size=slot_size,
+            max_readers=max_readers,
+            crc=crc,
+            mode=mode,
+            writer_lock=writer_lock,
+        )
         segment = Segment.create(name, geometry.total_size, mode)
         return cls._initialize(segment, geometry, codec, flags, unlink_on_error=True)
 
@@ -177,7 +185,15 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = "auto",
     ) -> Store[Any]:
         """A store no other process can open (see ``Segment.anonymous``)."""
-        geometry, codec, flags = _plan(type, slots, slot_size, 1, None, 0o600, writer_lock)
+        geometry, codec, flags = _plan(
+            type,
+            slots=slots,
+            slot_size=slot_size,
+            max_readers=1,
+            crc=None,
+            mode=0o600,
+            writer_lock=writer_lock,
+        )
         label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
         segment = Segment.anonymous(label, geometry.total_size)
         return cls._initialize(segment, geometry, codec, flags, unlink_on_error=False)
@@ -506,6 +522,7 @@ class Store(Generic[T]):
 
 def _plan(
     tp: Any,
+    *,
     slots: int,
     slot_size: int,
     max_readers: int,
