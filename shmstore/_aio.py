@@ -18,7 +18,7 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 from ._errors import StateStoreError
 from ._registry import Waiter
@@ -28,8 +28,6 @@ from ._subscription import Subscription
 __all__ = ["AsyncStore", "AsyncSubscription"]
 
 T = TypeVar("T")
-
-_JOIN: Final = 2.0
 
 
 @dataclass(eq=False)
@@ -149,35 +147,47 @@ class AsyncStore(Generic[T]):
                     self._waiter.kick()  # let the thread re-evaluate, and exit if idle
 
     def _serve(self) -> None:
-        """The background thread: sleep on our own semaphore, resolve satisfied waiters."""
-        try:
-            waiter = self._store._registry.register()
-        except BaseException as exc:
-            with self._mutex:
-                failed, self._pending = self._pending, set()
-                self._thread = None
-            for entry in failed:
-                entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
-            return
-        with self._mutex:
-            self._waiter = waiter
-        try:
-            while True:
+        """The background thread: sleep on our own semaphore, resolve satisfied waiters.
+
+        It stays ``self._thread`` until it has given its registry entry back, so that close()
+        joins it before the mapping goes away; and if a waiter arrived while it was leaving,
+        it serves that one too instead of stranding it.
+        """
+        while True:
+            try:
+                waiter = self._store._registry.register()
+            except BaseException as exc:
                 with self._mutex:
-                    if self._closing or not self._pending:
-                        # Unpublish before closing the semaphore, so nobody kicks a closed one.
-                        self._waiter = None
-                        self._thread = None
-                        return
-                    head = self._store.version
-                    ready = [e for e in self._pending if head > e.after]
-                    self._pending.difference_update(ready)
-                for entry in ready:
-                    entry.loop.call_soon_threadsafe(_resolve, entry.future, head)
-                if not ready:
-                    waiter.sleep(None)
-        finally:
-            waiter.close()
+                    failed, self._pending = self._pending, set()
+                    self._thread = None
+                for entry in failed:
+                    entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
+                return
+            with self._mutex:
+                self._waiter = waiter
+            try:
+                self._serve_until_idle(waiter)
+            finally:
+                waiter.close()
+            with self._mutex:
+                if self._pending and not self._closing:
+                    continue
+                self._thread = None
+                return
+
+    def _serve_until_idle(self, waiter: Waiter) -> None:
+        while True:
+            with self._mutex:
+                if self._closing or not self._pending:
+                    self._waiter = None  # nobody may kick it once we start closing it
+                    return
+                head = self._store.version
+                ready = [e for e in self._pending if head > e.after]
+                self._pending.difference_update(ready)
+            for entry in ready:
+                entry.loop.call_soon_threadsafe(_resolve, entry.future, head)
+            if not ready:
+                waiter.sleep(None)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None
@@ -197,7 +207,7 @@ class AsyncStore(Generic[T]):
                 self._waiter.kick()
             orphans, self._pending = self._pending, set()
         if thread is not None:
-            thread.join(_JOIN)
+            thread.join()  # it was kicked; it must be gone before the mapping is
         for entry in orphans:
             exc = StateStoreError(f"store {self.name!r} was closed while waiting")
             if not entry.loop.is_closed():

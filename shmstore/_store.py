@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 import time
 import warnings
 import weakref
@@ -104,6 +105,9 @@ class Store(Generic[T]):
         )
         self._gate = WaitGate(self._head, self._registry)
         self._closed = False
+        # Held by set() from its lock to its notifications, and by close(): the writer mutex
+        # lives in the mapping, so close() must not unmap it under a thread that is using it.
+        self._in_use = threading.Lock()
         self._pid = os.getpid()
         _live_handles.add(self)
 
@@ -405,22 +409,23 @@ class Store(Generic[T]):
             )
         checked = codec.validate(data)
         ring = self._ring
-        self._check_open()
-        with self._lock:
-            head = ring.head()
-            if expected_version is not None and head != expected_version:
-                ring.count_conflict()
-                conflict = StateVersionError(expected_version, head)
-            else:
-                conflict = None
-                version = ring.commit(data, time.time_ns())
-        if conflict is not None:
-            if log_conflict:
-                log.warning("store %r: %s", self.name, conflict)
-            raise conflict
-        self._cache = (version, checked)
-        self._registry.notify()
-        return version
+        with self._in_use:
+            self._check_open()
+            with self._lock:
+                head = ring.head()
+                if expected_version is not None and head != expected_version:
+                    ring.count_conflict()
+                    conflict = StateVersionError(expected_version, head)
+                else:
+                    conflict = None
+                    version = ring.commit(data, time.time_ns())
+            if conflict is None:
+                self._cache = (version, checked)
+                self._registry.notify()
+                return version
+        if log_conflict:
+            log.warning("store %r: %s", self.name, conflict)
+        raise conflict
 
     # ---------------------------------------------------------------- counters
 
@@ -452,9 +457,10 @@ class Store(Generic[T]):
         return int(self._words[OFF_APP_COUNTERS // 8 + index])
 
     def _bump_app_counter(self, index: int) -> None:
-        self._check_open()
-        with self._lock:  # read-modify-write of a shared word: writers only, under their lock
-            self._words[OFF_APP_COUNTERS // 8 + index] += 1
+        with self._in_use:
+            self._check_open()
+            with self._lock:  # a read-modify-write of a shared word: under the writer lock
+                self._words[OFF_APP_COUNTERS // 8 + index] += 1
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -466,13 +472,16 @@ class Store(Generic[T]):
         """Detach this process from the store. The store itself stays; see :meth:`unlink`."""
         if self._closed:
             return
-        self._gate.close()
-        self._registry.close()
-        self._closed = True
-        _live_handles.discard(self)
-        self._lock.close()
-        self._ring.release()
-        self._segment.close()
+        self._gate.close()  # wakes this handle's sleeping threads first
+        with self._in_use:
+            if self._closed:
+                return
+            self._closed = True
+            _live_handles.discard(self)
+            self._registry.close()
+            self._lock.close()
+            self._ring.release()
+            self._segment.close()
 
     def unlink(self) -> None:
         """Remove the store's names for everyone. Attached handles keep working until closed;
@@ -509,6 +518,7 @@ class Store(Generic[T]):
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
+        self._in_use = threading.Lock()
         try:
             self._segment.reopen()
             self._lock.after_fork_in_child(self._segment.fd)
