@@ -7,6 +7,7 @@ mismatched value from a good one without knowing anything else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
@@ -22,6 +23,7 @@ import msgspec
 
 from shmstore import CorruptStoreError, StateVersionError, Store
 from shmstore._ring import Ring
+from shmstore.fsm import AsyncStateStore
 
 MAX_BLOB = 3000
 BARRIER_WAIT = 60  # a dead sibling must fail the test, not hang it
@@ -253,3 +255,49 @@ def commit_sequence(name: str, count: int, start: Barrier) -> None:
             st.set(i)
     finally:
         st.close()
+
+
+# ------------------------------------------------------------------ FSM
+
+
+def fsm_initialize(name: str, start: Barrier, results: Any) -> None:
+    async def main() -> None:
+        store = AsyncStateStore(name=name)
+        try:
+            start.wait(BARRIER_WAIT)
+            snap = await store.initialize_if_empty()
+            results.put(snap.snapshot_id)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def fsm_follow(name: str, count: int, ready: Event, results: Any) -> None:
+    """Subscribe in this process and report the versions of the first *count* snapshots."""
+
+    async def main() -> None:
+        store = AsyncStateStore(name=name)
+        try:
+            queue = await store.subscribe("follower")
+            ready.set()
+            seen = []
+            while len(seen) < count:
+                snap = await asyncio.wait_for(queue.get(), 30)
+                seen.append((snap.version, snap.reason))
+            results.put(seen)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def fsm_subscribe_forever(name: str, ready: Event) -> None:
+    async def main() -> None:
+        store = AsyncStateStore(name=name)
+        queue = await store.subscribe("doomed")
+        ready.set()
+        while True:
+            await queue.get()
+
+    asyncio.run(main())
