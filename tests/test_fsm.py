@@ -52,6 +52,14 @@ def run(coro_fn: Callable[[], Awaitable[R]]) -> R:
     return asyncio.run(main())
 
 
+async def delivered(st: AsyncStateStore, version: int) -> None:
+    """Until the pump has handed *version* to every subscriber (a condition, not a sleep)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while any(sub.last_version < version for sub in st._subscribers.values()):
+        assert asyncio.get_running_loop().time() < deadline, "pump did not deliver"
+        await asyncio.sleep(0)
+
+
 def snap(version: int, state: FsmState = FsmState.IDLE, **kw: Any) -> FsmSnapshotDTO:
     return FsmSnapshotDTO(version=version, state=state, **kw)
 
@@ -293,7 +301,7 @@ def test_overflowing_subscriber_keeps_the_newest(
             for v in range(1, 201):
                 await st.set(snap(v))
                 await asyncio.sleep(0)  # let the pump deliver as commits happen
-            await asyncio.sleep(0.05)
+            await delivered(st, 201)  # store version: the initial snapshot was version 1
             items = []
             while not slow.empty():
                 items.append(slow.get_nowait().version)
@@ -318,7 +326,7 @@ def test_two_hundred_subscribers_see_a_hundred_updates(
             for v in range(1, 101):
                 await st.set(snap(v))
                 await asyncio.sleep(0)
-            await asyncio.sleep(0.05)
+            await delivered(st, 100)
             for q in queues:
                 versions = [q.get_nowait().version for _ in range(q.qsize())]
                 assert versions[-1] == 100

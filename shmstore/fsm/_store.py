@@ -13,6 +13,7 @@ readers may live in other processes:
 * Subscribers get an ``asyncio.Queue`` (maxsize 64) that receives the current snapshot at once and
   then every commit from any process, in version order. One pump task per store follows the ring
   (``Subscription``) and fans out to the local queues; it exists only while there are subscribers.
+  Commits of this process wake it directly; one watcher task per store waits for everyone else's.
   A full queue drops its stale snapshots and takes the newest, so a slow consumer always ends on the
   latest state.
 * Commit counters (``total_sets``, ``version_conflicts``, ``last_update_ts``) live in the segment
@@ -92,6 +93,7 @@ class AsyncStateStore:
         self._astore = AsyncStore(store)
         self._subscribers: dict[asyncio.Queue[FsmSnapshotDTO], _Subscriber] = {}
         self._pump: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._local_commit: asyncio.Event | None = None
         self._total_gets = 0
         self._closed = False
@@ -199,6 +201,10 @@ class AsyncStateStore:
             if self._local_commit is None:
                 self._local_commit = asyncio.Event()
             self._pump = asyncio.create_task(self._follow(version), name="shmstore-fsm-pump")
+            if not self._private:
+                self._watcher = asyncio.create_task(
+                    self._watch_other_processes(version), name="shmstore-fsm-watch"
+                )
         return queue
 
     async def unsubscribe(self, queue: asyncio.Queue[FsmSnapshotDTO]) -> None:
@@ -222,14 +228,21 @@ class AsyncStateStore:
             self._fan_out(version, snapshot)
 
     async def _wait_for_commit(self, after_version: int) -> None:
-        if self._private:
-            # Only this process can commit to a private store: no semaphore needed.
-            assert self._local_commit is not None
-            if self._store.version <= after_version:
-                await self._local_commit.wait()
-            self._local_commit.clear()
-        else:
-            await self._astore.wait(after_version)
+        # Commits of this process set the event directly (no cross-thread hop, so a local
+        # writer in a tight loop never laps the pump); the watcher sets it for other processes'.
+        assert self._local_commit is not None
+        if self._store.version <= after_version:
+            await self._local_commit.wait()
+        self._local_commit.clear()
+
+    async def _watch_other_processes(self, after_version: int) -> None:
+        """Turn commits of any process into the pump's event. One long-lived wait keeps the
+        store's wake-up thread and registry entry steady while there are subscribers."""
+        assert self._local_commit is not None
+        seen = after_version
+        while True:
+            seen = await self._astore.wait(seen)
+            self._local_commit.set()
 
     def _fan_out(self, version: int, snapshot: FsmSnapshotDTO) -> None:
         dead = []
@@ -273,11 +286,13 @@ class AsyncStateStore:
         )
 
     async def _stop_pump(self) -> None:
-        pump, self._pump = self._pump, None
-        if pump is not None and not pump.done():
-            pump.cancel()
-            # asyncio.wait does not re-raise the pump's cancellation, but does raise our own.
-            await asyncio.wait({pump})
+        tasks = {t for t in (self._pump, self._watcher) if t is not None and not t.done()}
+        self._pump = self._watcher = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # asyncio.wait does not re-raise the tasks' cancellation, but does raise our own.
+            await asyncio.wait(tasks)
 
     # ---------------------------------------------------------------- metrics and health
 
