@@ -37,6 +37,7 @@ from ._layout import (
     OFF_APP_COUNTERS,
     OFF_HEAD,
     OFF_MUTEX,
+    OFF_REG_HIGH,
     OFF_STORE_NAME,
     OFF_TYPE_NAME,
     Geometry,
@@ -66,6 +67,7 @@ DEFAULT_MAX_READERS: Final = 64
 OPEN_WAIT: Final = 1.0  # how long open() waits for a concurrent create to finish
 
 _HEAD: Final = OFF_HEAD // 8
+_REG_HIGH: Final = OFF_REG_HIGH // 8
 _WEAKLY_ORDERED_SAFE = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
@@ -409,9 +411,14 @@ class Store(Generic[T]):
             )
         checked = codec.validate(data)
         ring = self._ring
+        lock = self._lock
         with self._in_use:
-            self._check_open()
-            with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            rc = lock.acquire()
+            if rc:
+                lock.recover(rc)
+            try:
                 head = ring.head()
                 if expected_version is not None and head != expected_version:
                     ring.count_conflict()
@@ -419,9 +426,12 @@ class Store(Generic[T]):
                 else:
                     conflict = None
                     version = ring.commit(data, time.time_ns())
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
             if conflict is None:
                 self._cache = (version, checked)
-                self._registry.notify()
+                if self._words[_REG_HIGH]:
+                    self._registry.notify()
                 return version
         if log_conflict:
             log.warning("store %r: %s", self.name, conflict)

@@ -37,9 +37,11 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
 
@@ -55,7 +57,18 @@ _PTHREAD_MUTEX_ROBUST: Final = 1
 
 
 class WriteLock(Protocol):
-    """Exclusive writer lock across threads and processes; released by the kernel on death."""
+    """Exclusive writer lock across threads and processes; released by the kernel on death.
+
+    ``acquire()`` returns 0, or an error number to hand to ``recover()`` (which either makes
+    the lock ours or raises); ``release()`` unlocks. They are plain callables rather than methods
+    so that the mutex's are C calls with no Python frame: ``set()`` is that hot.
+    """
+
+    def acquire(self) -> int: ...
+
+    def release(self) -> object: ...
+
+    def recover(self, rc: int) -> None: ...
 
     def __enter__(self) -> None: ...
 
@@ -109,7 +122,7 @@ def _check(rc: int) -> None:
 class RobustMutexLock:
     """A robust, process-shared pthread mutex living in the segment at *offset*."""
 
-    __slots__ = ("_anchor", "_lock", "_name", "_trylock", "_unlock", "addr")
+    __slots__ = ("_anchor", "_lock", "_name", "_trylock", "_unlock", "acquire", "addr", "release")
 
     def __init__(self, buf: mmap.mmap, offset: int, name: str) -> None:
         if _libc is None:
@@ -125,6 +138,8 @@ class RobustMutexLock:
         self._lock = _libc.pthread_mutex_lock
         self._unlock = _libc.pthread_mutex_unlock
         self._trylock = _libc.pthread_mutex_trylock
+        self.acquire: Callable[[], int] = functools.partial(self._lock, self.addr)
+        self.release: Callable[[], object] = functools.partial(self._unlock, self.addr)
 
     @staticmethod
     def initialize(buf: mmap.mmap, offset: int) -> None:
@@ -144,7 +159,7 @@ class RobustMutexLock:
     def __enter__(self) -> None:
         rc = self._lock(self.addr)
         if rc != 0:
-            self._recover(rc)
+            self.recover(rc)
 
     def __exit__(
         self,
@@ -154,7 +169,7 @@ class RobustMutexLock:
     ) -> None:
         self._unlock(self.addr)
 
-    def _recover(self, rc: int) -> None:
+    def recover(self, rc: int) -> None:
         if rc == errno.EOWNERDEAD:
             # We hold it now. The previous writer died inside set(); the ring needs no repair.
             assert _libc is not None
@@ -170,7 +185,7 @@ class RobustMutexLock:
         if rc == errno.EBUSY:
             return True
         if rc != 0:
-            self._recover(rc)
+            self.recover(rc)
         self._unlock(self.addr)
         return False
 
@@ -192,13 +207,26 @@ class FlockLock:
         self.fd = fd
         self._thread_lock = threading.Lock()
 
-    def __enter__(self) -> None:
+    def acquire(self) -> int:
         self._thread_lock.acquire()
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
             raise
+        return 0
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def recover(self, rc: int) -> None:
+        raise AssertionError("flock reports errors by raising")  # pragma: no cover
+
+    def __enter__(self) -> None:
+        self.acquire()
 
     def __exit__(
         self,
@@ -206,10 +234,7 @@ class FlockLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
+        self.release()
 
     def held_elsewhere(self) -> bool:
         with self._thread_lock:
