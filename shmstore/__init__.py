@@ -6,6 +6,7 @@ memory; readers in any process get the newest committed snapshot lock-free and n
 
 from ._aio import AsyncStore as AsyncStore
 from ._aio import AsyncSubscription as AsyncSubscription
+from ._errors import CheckpointError as CheckpointError
 from ._errors import CorruptStoreError as CorruptStoreError
 from ._errors import InvalidSnapshotError as InvalidSnapshotError
 from ._errors import SchemaMismatchError as SchemaMismatchError
@@ -17,6 +18,7 @@ from ._errors import StoreNotFoundError as StoreNotFoundError
 from ._errors import StorePermissionError as StorePermissionError
 from ._errors import SubscriberLaggedError as SubscriberLaggedError
 from ._registry import RegistryFullError as RegistryFullError
+from ._stats import StoreStatistics as StoreStatistics
 from ._store import Store as Store
 from ._store import remove as remove
 from ._subscription import Subscription as Subscription
@@ -24,12 +26,14 @@ from ._subscription import Subscription as Subscription
 __all__ = [
     # the store
     "Store",
+    "StoreStatistics",
     "Subscription",
     "remove",
     # asyncio
     "AsyncStore",
     "AsyncSubscription",
     # errors
+    "CheckpointError",
     "CorruptStoreError",
     "InvalidSnapshotError",
     "RegistryFullError",

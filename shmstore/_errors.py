@@ -9,6 +9,7 @@ and never escape untranslated; the original is kept as ``__cause__``.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "CorruptStoreError",
     "InvalidSnapshotError",
     "SchemaMismatchError",
@@ -73,6 +74,12 @@ class CorruptStoreError(StateStoreError):
     """Raised when the segment is not a valid store (bad magic, layout version or sizes), or when
     a committed slot cannot be read consistently within the retry bound. A reader never returns a
     torn value; it raises this instead."""
+
+
+class CheckpointError(StateStoreError, ValueError):
+    """Raised when a checkpoint file cannot be read, is truncated or damaged, or holds a value
+    that does not decode as the store's type. A checkpoint of another schema raises
+    :class:`SchemaMismatchError` instead."""
 
 
 class SubscriberLaggedError(StateStoreError):

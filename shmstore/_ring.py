@@ -106,6 +106,8 @@ class Ring:
         "_q",
         "_slots_at",
         "_stride",
+        "reads",
+        "retries",
         "verify",
     )
 
@@ -124,6 +126,9 @@ class Ring:
         self._capacity = geometry.slot_size
         # Only the negative-control test turns this off, to show the torture test detects tearing.
         self.verify = True
+        # This handle's slot copies and the attempts it had to repeat (cached reads not counted).
+        self.reads = 0
+        self.retries = 0
 
     @property
     def geometry(self) -> Geometry:
@@ -177,9 +182,11 @@ class Ring:
         q[_LAST_UPDATE] = ts_ns
         return version
 
-    def restart_at(self, version: int) -> None:
-        """Make the empty ring continue from *version* (restore). Callers hold the writer lock."""
-        self._q[_HEAD] = version
+    def restore(self, version: int, payload: bytes, ts_ns: int) -> None:
+        """Make a fresh ring hold *payload* as message *version* (a checkpoint restore), so that
+        the next commit is *version* + 1. Only before the segment is published."""
+        self._q[_HEAD] = version - 1
+        self.commit(payload, ts_ns)
 
     def read(self, version: int) -> tuple[bytes, int] | None:
         """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no
@@ -224,7 +231,9 @@ class Ring:
                 return None, 0, 0
             got = self.read(version)
             if got is not None:
+                self.reads += 1
                 return got[0], version, got[1]
+            self.retries += 1
             spins += 1
             if spins < _SPINS_BEFORE_YIELD:
                 continue

@@ -20,8 +20,10 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 import msgspec
 
+from ._checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from ._codec import ANY_FINGERPRINT, Codec
 from ._errors import (
+    CheckpointError,
     CorruptStoreError,
     SchemaMismatchError,
     SnapshotTooLargeError,
@@ -50,6 +52,7 @@ from ._names import validate_name
 from ._registry import Registry, unlink_all_semaphores
 from ._ring import Ring
 from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._stats import StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
 from ._writelock import FlockLock, RobustMutexLock, WriteLock, robust_mutex_supported
@@ -126,6 +129,7 @@ class Store(Generic[T]):
         crc: bool | None = ...,
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
+        restore_from: str | os.PathLike[str] | None = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -141,6 +145,7 @@ class Store(Generic[T]):
         crc: bool | None = ...,
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
+        restore_from: str | os.PathLike[str] | None = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -155,6 +160,7 @@ class Store(Generic[T]):
         crc: bool | None = None,
         mode: int = 0o600,
         writer_lock: WriterLockKind = "auto",
+        restore_from: str | os.PathLike[str] | None = None,
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
@@ -164,9 +170,13 @@ class Store(Generic[T]):
         loads). *mode* is the permission bits of the segment. *writer_lock* picks how writers
         are serialized: ``"mutex"`` (a robust process-shared mutex, Linux), ``"flock"``, or
         ``"auto"`` (the mutex where the C library has robust mutexes); see ``_writelock``.
+        *restore_from* starts the store from a :meth:`checkpoint` file: it holds the saved value
+        at the saved version, and the next commit is that version + 1.
 
         Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
-        geometry, :class:`StateStoreError` if shared memory cannot hold the store.
+        geometry, :class:`StateStoreError` if shared memory cannot hold the store,
+        :class:`CheckpointError` / :class:`SchemaMismatchError` for a checkpoint that cannot be
+        restored (checked before anything is created).
         """
         validate_name(name)
         geometry, codec, flags = _plan(
@@ -178,8 +188,11 @@ class Store(Generic[T]):
             mode=mode,
             writer_lock=writer_lock,
         )
+        restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
         segment = Segment.create(name, geometry.total_size, mode)
-        return cls._initialize(segment, geometry, codec, flags, unlink_on_error=True)
+        return cls._initialize(
+            segment, geometry, codec, flags, unlink_on_error=True, restore=restore
+        )
 
     @classmethod
     def _private(
@@ -213,6 +226,7 @@ class Store(Generic[T]):
         flags: int,
         *,
         unlink_on_error: bool,
+        restore: Checkpoint | None = None,
     ) -> Store[Any]:
         try:
             created = time.time_ns()
@@ -223,6 +237,10 @@ class Store(Generic[T]):
             m[0 : len(header)] = header
             if flags & FLAG_ROBUST_MUTEX:
                 RobustMutexLock.initialize(m, OFF_MUTEX)
+            if restore is not None:
+                ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
+                ring.restore(restore.version, restore.payload, time.time_ns())
+                ring.release()
             # The magic goes in last: until it is there, open() treats the segment as unborn.
             m[0 : len(MAGIC)] = MAGIC
             info = read_header(m, segment.size)
@@ -437,6 +455,52 @@ class Store(Generic[T]):
             log.warning("store %r: %s", self.name, conflict)
         raise conflict
 
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint(self, path: str | os.PathLike[str]) -> int:
+        """Save the newest value, its version and the schema fingerprint to *path*, atomically
+        (temporary file, ``fsync``, rename). Returns the version saved. Raises
+        :class:`StateStoreError` while the store is empty."""
+        self._check_open()
+        payload, version, _ts = self._ring.read_newest()
+        if payload is None:
+            raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
+        write_checkpoint(
+            path,
+            fingerprint=self._info.fingerprint,
+            type_name=self._info.type_name,
+            version=version,
+            payload=payload,
+        )
+        return version
+
+    # ---------------------------------------------------------------- statistics
+
+    def statistics(self) -> StoreStatistics:
+        """A frozen snapshot of the store's counters and of this handle's."""
+        self._check_open()
+        entries = self._registry.entries()
+        geometry = self._info.geometry
+        version = self._head()
+        return StoreStatistics(
+            name=self.name,
+            type_name=self._info.type_name,
+            version=version,
+            commits=self._ring.commits(),
+            conflicts=self._ring.conflicts(),
+            last_update_ns=self._ring.last_update_ns(),
+            created_ns=self._info.created_ns,
+            slots=geometry.slots,
+            slot_size=geometry.slot_size,
+            max_readers=geometry.registry_capacity,
+            readers_registered=len(entries),
+            readers_alive=sum(alive for _i, _pid, alive in entries),
+            writer_lock_held=self._lock.held_elsewhere(),
+            lag=version - self._cache[0],
+            reads=self._ring.reads,
+            retries=self._ring.retries,
+        )
+
     # ---------------------------------------------------------------- counters
 
     @property
@@ -538,6 +602,29 @@ class Store(Generic[T]):
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
+
+
+def _load_checkpoint(
+    path: str | os.PathLike[str], codec: Codec[Any], geometry: Geometry
+) -> Checkpoint:
+    checkpoint = read_checkpoint(path)
+    if checkpoint.fingerprint != codec.fingerprint:
+        raise SchemaMismatchError(
+            f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
+            f"store's type {codec.type_name}"
+        )
+    if len(checkpoint.payload) > geometry.slot_size:
+        raise SnapshotTooLargeError(
+            f"checkpoint value is {len(checkpoint.payload)} bytes; the store's slot_size is "
+            f"{geometry.slot_size}"
+        )
+    try:
+        codec.decode(checkpoint.payload)
+    except msgspec.DecodeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not decode as {codec.type_name}: {exc}"
+        ) from exc
+    return checkpoint
 
 
 def _plan(

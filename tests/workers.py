@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from shmstore import CorruptStoreError, StateVersionError, Store
+from shmstore._checkpoint import write_checkpoint
 from shmstore._ring import Ring
 from shmstore.fsm import AsyncStateStore
 
@@ -130,12 +131,12 @@ def looping_writer(name: str, ready: Event) -> None:
             ready.set()
 
 
-def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
-    """Commit once, but freeze at the line of Ring.commit that contains *marker* (with every
-    earlier line executed) and wait there to be killed."""
-    lines, first = inspect.getsourcelines(Ring.commit)
+def freeze_at(function: Any, marker: str, reached: Event) -> None:
+    """From now on, freeze this process when *function* reaches its line containing *marker*
+    (every earlier line executed), after setting *reached*: a test then kills it right there."""
+    lines, first = inspect.getsourcelines(function)
     target = first + next(i for i, line in enumerate(lines) if marker in line)
-    code = Ring.commit.__code__
+    code = function.__code__
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         if frame.f_code is not code:
@@ -150,9 +151,14 @@ def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
 
         return local
 
+    sys.settrace(tracer)
+
+
+def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
+    """Commit once, but freeze inside Ring.commit at *marker*."""
     st = Store.open(name, Rec)
     version = st.version
-    sys.settrace(tracer)
+    freeze_at(Ring.commit, marker, reached)
     st.set(make_rec(version + 1))
 
 
@@ -301,3 +307,33 @@ def fsm_subscribe_forever(name: str, ready: Event) -> None:
             await queue.get()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_forever(name: str, path: str, ready: Event) -> None:
+    """Commit large values and checkpoint each one, until killed."""
+    st = Store.open(name, bytes)
+    i = 0
+    while True:
+        i += 1
+        st.set(bytes([i % 256]) * 500_000)
+        st.checkpoint(path)
+        if i == 3:
+            ready.set()
+
+
+def create_and_checkpoint(name: str, path: str) -> None:
+    with Store.create(name, dict[str, int]) as st:
+        for i in range(7):
+            st.set({"step": i})
+        st.checkpoint(path)
+        st.unlink()
+
+
+def checkpoint_stopped_at(name: str, path: str, marker: str, reached: Event) -> None:
+    """Write a checkpoint, but freeze inside write_checkpoint at *marker*."""
+    st = Store.open(name, bytes)
+    freeze_at(write_checkpoint, marker, reached)
+    st.checkpoint(path)
