@@ -122,6 +122,10 @@ class Waiter:
             self.sem.acquire(timeout)
         except posix_ipc.BusyError:
             return False
+        except posix_ipc.SignalError:
+            # A signal interrupted the wait: a spurious wake-up to the caller, whose loop
+            # re-checks HEAD -- and Python raises the signal's exception (Ctrl-C) right after.
+            return True
         return True
 
     def kick(self) -> None:

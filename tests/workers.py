@@ -337,3 +337,17 @@ def checkpoint_stopped_at(name: str, path: str, marker: str, reached: Event) -> 
     st = Store.open(name, bytes)
     freeze_at(write_checkpoint, marker, reached)
     st.checkpoint(path)
+
+
+class Point(msgspec.Struct, frozen=True):
+    """A type the CLI tests import by name (``--type workers:Point``)."""
+
+    x: int
+    y: int
+
+
+def create_and_leave(name: str) -> None:
+    """Create a store and exit without removing it: an orphan for ``gc``."""
+    st = Store.create(name, int)
+    st.set(1)
+    st.close()
