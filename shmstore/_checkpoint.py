@@ -15,8 +15,12 @@ Format (little-endian)::
 
 Writing goes to a temporary file in the same directory, is flushed and ``fsync``\\ ed, then renamed
 over the target, and the directory is ``fsync``\\ ed: a process killed at any point leaves either
-the previous checkpoint or the new one, never a mix. Reading checks magic, format, length and CRC
-before anything else, so a truncated or damaged file is a clear :class:`CheckpointError`.
+the previous checkpoint or the new one, never a mix. Temporary files of killed writers are removed
+by the next write. One process should own a checkpoint path: two processes writing the same path
+at once each leave a valid file, but the older version may be the one that stays.
+
+Reading checks magic, format, length and CRC before anything else, so a truncated or damaged file
+is a clear :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def write_checkpoint(
     )
     crc = zlib.crc32(payload, zlib.crc32(body[_CRC_FROM:]))
     header = body[:12] + crc.to_bytes(4, "little") + body[_CRC_FROM:]
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -97,7 +101,7 @@ def write_checkpoint(
 def _remove_dead_writers_files(target: Path) -> None:
     """Temporary files of checkpoint writers that were killed before their rename."""
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        pid_text = stale.name[len(target.name) + 2 : -len(".tmp")]
+        pid_text = stale.name[len(target.name) + 2 : -len(".tmp")].split("-", 1)[0]
         if not pid_text.isdigit():
             continue
         try:

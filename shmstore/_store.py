@@ -113,6 +113,7 @@ class Store(Generic[T]):
         # Held by set() from its lock to its notifications, and by close(): the writer mutex
         # lives in the mapping, so close() must not unmap it under a thread that is using it.
         self._in_use = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
         self._pid = os.getpid()
         _live_handles.add(self)
 
@@ -202,6 +203,7 @@ class Store(Generic[T]):
         slots: int = DEFAULT_SLOTS,
         slot_size: int = DEFAULT_SLOT_SIZE,
         writer_lock: WriterLockKind = "auto",
+        restore_from: str | os.PathLike[str] | None = None,
     ) -> Store[Any]:
         """A store no other process can open (see ``Segment.anonymous``)."""
         geometry, codec, flags = _plan(
@@ -213,9 +215,12 @@ class Store(Generic[T]):
             mode=0o600,
             writer_lock=writer_lock,
         )
+        restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
         label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
         segment = Segment.anonymous(label, geometry.total_size)
-        return cls._initialize(segment, geometry, codec, flags, unlink_on_error=False)
+        return cls._initialize(
+            segment, geometry, codec, flags, unlink_on_error=False, restore=restore
+        )
 
     @classmethod
     def _initialize(
@@ -462,16 +467,19 @@ class Store(Generic[T]):
         (temporary file, ``fsync``, rename). Returns the version saved. Raises
         :class:`StateStoreError` while the store is empty."""
         self._check_open()
-        payload, version, _ts = self._ring.read_newest()
-        if payload is None:
-            raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
-        write_checkpoint(
-            path,
-            fingerprint=self._info.fingerprint,
-            type_name=self._info.type_name,
-            version=version,
-            payload=payload,
-        )
+        # Serialized per handle, with the value read inside: of two checkpoints racing to the
+        # same path, the one renamed last is always the newer.
+        with self._checkpoint_lock:
+            payload, version, _ts = self._ring.read_newest()
+            if payload is None:
+                raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
+            write_checkpoint(
+                path,
+                fingerprint=self._info.fingerprint,
+                type_name=self._info.type_name,
+                version=version,
+                payload=payload,
+            )
         return version
 
     # ---------------------------------------------------------------- statistics

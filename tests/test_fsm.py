@@ -13,9 +13,15 @@ import msgspec
 import pytest
 from test_multiprocess import JOIN, collect
 from test_waiting import wait_for_registrations
-from workers import fsm_follow, fsm_initialize, fsm_subscribe_forever
+from workers import (
+    fsm_checkpointing_writer,
+    fsm_follow,
+    fsm_initialize,
+    fsm_subscribe_forever,
+)
 
 import shmstore
+from shmstore._checkpoint import read_checkpoint
 from shmstore.fsm import (
     AsyncStateStore,
     FsmSnapshotDTO,
@@ -42,7 +48,16 @@ def make_store(request: pytest.FixtureRequest, store_name: str) -> Callable[...,
         name = store_name if request.param == "named" else None
         return AsyncStateStore(initial, name=name, **options)
 
+    if request.param == "named":
+        make.store_name = store_name  # type: ignore[attr-defined]
     return make
+
+
+def shmstore_remove_named(make: Callable[..., AsyncStateStore]) -> None:
+    """Between two lives of a named store, remove it, as a machine restart would."""
+    name = getattr(make, "store_name", None)
+    if name is not None:
+        shmstore.remove(name)
 
 
 def run(coro_fn: Callable[[], Awaitable[R]]) -> R:
@@ -574,3 +589,82 @@ def test_shared_store_outlives_its_handles(store_name: str) -> None:
         shmstore.remove(store_name)
 
     run(body)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_automatic_checkpoints_and_restore_on_start(
+    make_store: Callable[..., AsyncStateStore], tmp_path: Path
+) -> None:
+    path = tmp_path / "fsm.ckpt"
+
+    async def first_life() -> FsmSnapshotDTO:
+        async with make_store(checkpoint_path=path, checkpoint_every=3) as st:
+            current = await st.initialize_if_empty()
+            for v in range(1, 8):
+                current = await st.set(snap(v, reason=f"step {v}"))
+            if st._checkpointing is not None:
+                await st._checkpointing
+            assert read_checkpoint(path).version >= 6  # written while running, every 3
+            return current  # close() writes the final state
+
+    last = run(first_life)
+    assert read_checkpoint(path).version == 8
+    shmstore_remove_named(make_store)
+
+    async def second_life() -> None:
+        async with make_store(checkpoint_path=path) as st:
+            restored = await st.get()
+            assert restored == last
+            assert st._store.version == 8
+            assert (await st.set(snap(100))).version == 100
+            assert st._store.version == 9  # version continuity
+
+    run(second_life)
+
+
+def test_checkpoint_interval_and_manual_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "fsm.ckpt"
+
+    async def body() -> None:
+        async with AsyncStateStore(
+            checkpoint_path=path, checkpoint_every=None, checkpoint_interval=3600
+        ) as st:
+            await st.set(snap(1))
+            assert not path.exists()  # neither due by count nor by time
+            assert await st.checkpoint() == 1
+            assert read_checkpoint(path).version == 1
+        async with AsyncStateStore() as plain:
+            with pytest.raises(StateStoreError, match="no checkpoint_path"):
+                await plain.checkpoint()
+
+    run(body)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        AsyncStateStore(checkpoint_path=path, checkpoint_every=0)
+
+
+def test_restore_after_the_writer_process_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "fsm.ckpt"
+    ctx_ = mp.get_context("spawn")
+    ready = ctx_.Event()
+    p = ctx_.Process(target=fsm_checkpointing_writer, args=(str(path), ready))
+    p.start()
+    assert ready.wait(JOIN)
+    p.kill()
+    p.join(JOIN)
+
+    async def body() -> None:
+        async with AsyncStateStore(checkpoint_path=path) as st:
+            restored = await st.get()
+            assert restored is not None
+            assert (restored.version, restored.reason) == (22, "r22")
+
+    run(body)
+
+
+def test_corrupt_checkpoint_on_start_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "fsm.ckpt"
+    path.write_bytes(b"SHMCKPT1" + b"\0" * 10)
+    with pytest.raises(shmstore.CheckpointError, match="truncated"):
+        AsyncStateStore(checkpoint_path=path)

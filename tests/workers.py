@@ -351,3 +351,21 @@ def create_and_leave(name: str) -> None:
     st = Store.create(name, int)
     st.set(1)
     st.close()
+
+
+def fsm_checkpointing_writer(path: str, ready: Event) -> None:
+    """A private FSM store that checkpoints every 5 commits, killed by the test."""
+
+    async def main() -> None:
+        store = AsyncStateStore(checkpoint_path=path, checkpoint_every=5)
+        current = await store.initialize_if_empty()
+        for i in range(1, 23):
+            current = await store.set(
+                msgspec.structs.replace(current, version=current.version + 1, reason=f"r{i}")
+            )
+        await store.checkpoint()
+        ready.set()
+        while True:
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())

@@ -18,12 +18,17 @@ readers may live in other processes:
   latest state.
 * Commit counters (``total_sets``, ``version_conflicts``, ``last_update_ts``) live in the segment
   header and are shared by every process; ``total_gets`` counts this handle's reads.
+* With ``checkpoint_path``, the store starts from that checkpoint when it is created (not when it
+  is merely opened: then it already holds the newest state), and the process that commits writes
+  a new checkpoint every ``checkpoint_every`` commits and/or ``checkpoint_interval`` seconds, in a
+  worker thread so that ``set()`` never waits for the disk, and once more at ``close()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from types import TracebackType
 from typing import Any, Final
@@ -80,15 +85,41 @@ class AsyncStateStore:
         slots: int = DEFAULT_SLOTS,
         slot_size: int = DEFAULT_SLOT_SIZE,
         max_readers: int = 64,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = 100,
+        checkpoint_interval: float | None = None,
     ) -> None:
         if max_history < 0:
             raise ValueError(f"max_history must be >= 0, got {max_history}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
+        if checkpoint_interval is not None and checkpoint_interval <= 0:
+            raise ValueError(f"checkpoint_interval must be > 0 or None, got {checkpoint_interval}")
         self._max_history = max_history
         self._private = name is None
+        self._checkpoint_path = checkpoint_path
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = checkpoint_interval
+        self._commits_since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing: asyncio.Task[None] | None = None
+        restore = (
+            checkpoint_path
+            if checkpoint_path is not None and os.path.exists(checkpoint_path)
+            else None
+        )
         if name is None:
-            store = Store._private(FsmSnapshotDTO, slots=slots, slot_size=slot_size)
+            store = Store._private(
+                FsmSnapshotDTO, slots=slots, slot_size=slot_size, restore_from=restore
+            )
         else:
-            store = _create_or_open(name, slots=slots, slot_size=slot_size, max_readers=max_readers)
+            store = _create_or_open(
+                name,
+                slots=slots,
+                slot_size=slot_size,
+                max_readers=max_readers,
+                restore_from=restore,
+            )
         self._store: Store[FsmSnapshotDTO] = store
         self._astore = AsyncStore(store)
         self._subscribers: dict[asyncio.Queue[FsmSnapshotDTO], _Subscriber] = {}
@@ -186,6 +217,45 @@ class AsyncStateStore:
     def _after_local_commit(self) -> None:
         if self._local_commit is not None:
             self._local_commit.set()
+        if self._checkpoint_path is not None:
+            self._commits_since_checkpoint += 1
+            if self._checkpoint_due():
+                self._start_checkpoint()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _checkpoint_due(self) -> bool:
+        every, interval = self._checkpoint_every, self._checkpoint_interval
+        return (every is not None and self._commits_since_checkpoint >= every) or (
+            interval is not None and time.monotonic() - self._last_checkpoint >= interval
+        )
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return  # one at a time; the next commit asks again
+        self._commits_since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_checkpoint()  # no loop (the constructor's initial state): inline
+            return
+        self._checkpointing = loop.create_task(
+            asyncio.to_thread(self._write_checkpoint), name="shmstore-fsm-checkpoint"
+        )
+
+    def _write_checkpoint(self) -> None:
+        assert self._checkpoint_path is not None
+        try:
+            self._store.checkpoint(self._checkpoint_path)
+        except (OSError, StateStoreError) as exc:
+            log.error("checkpoint to %s failed: %s", self._checkpoint_path, exc)
+
+    async def checkpoint(self) -> int:
+        """Write a checkpoint now (to ``checkpoint_path``); returns the version saved."""
+        if self._checkpoint_path is None:
+            raise StateStoreError("this store has no checkpoint_path")
+        return await asyncio.to_thread(self._store.checkpoint, self._checkpoint_path)
 
     # ---------------------------------------------------------------- subscriptions
 
@@ -352,6 +422,10 @@ class AsyncStateStore:
         self._closed = True
         self._subscribers.clear()
         await self._stop_pump()
+        if self._checkpointing is not None:
+            await asyncio.wait({self._checkpointing})
+        if self._checkpoint_path is not None and self._commits_since_checkpoint:
+            await asyncio.to_thread(self._write_checkpoint)  # the final state
         self._astore.close()
 
     async def __aenter__(self) -> AsyncStateStore:
@@ -371,14 +445,25 @@ class AsyncStateStore:
 
 
 def _create_or_open(
-    name: str, *, slots: int, slot_size: int, max_readers: int
+    name: str,
+    *,
+    slots: int,
+    slot_size: int,
+    max_readers: int,
+    restore_from: str | os.PathLike[str] | None,
 ) -> Store[FsmSnapshotDTO]:
-    """Create the store, or open it if another process got there first."""
+    """Create the store (from the checkpoint, if any), or open it if another process got there
+    first."""
     last: Exception | None = None
     for _ in range(_ATTACH_TRIES):
         try:
             return Store.create(
-                name, FsmSnapshotDTO, slots=slots, slot_size=slot_size, max_readers=max_readers
+                name,
+                FsmSnapshotDTO,
+                slots=slots,
+                slot_size=slot_size,
+                max_readers=max_readers,
+                restore_from=restore_from,
             )
         except StoreExistsError as exc:
             last = exc
