@@ -10,9 +10,11 @@ import argparse
 import contextlib
 import importlib
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -226,6 +228,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+BENCHMARKS = ("core", "wake")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Benchmarks are programs in the source tree's benchmarks/ (they compare against peers a
+    # runtime install need not have), so this verb works from a checkout (editable install).
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.which}.py"
+    if not script.is_file():
+        raise CliError(f"{script} not found: benchmarks ship with the source checkout")
+    extra = [a for a in args.args if a != "--"]
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo  # noqa: PLC0415 -- other verbs need not load the FSM layer
 
@@ -297,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("gc", cmd_gc, "remove stores no live process uses, and stray semaphores")
     p.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
+
+    p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (core or wake)")
+    p.add_argument("which", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 
     p = verb("demo", cmd_demo, "an FSM worker and reader processes sharing one store, live")
     p.add_argument("--readers", type=_positive_int, default=3, help="reader processes (3)")

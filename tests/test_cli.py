@@ -106,7 +106,7 @@ def test_errors_are_one_line(store_name: str) -> None:
     assert cli("frobnicate").returncode == 2
 
 
-@pytest.mark.parametrize("verb", ["ls", "stat", "get", "watch", "set", "rm", "gc", "demo"])
+@pytest.mark.parametrize("verb", ["ls", "stat", "get", "watch", "set", "rm", "gc", "demo", "bench"])
 def test_every_verb_has_help(verb: str) -> None:
     result = cli(verb, "--help")
     assert result.returncode == 0
@@ -164,3 +164,16 @@ def test_gc_removes_only_what_no_process_uses(store_name: str) -> None:
             Store.open(store_name).close()  # still there
     finally:
         shmstore.remove(orphan)
+
+
+def test_bench_runs_the_benchmark_programs() -> None:
+    """Keeps the benchmarks from rotting: structure, not timings."""
+    core = cli("bench", "core", "--", "--calls", "200", "--rounds", "1")
+    assert core.returncode == 0, core.stderr[-2000:]
+    for case in ("small", "fsm", "64k"):
+        assert f"\n{case} " in core.stdout
+    assert "get() changed" in core.stdout
+    wake = cli("bench", "wake", "--", "--rounds", "200", "--fanout-commits", "20")
+    assert wake.returncode == 0, wake.stderr[-2000:]
+    assert "multiprocessing.Queue" in wake.stdout
+    assert "fan-out" in wake.stdout
