@@ -49,8 +49,9 @@ def _out(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _opened(name: str, type_: Any = None) -> Iterator[Store[Any]]:
-    st = Store.open(name, type_)
+def _opened(name: str, type_: Any = None, *, inspect: bool = True) -> Iterator[Store[Any]]:
+    # Inspecting another user's store (root's ls/stat/get/watch) is fine; writing is not.
+    st = Store.open(name, type_, allow_other_owner=inspect)
     try:
         yield st
     finally:
@@ -167,7 +168,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.value == "-" else args.value
     type_ = _import_type(args.type) if args.type else None
-    with _opened(args.name, type_) as st:
+    with _opened(args.name, type_, inspect=False) as st:
         try:
             value = msgspec.json.decode(text, type=st.value_type)
         except msgspec.DecodeError as exc:
@@ -218,7 +219,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         from ._inventory import list_store_names  # noqa: PLC0415
 
         for name in list_store_names():  # the stores in use: reclaim their dead readers
-            with contextlib.suppress(StateStoreError), _opened(name) as st:
+            with contextlib.suppress(StateStoreError), _opened(name, inspect=False) as st:
                 reclaimed += st._registry.sweep()
     total = len(orphans.unused_stores) + len(orphans.stray_semaphores)
     if args.yes:

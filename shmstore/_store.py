@@ -8,6 +8,7 @@ compare-and-set and one memcpy.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import platform
@@ -30,6 +31,7 @@ from ._errors import (
     StateStoreError,
     StateVersionError,
     StoreNotFoundError,
+    StorePermissionError,
 )
 from ._layout import (
     FLAG_CRC,
@@ -258,19 +260,22 @@ class Store(Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, type: type[T]) -> Store[T]: ...
+    def open(cls, name: str, type: type[T], *, allow_other_owner: bool = ...) -> Store[T]: ...
 
     @overload
     @classmethod
-    def open(cls, name: str, type: Any = ...) -> Store[Any]: ...
+    def open(cls, name: str, type: Any = ..., *, allow_other_owner: bool = ...) -> Store[Any]: ...
 
     @classmethod
-    def open(cls, name: str, type: Any = None) -> Store[Any]:
+    def open(cls, name: str, type: Any = None, *, allow_other_owner: bool = False) -> Store[Any]:
         """Attach to the existing store *name*.
 
         With *type*, the store must have been created for a type of the same schema
         (:class:`SchemaMismatchError` otherwise). Without it, values decode to builtins
         (dict, list, ...) and the handle may write only if the store itself is untyped.
+
+        A segment owned by another user is refused (:class:`StorePermissionError`) unless
+        *allow_other_owner*: whoever owns it controls what this process reads.
 
         Raises :class:`StoreNotFoundError` if there is no such store and
         :class:`CorruptStoreError` if the segment is not a valid store.
@@ -278,6 +283,13 @@ class Store(Generic[T]):
         validate_name(name)
         segment, info = _attach(name)
         try:
+            owner = segment.owner_uid()
+            if owner != os.geteuid() and not allow_other_owner:
+                raise StorePermissionError(
+                    errno.EPERM,
+                    f"store {name!r} is owned by uid {owner}, not by this process's uid "
+                    f"{os.geteuid()}; pass allow_other_owner=True to open it anyway",
+                )
             if type is None:
                 codec: Codec[Any] = Codec(Any)
                 writable = info.fingerprint == ANY_FINGERPRINT

@@ -15,6 +15,21 @@ from shmstore._writelock import robust_mutex_supported
 SHM = Path("/dev/shm")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=60.0,
+        help="duration of the slow chaos soak (run it with -m slow)",
+    )
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=10_000,
+        help="hypothesis examples for the slow segment fuzz (run it with -m slow)",
+    )
+
+
 def _our_objects() -> set[str]:
     if not SHM.is_dir():
         return set()
