@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from shmstore import CorruptStoreError, StateVersionError, Store
+from shmstore import CorruptStoreError, StateStoreError, StateVersionError, Store
 from shmstore._checkpoint import write_checkpoint
 from shmstore._ring import Ring
 from shmstore.fsm import AsyncStateStore
@@ -118,6 +119,7 @@ def raw_writer(name: str, stop: Event, start: Barrier, max_blob: int) -> None:
 
 def looping_writer(name: str, ready: Event) -> None:
     """Commit make_rec(version) forever; set *ready* after a first batch."""
+    quiet_conflicts()
     st = Store.open(name, Rec)
     n = 0
     while True:
@@ -166,6 +168,7 @@ def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
 
 
 def cas_incrementer(name: str, count: int, start: Barrier, results: Any) -> None:
+    quiet_conflicts()
     st = Store.open(name, int)
     conflicts = 0
     start.wait(BARRIER_WAIT)
@@ -369,3 +372,51 @@ def fsm_checkpointing_writer(path: str, ready: Event) -> None:
             await asyncio.sleep(3600)
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ chaos
+
+
+def quiet_conflicts() -> None:
+    """Workers that contend on purpose: one WARNING per lost CAS would be millions of lines."""
+    logging.getLogger("shmstore").setLevel(logging.ERROR)
+
+
+def chaos_writer(name: str, slot: int, *, heartbeats: Any, violations: Any, stop: Event) -> None:
+    """CAS-increment the counter forever. The invariant: value == version - 1."""
+    quiet_conflicts()
+    st = Store.open(name, int)
+    while not stop.is_set():
+        heartbeats[slot] = time.monotonic()
+        value, version = st.get_with_version()
+        if value != version - 1:
+            violations.put(f"writer {slot}: value {value} at version {version}")
+        with contextlib.suppress(StateVersionError):
+            st.set(value + 1, expected_version=version)
+
+
+def chaos_reader(
+    name: str, slot: int, *, waits: bool, heartbeats: Any, violations: Any, stop: Event
+) -> None:
+    """Follow the store by waiting or polling; report regressions and inconsistent pairs."""
+    st = Store.open(name, int)
+    last = 0
+    while not stop.is_set():
+        heartbeats[slot] = time.monotonic()
+        if waits:
+            try:
+                st.wait(last, timeout=0.2, spin=False)
+            except TimeoutError:
+                continue
+            except StateStoreError as exc:  # RegistryFullError: dead entries not reclaimed
+                violations.put(f"reader {slot}: {exc}")
+                time.sleep(0.2)
+                continue
+        else:
+            time.sleep(0.0005)
+        value, version = st.get_with_version()
+        if version < last:
+            violations.put(f"reader {slot}: version went from {last} back to {version}")
+        if value != version - 1:
+            violations.put(f"reader {slot}: value {value} at version {version} (torn?)")
+        last = version
