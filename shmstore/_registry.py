@@ -210,6 +210,10 @@ class Registry:
         self._last_sweep = time.monotonic()
         with self._lock:
             removed = self._sweep_locked()
+        self._log_reclaimed(removed)
+        return removed
+
+    def _log_reclaimed(self, removed: int) -> None:
         if removed:
             log.info(
                 "store %r: reclaimed %d registry entr%s of dead readers",
@@ -217,7 +221,6 @@ class Registry:
                 removed,
                 "y" if removed == 1 else "ies",
             )
-        return removed
 
     def _sweep_locked(self) -> int:
         removed = 0
@@ -291,13 +294,7 @@ class Registry:
         # A full barrier between publishing the entry and the caller's next load of HEAD.
         sem.release()
         sem.acquire(0)
-        if removed:
-            log.info(
-                "store %r: reclaimed %d registry entr%s of dead readers",
-                self._name,
-                removed,
-                "y" if removed == 1 else "ies",
-            )
+        self._log_reclaimed(removed)
         return Waiter(self, index, sem)
 
     def _create_sem(self, index: int) -> Any:
