@@ -32,9 +32,9 @@ Header::
      40     8  created, ns since the epoch (u64)
      48    16  schema fingerprint (blake2b-128 of the type's JSON schema)
      64     8  HEAD = version of the newest committed value, 0 while empty (u64, own cache line)
-    128     8  commits made by set() (u64)
+    128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
-    144     8  last commit, ns since the epoch (u64)
+    144     8  reserved (was: last commit time; now read from the HEAD slot, see _ring)
     152     8  registry high-water mark: entries at or above it were never used (u64)
     160    32  four counters for layers above the store, e.g. the FSM layer's conflicts (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
@@ -93,9 +93,8 @@ NAME_FIELD = 64
 
 # Byte offsets of the live u64 words; divide by 8 for an index into a memoryview cast to "Q".
 OFF_HEAD = 64
-OFF_COMMITS = 128
+OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
-OFF_LAST_UPDATE = 144
 OFF_REG_HIGH = 152
 OFF_APP_COUNTERS = 160
 APP_COUNTERS = 4

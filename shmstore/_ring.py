@@ -68,10 +68,9 @@ from typing import Final
 
 from ._errors import CorruptStoreError
 from ._layout import (
-    OFF_COMMITS,
+    OFF_BASE_VERSION,
     OFF_CONFLICTS,
     OFF_HEAD,
-    OFF_LAST_UPDATE,
     SLOT_CRC_I,
     SLOT_HEADER_SIZE,
     SLOT_LEN_I,
@@ -85,9 +84,8 @@ READ_DEADLINE: Final = 0.5
 _SPINS_BEFORE_YIELD: Final = 64
 
 _HEAD: Final = OFF_HEAD // 8
-_COMMITS: Final = OFF_COMMITS // 8
+_BASE: Final = OFF_BASE_VERSION // 8
 _CONFLICTS: Final = OFF_CONFLICTS // 8
-_LAST_UPDATE: Final = OFF_LAST_UPDATE // 8
 
 
 class Ring:
@@ -147,13 +145,25 @@ class Ring:
         return int(self._q[_HEAD])
 
     def commits(self) -> int:
-        return int(self._q[_COMMITS])
+        # Derived, not counted: a counter bumped after publishing HEAD would fall behind when a
+        # writer is killed between the two stores (the chaos soak caught exactly that).
+        return int(self._q[_HEAD] - self._q[_BASE])
 
     def conflicts(self) -> int:
         return int(self._q[_CONFLICTS])
 
     def last_update_ns(self) -> int:
-        return int(self._q[_LAST_UPDATE])
+        """Commit time of the newest version: its slot's timestamp, written before HEAD was
+        published, so it is never out of step with HEAD. 0 while empty."""
+        for _ in range(_SPINS_BEFORE_YIELD):
+            version = self.head()
+            if version == 0:
+                return 0
+            seq = (self._slots_at + (version % self._nslots) * self._stride) >> 3
+            ts_ns = self._q[seq + SLOT_TS_Q]
+            if self._q[seq] == 2 * version:
+                return int(ts_ns)
+        return 0  # lapped every time: a writer far faster than us; the time is moot
 
     def count_conflict(self) -> None:
         """Count a refused compare-and-set. Callers hold the writer lock."""
@@ -178,8 +188,6 @@ class Ring:
         q[seq + SLOT_TS_Q] = ts_ns
         q[seq] = 2 * version
         q[_HEAD] = version
-        q[_COMMITS] += 1
-        q[_LAST_UPDATE] = ts_ns
         return version
 
     def restore(self, version: int, payload: bytes, ts_ns: int) -> None:
@@ -187,6 +195,7 @@ class Ring:
         the next commit is *version* + 1. Only before the segment is published."""
         self._q[_HEAD] = version - 1
         self.commit(payload, ts_ns)
+        self._q[_BASE] = version
 
     def read(self, version: int) -> tuple[bytes, int] | None:
         """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no

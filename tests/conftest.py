@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import uuid
 from collections.abc import Iterator
@@ -43,6 +44,18 @@ def dev_shm_left_as_found() -> Iterator[None]:
     yield
     leaked = _our_objects() - before
     assert not leaked, f"tests left shared-memory objects behind: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def no_stray_children() -> Iterator[None]:
+    """A failing test must not leave worker processes behind: the interpreter would wait for
+    them at exit, and CI would hang instead of failing."""
+    yield
+    strays = multiprocessing.active_children()
+    for child in strays:
+        child.kill()
+    for child in strays:
+        child.join(10)
 
 
 @pytest.fixture

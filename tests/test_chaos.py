@@ -12,9 +12,9 @@ equals the number of commits, dead entries are reclaimed, and nothing is left in
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ STUCK = 2.0
 SPAWN_GRACE = 10.0  # a replacement is not "stuck" while its interpreter starts
 
 
-def soak(store_name: str, seconds: float) -> dict[str, int]:
+def soak(store_name: str, seconds: float, violations_dir: Path) -> dict[str, int]:
     roles: list[tuple[str, Any, dict[str, Any]]] = [
         ("writer", chaos_writer, {}),
         ("writer", chaos_writer, {}),
@@ -35,9 +35,10 @@ def soak(store_name: str, seconds: float) -> dict[str, int]:
         ("reader", chaos_reader, {"waits": True}),
         ("reader", chaos_reader, {"waits": False}),
     ]
-    heartbeats = ctx.Array("d", len(roles), lock=False)
-    violations = ctx.Queue()
-    stop = ctx.Event()
+    # Lock-free shared memory only: a worker may be killed anywhere, including inside a
+    # multiprocessing primitive, whose lock would then stay held and hang everyone else.
+    heartbeats = ctx.RawArray("d", len(roles))
+    stop = ctx.RawValue("b", 0)
     rng = random.Random(20261128)
     kills = {"writer": 0, "reader": 0}
 
@@ -47,7 +48,13 @@ def soak(store_name: str, seconds: float) -> dict[str, int]:
         p = ctx.Process(
             target=target,
             args=(store_name, slot),
-            kwargs={"heartbeats": heartbeats, "violations": violations, "stop": stop, **extra},
+            kwargs={
+                "heartbeats": heartbeats,
+                "violations": str(violations_dir),
+                "stop": stop,
+                **extra,
+            },
+            daemon=True,
         )
         p.start()
         return p
@@ -74,18 +81,15 @@ def soak(store_name: str, seconds: float) -> dict[str, int]:
                 kills[roles[victim][0]] += 1
                 procs[victim] = start(victim)
         finally:
-            stop.set()
+            stop.value = 1
             for p in procs:
                 p.join(30)
                 if p.is_alive():
                     found.append(f"{p.name} did not stop")
                     p.kill()
                     p.join()
-        while True:
-            try:
-                found.append(violations.get(timeout=0.5))
-            except queue.Empty:
-                break
+        for report in sorted(violations_dir.iterdir()):
+            found += report.read_text().splitlines()
         value, version = st.get_with_version()
         stats = st.statistics()
         # Every commit was one increment, and none was lost or half-done.
@@ -99,14 +103,14 @@ def soak(store_name: str, seconds: float) -> dict[str, int]:
     return {"commits": version, **{f"{k}_kills": n for k, n in kills.items()}}
 
 
-def test_chaos_soak_short(store_name: str) -> None:
-    result = soak(store_name, 10.0)
+def test_chaos_soak_short(store_name: str, tmp_path: Path) -> None:
+    result = soak(store_name, 10.0, tmp_path)
     assert result["commits"] > 1000
     assert result["writer_kills"] + result["reader_kills"] >= 10
 
 
 @pytest.mark.slow
-def test_chaos_soak(store_name: str, request: pytest.FixtureRequest) -> None:
+def test_chaos_soak(store_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     seconds = request.config.getoption("--soak-seconds")
-    result = soak(store_name, seconds)
+    result = soak(store_name, seconds, tmp_path)
     assert result["writer_kills"] + result["reader_kills"] >= seconds

@@ -11,10 +11,10 @@ from shmstore import _layout as L
 
 
 def test_live_words_are_aligned_and_head_has_its_own_cache_line() -> None:
-    for off in (L.OFF_HEAD, L.OFF_COMMITS, L.OFF_CONFLICTS, L.OFF_LAST_UPDATE):
+    for off in (L.OFF_HEAD, L.OFF_BASE_VERSION, L.OFF_CONFLICTS, L.OFF_REG_HIGH):
         assert off % 8 == 0
     assert L.OFF_HEAD % L.CACHE_LINE == 0
-    assert L.OFF_COMMITS >= L.OFF_HEAD + L.CACHE_LINE
+    assert L.OFF_BASE_VERSION >= L.OFF_HEAD + L.CACHE_LINE
     assert L.HEADER.size <= L.OFF_HEAD
     assert L.OFF_STORE_NAME + L.NAME_FIELD <= L.HEADER_SIZE
 

@@ -136,7 +136,7 @@ def test_writer_killed_at_random_moments_loses_nothing(store_name: str, writer_l
         "start = base + SLOT_HEADER_SIZE",  # slot odd, payload not yet written
         "self._i[word + SLOT_LEN_I]",  # payload half done: length not yet written
         "q[_HEAD] = version",  # slot complete and even, HEAD not yet published
-        "q[_COMMITS] += 1",  # published, counters not yet updated
+        "return version",  # published, not yet returned
     ],
 )
 def test_writer_killed_at_dangerous_points_loses_nothing(
@@ -152,8 +152,10 @@ def test_writer_killed_at_dangerous_points_loses_nothing(
         assert st._lock.held_elsewhere()  # it really is frozen inside the critical section
         p.kill()
         p.join(JOIN)
-        published = marker.startswith("q[_COMMITS]")
+        published = marker == "return version"
         assert st.version == (3 if published else 2)
+        assert st.commits == st.version  # the counters agree with HEAD, whatever the kill point
+        assert st.last_update_ns == st._ring.read_newest()[2]
         _check_after_kill(st)
         if writer_lock == "mutex":
             assert "died holding the write lock; recovered" in caplog.text

@@ -382,26 +382,44 @@ def quiet_conflicts() -> None:
     logging.getLogger("shmstore").setLevel(logging.ERROR)
 
 
-def chaos_writer(name: str, slot: int, *, heartbeats: Any, violations: Any, stop: Event) -> None:
+class Violations:
+    """Where chaos workers report broken invariants: one append-only file per process.
+
+    Nothing here takes a lock that a SIGKILLed process could leave held -- unlike
+    ``multiprocessing.Queue`` or ``Event``, whose internal semaphores stay taken forever when
+    their holder is killed mid-call, which deadlocks every other process that touches them.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._path = f"{directory}/{os.getpid()}.txt"
+
+    def put(self, message: str) -> None:
+        with open(self._path, "a") as f:
+            f.write(message + "\n")
+
+
+def chaos_writer(name: str, slot: int, *, heartbeats: Any, violations: str, stop: Any) -> None:
     """CAS-increment the counter forever. The invariant: value == version - 1."""
     quiet_conflicts()
+    report = Violations(violations)
     st = Store.open(name, int)
-    while not stop.is_set():
+    while not stop.value:
         heartbeats[slot] = time.monotonic()
         value, version = st.get_with_version()
         if value != version - 1:
-            violations.put(f"writer {slot}: value {value} at version {version}")
+            report.put(f"writer {slot}: value {value} at version {version}")
         with contextlib.suppress(StateVersionError):
             st.set(value + 1, expected_version=version)
 
 
 def chaos_reader(
-    name: str, slot: int, *, waits: bool, heartbeats: Any, violations: Any, stop: Event
+    name: str, slot: int, *, waits: bool, heartbeats: Any, violations: str, stop: Any
 ) -> None:
     """Follow the store by waiting or polling; report regressions and inconsistent pairs."""
+    report = Violations(violations)
     st = Store.open(name, int)
     last = 0
-    while not stop.is_set():
+    while not stop.value:
         heartbeats[slot] = time.monotonic()
         if waits:
             try:
@@ -409,14 +427,14 @@ def chaos_reader(
             except TimeoutError:
                 continue
             except StateStoreError as exc:  # RegistryFullError: dead entries not reclaimed
-                violations.put(f"reader {slot}: {exc}")
+                report.put(f"reader {slot}: {exc}")
                 time.sleep(0.2)
                 continue
         else:
             time.sleep(0.0005)
         value, version = st.get_with_version()
         if version < last:
-            violations.put(f"reader {slot}: version went from {last} back to {version}")
+            report.put(f"reader {slot}: version went from {last} back to {version}")
         if value != version - 1:
-            violations.put(f"reader {slot}: value {value} at version {version} (torn?)")
+            report.put(f"reader {slot}: value {value} at version {version} (torn?)")
         last = version
