@@ -99,6 +99,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             {
                 "name": s.name,
                 "type": s.type_name,
+                "fingerprint": s.fingerprint,
                 "version": s.version,
                 "slots": s.slots,
                 "slot_size": s.slot_size,
@@ -113,7 +114,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         _out("no stores")
         return EXIT_OK
-    _out(f"{'NAME':<28} {'TYPE':<36} {'VERSION':>9} {'SLOTS x SIZE':>16} {'READERS':>8} {'AGE':>6}")
+    _out(
+        f"{'NAME':<28} {'TYPE':<32} {'SCHEMA':<8} {'VERSION':>9} {'SLOTS x SIZE':>16} "
+        f"{'READERS':>8} {'AGE':>6}"
+    )
     for r in rows:
         if "error" in r:
             _out(f"{r['name']:<28} (unreadable: {r['error']})")
@@ -121,8 +125,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         geometry = f"{r['slots']} x {r['slot_size']}"
         readers = f"{r['readers_alive']}/{r['readers_registered']}"
         _out(
-            f"{r['name']:<28} {r['type'][:36]:<36} {r['version']:>9} {geometry:>16} "
-            f"{readers:>8} {_age(r['created_ns']):>6}"
+            f"{r['name']:<28} {r['type'][:32]:<32} {r['fingerprint'][:8]:<8} {r['version']:>9} "
+            f"{geometry:>16} {readers:>8} {_age(r['created_ns']):>6}"
         )
     return EXIT_OK
 

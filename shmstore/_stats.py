@@ -19,6 +19,7 @@ class StoreStatistics:
 
     name: str
     type_name: str
+    fingerprint: str  # hex of the schema fingerprint: equal strings, compatible types
     version: int
     commits: int
     conflicts: int

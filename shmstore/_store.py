@@ -505,6 +505,7 @@ class Store(Generic[T]):
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
+            fingerprint=self._info.fingerprint.hex(),
             version=version,
             commits=self._ring.commits(),
             conflicts=self._ring.conflicts(),

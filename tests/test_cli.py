@@ -52,6 +52,7 @@ def test_ls_and_stat(store_name: str) -> None:
         rows = json.loads(cli("ls", "--json").stdout)
         (mine,) = [r for r in rows if r["name"] == store_name]
         assert (mine["version"], mine["slots"], mine["type"]) == (1, 4, "dict[str, int]")
+        assert mine["fingerprint"] == st._info.fingerprint.hex()
         stat = json.loads(cli("stat", store_name, "--json").stdout)
         assert stat["commits"] == 1
         assert stat["writer_lock_held"] is False

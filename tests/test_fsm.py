@@ -330,6 +330,28 @@ def test_overflowing_subscriber_keeps_the_newest(
     assert "dropped" in warnings[0]
 
 
+def test_subscribers_whose_queue_fails_are_removed_with_one_log_line(
+    make_store: Callable[..., AsyncStateStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_item: object) -> None:
+        raise RuntimeError("consumer is gone")
+
+    async def body() -> None:
+        async with make_store(snap(0)) as st:
+            healthy = await st.subscribe("healthy")
+            for name in ("ghost-1", "ghost-2"):
+                q = await st.subscribe(name)
+                q.put_nowait = broken  # type: ignore[method-assign]
+            await st.set(snap(1))
+            await delivered(st, 2)
+            assert (await st.get_metrics())["active_subscribers"] == ["healthy"]
+            assert [healthy.get_nowait().version for _ in range(2)] == [0, 1]
+
+    run(body)
+    lines = [r.message for r in caplog.records if "dead subscriber" in r.message]
+    assert lines == ["removed 2 dead subscriber(s): 'ghost-1', 'ghost-2'"]
+
+
 def test_two_hundred_subscribers_see_a_hundred_updates(
     make_store: Callable[..., AsyncStateStore],
 ) -> None:
