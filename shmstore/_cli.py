@@ -233,7 +233,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-BENCHMARKS = ("core", "wake")
+BENCHMARKS = ("harness", "core", "wake")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("gc", cmd_gc, "remove stores no live process uses, and stray semaphores")
     p.add_argument("--yes", action="store_true", help="really remove (default: dry run)")
 
-    p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (core or wake)")
+    p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (harness, core, wake)")
     p.add_argument("which", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 

@@ -178,3 +178,36 @@ def test_bench_runs_the_benchmark_programs() -> None:
     assert wake.returncode == 0, wake.stderr[-2000:]
     assert "multiprocessing.Queue" in wake.stdout
     assert "fan-out" in wake.stdout
+
+
+def test_harness_quick_run_structure(tmp_path: Path) -> None:
+    """The peer harness on one tiny case: output and JSON structure, never timings."""
+    out = tmp_path / "h.json"
+    result = cli(
+        "bench",
+        "harness",
+        "--",
+        "--quick",
+        "--scenarios",
+        "read_changed,wake",
+        "--systems",
+        "shmstore,multiprocessing.Queue",
+        "--sizes",
+        "100B",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "read_changed: median per operation" in result.stdout
+    assert "wake: median per operation" in result.stdout
+    data = json.loads(out.read_text())
+    assert {"machine", "results", "skipped"} <= set(data)
+    cases = {(r["scenario"], r["system"], r["size"]) for r in data["results"]}
+    assert cases == {
+        ("read_changed", "shmstore", "100B"),
+        ("wake", "shmstore", "100B"),
+        ("wake", "multiprocessing.Queue", "100B"),
+    }
+    for r in data["results"]:
+        assert r["median_ns"] > 0
+        assert len(r["round_medians_ns"]) == 3

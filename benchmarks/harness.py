@@ -1,0 +1,283 @@
+"""The benchmark harness: shmstore against the systems users would pick instead, in one run.
+
+Every case -- one scenario, one system, one value size -- runs in a fresh subprocess (no warm
+caches or leftovers from another case), with a warm-up and several rounds; the figure reported is
+the median of the round medians, with the spread of the round medians beside it. Peers that
+cannot run here (a package or binary missing) are skipped with the reason printed.
+
+Scenarios:
+  read_unchanged  newest value, nothing changed since the last read (per call)
+  read_changed    newest value, a writer replaced it just before (per call)
+  write           replace the value (per call)
+  wake            one-way latency (ping-pong / 2) between two processes carrying the value
+
+Run:  python benchmarks/harness.py [--quick] [--json PATH] [--plots DIR]
+      [--scenarios a,b] [--systems x,y] [--sizes 100B,fsm,64KB,1MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from core import machine  # noqa: E402
+from peers import PEERS, Peer  # noqa: E402
+from values import SIZES  # noqa: E402
+
+READ_WRITE = ("read_unchanged", "read_changed", "write")
+WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc")
+SCENARIOS = (*READ_WRITE, "wake")
+
+
+# ------------------------------------------------------------ one case (child)
+
+
+def _timer_overhead() -> int:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(20_000):
+        t0 = clock()
+        samples.append(clock() - t0)
+    return int(statistics.median(samples))
+
+
+def _rounds(
+    op: Callable[[], Any], before: Callable[[], Any] | None, calls: int, rounds: int
+) -> list[float]:
+    clock = time.perf_counter_ns
+    overhead = _timer_overhead()
+    for _ in range(max(10, calls // 10)):  # warm-up
+        if before:
+            before()
+        op()
+    medians = []
+    for _ in range(rounds):
+        samples = []
+        for _ in range(calls):
+            if before:
+                before()
+            t0 = clock()
+            op()
+            samples.append(clock() - t0 - overhead)
+        medians.append(statistics.median(samples))
+    return medians
+
+
+def run_read_write(case: dict[str, Any]) -> list[float]:
+    value_type, make, capacity = SIZES[case["size"]]
+    values = [make(i) for i in range(4)]
+    peer: Peer = PEERS[case["system"]](value_type, capacity)
+    try:
+        writer, reader = peer.open_writer(), peer.open_reader()
+        try:
+            writer.write(values[0])
+            reader.read()
+            counter = iter(range(10**12))
+
+            def next_value() -> None:
+                writer.write(values[next(counter) % 4])
+
+            if case["scenario"] == "read_unchanged":
+                return _rounds(reader.read, None, case["calls"], case["rounds"])
+            if case["scenario"] == "read_changed":
+                return _rounds(reader.read, next_value, case["calls"], case["rounds"])
+            return _rounds(next_value, None, case["calls"], case["rounds"])
+        finally:
+            writer.close()
+            reader.close()
+    finally:
+        peer.close()
+
+
+def run_wake(case: dict[str, Any]) -> list[float]:
+    import wake_peers  # noqa: PLC0415
+
+    return wake_peers.run(case["system"], case["size"], case["calls"], case["rounds"])
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    medians = run_wake(case) if case["scenario"] == "wake" else run_read_write(case)
+    return {
+        **case,
+        "median_ns": statistics.median(medians),
+        "round_medians_ns": medians,
+        "spread_ns": [min(medians), max(medians)],
+    }
+
+
+# ------------------------------------------------------------ the run (parent)
+
+
+def unavailable(system: str) -> str | None:
+    if system in PEERS:
+        return PEERS[system].unavailable()
+    import wake_peers  # noqa: PLC0415
+
+    return wake_peers.unavailable(system)
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    calls, rounds = (300, 3) if args.quick else (3000, 5)
+    cases = []
+    for scenario in args.scenarios:
+        systems = WAKE_SYSTEMS if scenario == "wake" else tuple(PEERS)
+        for system in systems:
+            if args.systems and system not in args.systems:
+                continue
+            for size in args.sizes:
+                n = calls if size in ("100B", "fsm") else max(30, calls // 10)
+                if scenario == "wake":
+                    n = max(50, n // 3)
+                cases.append(
+                    {
+                        "scenario": scenario,
+                        "system": system,
+                        "size": size,
+                        "calls": n,
+                        "rounds": rounds,
+                    }
+                )
+    return cases
+
+
+def _fmt(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e3:.2f} us" if ns >= 1e3 else f"{ns:.0f} ns"
+
+
+def report(results: list[dict[str, Any]], skipped: dict[str, str], sizes: list[str]) -> None:
+    for scenario in SCENARIOS:
+        rows = [r for r in results if r["scenario"] == scenario]
+        if not rows:
+            continue
+        print(f"\n{scenario}: median per operation (x = ratio to shmstore; lower is better)")
+        print(f"{'system':<24}" + "".join(f"{s:>20}" for s in sizes))
+        base = {r["size"]: r["median_ns"] for r in rows if r["system"] == "shmstore"}
+        for system in dict.fromkeys(r["system"] for r in rows):
+            cells = []
+            for size in sizes:
+                match = [r for r in rows if r["system"] == system and r["size"] == size]
+                if not match:
+                    cells.append(f"{'-':>20}")
+                    continue
+                med = match[0]["median_ns"]
+                ratio = f" ({med / base[size]:.1f}x)" if base.get(size) else ""
+                cells.append(f"{_fmt(med) + ratio:>20}")
+            print(f"{system:<24}" + "".join(cells))
+    for system, reason in skipped.items():
+        print(f"skipped {system}: {reason}")
+
+
+def plots(results: list[dict[str, Any]], sizes: list[str], directory: str) -> list[str]:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return []
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for scenario in SCENARIOS:
+        rows = [r for r in results if r["scenario"] == scenario]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for system in dict.fromkeys(r["system"] for r in rows):
+            pts = [
+                (sizes.index(r["size"]), r["median_ns"] / 1e3)
+                for r in rows
+                if r["system"] == system
+            ]
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_yscale("log")
+        ax.set_ylabel("microseconds per operation (median, log scale)")
+        ax.set_title(f"{scenario}: latency vs value size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(directory, f"{scenario}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few calls: a smoke run")
+    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    parser.add_argument("--systems", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--sizes", type=lambda s: s.split(","), default=list(SIZES))
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plots", metavar="DIR")
+    parser.add_argument("--run-case", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.run_case:  # child mode: one case, one JSON line
+        print(json.dumps(run_case(json.loads(args.run_case))))
+        return 0
+
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    unknown += [s for s in args.sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown scenario or size: {', '.join(unknown)}")
+    info = machine()
+    print(
+        f"shmstore benchmark harness -- {info['cpu']}, {info['cores']} cores, "
+        f"Linux {info['kernel']}, Python {info['python']}"
+    )
+    cases = plan(args)
+    skipped: dict[str, str] = {}
+    results = []
+    started = time.monotonic()
+    for i, case in enumerate(cases, 1):
+        system = case["system"]
+        if system not in skipped and (reason := unavailable(system)):
+            skipped[system] = reason
+        if system in skipped:
+            continue
+        label = f"{case['scenario']} / {system} / {case['size']}"
+        print(f"  [{i}/{len(cases)}] {label} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--run-case", json.dumps(case)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            print(f"  case failed: {label}: {tail[0]}", file=sys.stderr)
+            results.append({**case, "error": tail[0]})
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ok = [r for r in results if "error" not in r]
+    report(ok, skipped, args.sizes)
+    print(f"\n{len(ok)} case(s) in {time.monotonic() - started:.0f} s")
+    if args.plots:
+        for path in plots(ok, args.sizes, args.plots):
+            print(f"wrote {path}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": results, "skipped": skipped}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if len(ok) < len(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Wake-up latency peers for the harness: a ping-pong between two processes carrying the value.
+
+One-way latency = round trip / 2, where a round trip is: publish the value, the echo process wakes,
+reads it and publishes it back, we wake and read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import multiprocessing as mp
+import os
+import statistics
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from values import SIZES
+
+import shmstore
+
+ctx = mp.get_context("spawn")
+
+
+def unavailable(system: str) -> str | None:
+    if system == "ZeroMQ ipc" and importlib.util.find_spec("zmq") is None:
+        return "python package 'pyzmq' is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def _measure(round_trip: Any, calls: int, rounds: int) -> list[float]:
+    for i in range(max(10, calls // 10)):  # warm-up
+        round_trip(i)
+    clock = time.perf_counter_ns
+    medians = []
+    for _ in range(rounds):
+        samples = []
+        for i in range(calls):
+            t0 = clock()
+            round_trip(i)
+            samples.append((clock() - t0) / 2)
+        medians.append(statistics.median(samples))
+    return medians
+
+
+# ------------------------------------------------------------ shmstore
+
+
+def _shm_echo(ping: str, pong: str, value_type: Any, total: int) -> None:
+    a, b = shmstore.Store.open(ping, value_type), shmstore.Store.open(pong, value_type)
+    version = 0
+    for _ in range(total):
+        version = a.wait(version, timeout=60)
+        b.set(a.get())
+    a.close()
+    b.close()
+
+
+def _shmstore(size: str, calls: int, rounds: int) -> list[float]:
+    value_type, make, capacity = SIZES[size]
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ping, pong = f"bench-wake-a-{tag}", f"bench-wake-b-{tag}"
+    a = shmstore.Store.create(ping, value_type, slot_size=capacity)
+    b = shmstore.Store.create(pong, value_type, slot_size=capacity)
+    total = max(10, calls // 10) + calls * rounds
+    value = make(1)
+    try:
+        echo = ctx.Process(target=_shm_echo, args=(ping, pong, value_type, total), daemon=True)
+        echo.start()
+
+        def round_trip(i: int) -> None:
+            version = a.set(value)
+            b.wait(version - 1, timeout=60)
+            b.get()
+
+        result = _measure(round_trip, calls, rounds)
+        echo.join(60)
+        return result
+    finally:
+        for st in (a, b):
+            st.close()
+        shmstore.remove(ping)
+        shmstore.remove(pong)
+
+
+# ------------------------------------------------------------ multiprocessing.Queue
+
+
+def _queue_echo(q_in: Any, q_out: Any, total: int) -> None:
+    for _ in range(total):
+        q_out.put(q_in.get())
+
+
+def _queue(size: str, calls: int, rounds: int) -> list[float]:
+    _type, make, _capacity = SIZES[size]
+    value = make(1)
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    total = max(10, calls // 10) + calls * rounds
+    echo = ctx.Process(target=_queue_echo, args=(q_in, q_out, total), daemon=True)
+    echo.start()
+
+    def round_trip(i: int) -> None:
+        q_in.put(value)
+        q_out.get()
+
+    result = _measure(round_trip, calls, rounds)
+    echo.join(60)
+    return result
+
+
+# ------------------------------------------------------------ ZeroMQ
+
+
+def _zmq_echo(down: str, up: str, value_type: Any) -> None:
+    import zmq  # noqa: PLC0415
+
+    context = zmq.Context()
+    sub, pub = context.socket(zmq.SUB), context.socket(zmq.PUB)
+    sub.connect(down)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    pub.bind(up)
+    decoder = msgspec.msgpack.Decoder(value_type)
+    while True:
+        data = sub.recv()
+        if data == b"stop":
+            break
+        if data != b"hello":
+            decoder.decode(data)
+        pub.send(data)
+    context.destroy(linger=0)
+
+
+def _zeromq(size: str, calls: int, rounds: int) -> list[float]:
+    import zmq  # noqa: PLC0415
+
+    value_type, make, _capacity = SIZES[size]
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    down, up = f"ipc:///tmp/bench-zmq-down-{tag}", f"ipc:///tmp/bench-zmq-up-{tag}"
+    context = zmq.Context()
+    pub, sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
+    pub.bind(down)
+    echo = ctx.Process(target=_zmq_echo, args=(down, up, value_type), daemon=True)
+    echo.start()
+    sub.connect(up)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    # PUB/SUB drops messages until both subscriptions are live: say hello until one comes back.
+    deadline = time.monotonic() + 30
+    while not sub.poll(10):
+        if time.monotonic() > deadline:
+            raise TimeoutError("ZeroMQ echo never answered")
+        pub.send(b"hello")
+    while sub.poll(50):
+        sub.recv()
+    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(value_type)
+    value = make(1)
+
+    def round_trip(i: int) -> None:
+        pub.send(encoder.encode(value))
+        decoder.decode(sub.recv())
+
+    try:
+        return _measure(round_trip, calls, rounds)
+    finally:
+        pub.send(b"stop")
+        echo.join(10)
+        context.destroy(linger=0)
+        for path in (down, up):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path[len("ipc://") :])
+
+
+_RUNNERS = {
+    "shmstore": _shmstore,
+    "multiprocessing.Queue": _queue,
+    "ZeroMQ ipc": _zeromq,
+}
+
+
+def run(system: str, size: str, calls: int, rounds: int) -> list[float]:
+    return _RUNNERS[system](size, calls, rounds)
