@@ -35,7 +35,7 @@ from peers import PEERS, Peer  # noqa: E402
 from values import SIZES  # noqa: E402
 
 READ_WRITE = ("read_unchanged", "read_changed", "write")
-WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc")
+WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc", "iceoryx2 event (no payload)")
 SCENARIOS = (*READ_WRITE, "wake")
 
 
@@ -135,6 +135,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             if args.systems and system not in args.systems:
                 continue
             for size in args.sizes:
+                if system.endswith("(no payload)") and size != args.sizes[0]:
+                    continue  # carries nothing: one size says it all
                 n = calls if size in ("100B", "fsm") else max(30, calls // 10)
                 if scenario == "wake":
                     n = max(50, n // 3)

@@ -26,6 +26,8 @@ ctx = mp.get_context("spawn")
 def unavailable(system: str) -> str | None:
     if system == "ZeroMQ ipc" and importlib.util.find_spec("zmq") is None:
         return "python package 'pyzmq' is not installed (pip install -e '.[bench]')"
+    if system == ICEORYX and importlib.util.find_spec("iceoryx2") is None:
+        return "python package 'iceoryx2' is not installed (pip install iceoryx2)"
     return None
 
 
@@ -170,10 +172,58 @@ def _zeromq(size: str, calls: int, rounds: int) -> list[float]:
                 os.unlink(path[len("ipc://") :])
 
 
+# ----------------------------------------------------------------------------- iceoryx2
+
+ICEORYX = "iceoryx2 event (no payload)"
+
+
+def _iox_echo(ping: str, pong: str, ready: Any, total: int) -> None:
+    import iceoryx2 as iox2  # noqa: PLC0415
+
+    iox2.set_log_level(iox2.LogLevel.Error)
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    listen = node.service_builder(iox2.ServiceName.new(ping)).event().open_or_create()
+    answer = node.service_builder(iox2.ServiceName.new(pong)).event().open_or_create()
+    listener, notifier = listen.listener_builder().create(), answer.notifier_builder().create()
+    ready.set()
+    for _ in range(total):
+        listener.blocking_wait()
+        notifier.notify()
+
+
+def _iceoryx(size: str, calls: int, rounds: int) -> list[float]:
+    """Its Python bindings move only ctypes payloads, so this is the wake-up mechanism alone:
+    an event ping-pong with nothing attached. Compare it with the other rows' 100B column."""
+    import iceoryx2 as iox2  # noqa: PLC0415
+
+    iox2.set_log_level(iox2.LogLevel.Error)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ping, pong = f"bench/ping/{tag}", f"bench/pong/{tag}"
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    send = node.service_builder(iox2.ServiceName.new(ping)).event().open_or_create()
+    back = node.service_builder(iox2.ServiceName.new(pong)).event().open_or_create()
+    notifier, listener = send.notifier_builder().create(), back.listener_builder().create()
+    ready = ctx.Event()
+    total = max(10, calls // 10) + calls * rounds
+    echo = ctx.Process(target=_iox_echo, args=(ping, pong, ready, total), daemon=True)
+    echo.start()
+    if not ready.wait(60):
+        raise TimeoutError("iceoryx2 echo did not start")
+
+    def round_trip(i: int) -> None:
+        notifier.notify()
+        listener.blocking_wait()
+
+    result = _measure(round_trip, calls, rounds)
+    echo.join(60)
+    return result
+
+
 _RUNNERS = {
     "shmstore": _shmstore,
     "multiprocessing.Queue": _queue,
     "ZeroMQ ipc": _zeromq,
+    ICEORYX: _iceoryx,
 }
 
 
