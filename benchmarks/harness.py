@@ -10,6 +10,11 @@ Scenarios:
   read_changed    newest value, a writer replaced it just before (per call)
   write           replace the value (per call)
   wake            one-way latency (ping-pong / 2) between two processes carrying the value
+  rmw             read-modify-write by 1/2/4 writer processes under contention (per increment,
+                  with retries and lost updates)
+  fanout          commit until the last of 1/2/4/8 waiting reader processes has it
+  throughput      a writer flat out while 2 processes poll and check every value (per commit,
+                  with reads/s and torn reads)
 
 Run:  python benchmarks/harness.py [--quick] [--json PATH] [--plots DIR]
       [--scenarios a,b] [--systems x,y] [--sizes 100B,fsm,64KB,1MB]
@@ -36,7 +41,8 @@ from values import SIZES  # noqa: E402
 
 READ_WRITE = ("read_unchanged", "read_changed", "write")
 WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc", "iceoryx2 event (no payload)")
-SCENARIOS = (*READ_WRITE, "wake")
+SCENARIOS = (*READ_WRITE, "wake", "rmw", "fanout", "throughput")
+VARIANTS = {"rmw": ("writers", (1, 2, 4)), "fanout": ("readers", (1, 2, 4, 8))}
 
 
 # ------------------------------------------------------------ one case (child)
@@ -106,6 +112,11 @@ def run_wake(case: dict[str, Any]) -> list[float]:
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    if case["scenario"] in ("rmw", "fanout", "throughput"):
+        import contention  # noqa: PLC0415
+
+        result: dict[str, Any] = getattr(contention, case["scenario"])(case)
+        return result
     medians = run_wake(case) if case["scenario"] == "wake" else run_read_write(case)
     return {
         **case,
@@ -126,12 +137,23 @@ def unavailable(system: str) -> str | None:
     return wake_peers.unavailable(system)
 
 
+def _systems(scenario: str) -> tuple[str, ...]:
+    import contention  # noqa: PLC0415
+
+    return {
+        "wake": WAKE_SYSTEMS,
+        "rmw": contention.RMW_PEERS,
+        "fanout": contention.FANOUT_PEERS,
+        "throughput": contention.THROUGHPUT_PEERS,
+    }.get(scenario, tuple(PEERS))
+
+
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     calls, rounds = (300, 3) if args.quick else (3000, 5)
     cases = []
     for scenario in args.scenarios:
-        systems = WAKE_SYSTEMS if scenario == "wake" else tuple(PEERS)
-        for system in systems:
+        key, variants = VARIANTS.get(scenario, ("", (None,)))
+        for system in _systems(scenario):
             if args.systems and system not in args.systems:
                 continue
             for size in args.sizes:
@@ -140,16 +162,41 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 n = calls if size in ("100B", "fsm") else max(30, calls // 10)
                 if scenario == "wake":
                     n = max(50, n // 3)
-                cases.append(
-                    {
+                if scenario == "fanout":
+                    n = max(20, n // 10)  # paced 2 ms apart
+                for variant in variants:
+                    case: dict[str, Any] = {
                         "scenario": scenario,
                         "system": system,
                         "size": size,
                         "calls": n,
                         "rounds": rounds,
                     }
-                )
+                    if key:
+                        case[key] = variant
+                    if scenario == "throughput":
+                        case.update(readers=2, seconds=0.5 if args.quick else 2.0)
+                    cases.append(case)
     return cases
+
+
+def _row(r: dict[str, Any]) -> str:
+    if "writers" in r:
+        return f"{r['system']} W={r['writers']}"
+    if r["scenario"] == "fanout":
+        return f"{r['system']} N={r['readers']}"
+    return str(r["system"])
+
+
+def _cell(r: dict[str, Any], base: float | None) -> str:
+    text = _fmt(r["median_ns"])
+    if base:
+        text += f" ({r['median_ns'] / base:.1f}x)"
+    if r["scenario"] == "rmw":
+        text += f" r{r['retries']}" + (f" LOST {r['lost_updates']}" if r["lost_updates"] else "")
+    if r["scenario"] == "throughput" and r["torn_reads"]:
+        text += f" TORN {r['torn_reads']}"
+    return text
 
 
 def _fmt(ns: float) -> str:
@@ -159,24 +206,43 @@ def _fmt(ns: float) -> str:
 
 
 def report(results: list[dict[str, Any]], skipped: dict[str, str], sizes: list[str]) -> None:
+    notes = {
+        "rmw": " -- rN: CAS retries; LOST: increments lost (must never appear)",
+        "throughput": " -- per commit; TORN: reads that returned a torn value",
+    }
     for scenario in SCENARIOS:
         rows = [r for r in results if r["scenario"] == scenario]
         if not rows:
             continue
-        print(f"\n{scenario}: median per operation (x = ratio to shmstore; lower is better)")
-        print(f"{'system':<24}" + "".join(f"{s:>20}" for s in sizes))
-        base = {r["size"]: r["median_ns"] for r in rows if r["system"] == "shmstore"}
-        for system in dict.fromkeys(r["system"] for r in rows):
+        print(
+            f"\n{scenario}: median per operation (x = ratio to shmstore; lower is better)"
+            + notes.get(scenario, "")
+        )
+        print(f"{'system':<30}" + "".join(f"{s:>28}" for s in sizes))
+        for label in dict.fromkeys(_row(r) for r in rows):
+            variant = (
+                label.rsplit(" ", 1)[-1] if label.rsplit(" ", 1)[-1][:2] in ("W=", "N=") else ""
+            )
             cells = []
             for size in sizes:
-                match = [r for r in rows if r["system"] == system and r["size"] == size]
-                if not match:
-                    cells.append(f"{'-':>20}")
-                    continue
-                med = match[0]["median_ns"]
-                ratio = f" ({med / base[size]:.1f}x)" if base.get(size) else ""
-                cells.append(f"{_fmt(med) + ratio:>20}")
-            print(f"{system:<24}" + "".join(cells))
+                match = [r for r in rows if _row(r) == label and r["size"] == size]
+                base = [
+                    r["median_ns"]
+                    for r in rows
+                    if r["system"] == "shmstore"
+                    and r["size"] == size
+                    and (not variant or _row(r).endswith(" " + variant))
+                ]
+                cell = _cell(match[0], base[0] if base else None) if match else "-"
+                cells.append(f"{cell:>28}")
+            print(f"{label:<30}" + "".join(cells))
+        if scenario == "throughput":
+            for r in rows:
+                print(
+                    f"  {r['system']:<28} {r['size']:>5}: {r['commits_per_s']:>9.0f} commits/s, "
+                    f"{r['reads_per_s']:>9.0f} reads/s by {r['readers']} readers, "
+                    f"{r['torn_reads']} torn"
+                )
     for system, reason in skipped.items():
         print(f"skipped {system}: {reason}")
 

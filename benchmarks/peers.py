@@ -45,6 +45,9 @@ class Handle(Protocol):
 class Peer:
     name = "?"
 
+    def after_attach(self) -> None:
+        """Re-create per-process resources after ``AttachSpec.attach``."""
+
     @staticmethod
     def unavailable() -> str | None:
         return None
@@ -59,8 +62,31 @@ class Peer:
     def open_reader(self) -> Handle:
         raise NotImplementedError
 
+    def attach_spec(self) -> AttachSpec:
+        """A picklable way for another process to reach the same value (not owning it)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
+
+
+class AttachSpec:
+    """Carried to a worker process; ``attach()`` there returns a non-owning peer."""
+
+    def __init__(self, cls: type[Peer], value_type: Any, capacity: int, **state: Any) -> None:
+        self.cls, self.value_type, self.capacity, self.state = cls, value_type, capacity, state
+
+    def attach(self) -> Peer:
+        peer = self.cls.__new__(self.cls)
+        Peer.__init__(peer, self.value_type, self.capacity)
+        peer.__dict__.update(self.state)
+        peer._attached_only = True  # type: ignore[attr-defined]
+        peer.after_attach()
+        return peer
+
+
+def _owns(peer: Peer) -> bool:
+    return not getattr(peer, "_attached_only", False)
 
 
 def _missing(*modules: str) -> str | None:
@@ -88,13 +114,18 @@ class ShmstorePeer(Peer):
 
     open_reader = open_writer
 
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(type(self), self.value_type, self.capacity, store_name=self.store_name)
+
     def close(self) -> None:
-        self._owner.close()
-        shmstore.remove(self.store_name)
+        if _owns(self):
+            self._owner.close()
+            shmstore.remove(self.store_name)
 
 
 class _ShmstoreHandle:
     def __init__(self, store: shmstore.Store[Any]) -> None:
+        self.store = store
         self.write = store.set
         self.read = store.get
         self.close = store.close
@@ -114,15 +145,28 @@ class SharedMemoryPicklePeer(Peer):
         from multiprocessing import shared_memory  # noqa: PLC0415
 
         self._shm = shared_memory.SharedMemory(create=True, size=capacity * 2 + 8)
+        self._shm_name = self._shm.name
+
+    def after_attach(self) -> None:
+        from multiprocessing import resource_tracker, shared_memory  # noqa: PLC0415
+
+        self._shm = shared_memory.SharedMemory(name=self._shm_name)
+        # Attaching registers the block with the resource tracker, which would unlink it when
+        # this process exits (the stdlib behaviour shmstore avoids): undo that.
+        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
 
     def open_writer(self) -> Handle:
         return _ShmPickleHandle(self._shm)
 
     open_reader = open_writer
 
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(type(self), self.value_type, self.capacity, _shm_name=self._shm_name)
+
     def close(self) -> None:
         self._shm.close()
-        self._shm.unlink()
+        if _owns(self):
+            self._shm.unlink()
 
 
 class _ShmPickleHandle:
@@ -154,19 +198,27 @@ class ManagerPeer(Peer):
         super().__init__(value_type, capacity)
         self._manager = mp.get_context("spawn").Manager()
         self._dict = self._manager.dict()
+        self._lock = self._manager.Lock()
 
     def open_writer(self) -> Handle:
-        return _DictHandle(self._dict)
+        return _DictHandle(self._dict, self._lock)
 
     open_reader = open_writer
 
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(
+            type(self), self.value_type, self.capacity, _dict=self._dict, _lock=self._lock
+        )
+
     def close(self) -> None:
-        self._manager.shutdown()
+        if _owns(self):
+            self._manager.shutdown()
 
 
 class _DictHandle:
-    def __init__(self, d: Any) -> None:
+    def __init__(self, d: Any, lock: Any) -> None:
         self._d = d
+        self.lock = lock
 
     def write(self, value: Any) -> None:
         self._d["state"] = value
@@ -194,12 +246,21 @@ class UltraDictPeer(Peer):
 
         self._name = f"bench{os.getpid()}{uuid.uuid4().hex[:6]}"
         self._dict = UltraDict(
-            name=self._name, buffer_size=max(capacity * 4, 1 << 16), full_dump_size=capacity * 8
+            name=self._name,
+            buffer_size=max(capacity * 4, 1 << 16),
+            full_dump_size=capacity * 8,
+            shared_lock=importlib.util.find_spec("atomics") is not None,
         )
         self._attached: list[Any] = []
 
+    def after_attach(self) -> None:
+        self._dict = None
+        self._attached = []
+
     def open_writer(self) -> Handle:
-        return _DictHandle(self._dict)
+        if self._dict is None:  # attached in a worker: its own instance
+            return self.open_reader()
+        return _DictHandle(self._dict, self._dict.lock)
 
     def open_reader(self) -> Handle:
         # A second instance attached by name, as another process would: reading the creator's
@@ -208,14 +269,18 @@ class UltraDictPeer(Peer):
 
         reader = UltraDict(name=self._name)
         self._attached.append(reader)
-        return _DictHandle(reader)
+        return _DictHandle(reader, reader.lock)
+
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(type(self), self.value_type, self.capacity, _name=self._name)
 
     def close(self) -> None:
         for d in self._attached:
             with contextlib.suppress(Exception):
                 d.close()
-        with contextlib.suppress(Exception):
-            self._dict.unlink()
+        if _owns(self) and self._dict is not None:
+            with contextlib.suppress(Exception):
+                self._dict.unlink()
 
 
 # ------------------------------------------------------------ LMDB
@@ -230,33 +295,40 @@ class LmdbPeer(Peer):
 
     def __init__(self, value_type: Any, capacity: int) -> None:
         super().__init__(value_type, capacity)
+        self._dir = tempfile.mkdtemp(prefix="bench-lmdb-", dir="/dev/shm")
+        self.after_attach()
+
+    def after_attach(self) -> None:
         import lmdb  # noqa: PLC0415
 
-        self._dir = tempfile.mkdtemp(prefix="bench-lmdb-", dir="/dev/shm")
-        self._env = lmdb.open(self._dir, map_size=max(64 << 20, capacity * 64), sync=False)
+        self._env = lmdb.open(self._dir, map_size=max(64 << 20, self.capacity * 64), sync=False)
 
     def open_writer(self) -> Handle:
         return _LmdbHandle(self._env, self.value_type)
 
     open_reader = open_writer
 
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(type(self), self.value_type, self.capacity, _dir=self._dir)
+
     def close(self) -> None:
         self._env.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if _owns(self):
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class _LmdbHandle:
     def __init__(self, env: Any, value_type: Any) -> None:
-        self._env = env
-        self._decoder = msgspec.msgpack.Decoder(value_type)
+        self.env = env
+        self.decoder = msgspec.msgpack.Decoder(value_type)
 
     def write(self, value: Any) -> None:
-        with self._env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:
             txn.put(b"state", _encode(value))
 
     def read(self) -> Any:
-        with self._env.begin() as txn:
-            return self._decoder.decode(txn.get(b"state"))
+        with self.env.begin() as txn:
+            return self.decoder.decode(txn.get(b"state"))
 
     def close(self) -> None:
         pass
@@ -320,24 +392,28 @@ class RedisPeer(Peer):
 
     open_reader = open_writer
 
+    def attach_spec(self) -> AttachSpec:
+        return AttachSpec(type(self), self.value_type, self.capacity, _port=self._port)
+
     def close(self) -> None:
-        self._server.terminate()
-        self._server.wait(10)
+        if _owns(self):
+            self._server.terminate()
+            self._server.wait(10)
 
 
 class _RedisHandle:
     def __init__(self, client: Any, value_type: Any) -> None:
-        self._client = client
-        self._decoder = msgspec.msgpack.Decoder(value_type)
+        self.client = client
+        self.decoder = msgspec.msgpack.Decoder(value_type)
 
     def write(self, value: Any) -> None:
-        self._client.set("state", _encode(value))
+        self.client.set("state", _encode(value))
 
     def read(self) -> Any:
-        return self._decoder.decode(self._client.get("state"))
+        return self.decoder.decode(self.client.get("state"))
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
 
 PEERS: dict[str, type[Peer]] = {

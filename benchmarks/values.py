@@ -3,12 +3,13 @@ processes can rebuild them."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from shmstore.fsm import FsmSnapshotDTO, FsmState, create_transition
+from shmstore.fsm import FsmSnapshotDTO, FsmState, TransitionDTO
 
 
 class Small(msgspec.Struct, frozen=True):
@@ -29,18 +30,30 @@ def small(i: int) -> Small:
 
 
 def fsm(i: int) -> FsmSnapshotDTO:
-    snap = FsmSnapshotDTO(
+    """Deterministic (ids and times derived from *i*), so that fsm(i) == fsm(i) in any process:
+    the throughput scenario checks every value it reads against its own copy."""
+    history = tuple(
+        TransitionDTO(
+            from_state=FsmState(k % 5 + 1),
+            to_state=FsmState((k + 1) % 5 + 1),
+            trigger_event=f"EVENT_{k}",
+            ts_mono=1000.0 + i + k / 10,
+            ts_wall=1.7e9 + i + k / 10,
+        )
+        for k in range(8)
+    )
+    return FsmSnapshotDTO(
         version=i,
         state=FsmState.ACTIVE,
         reason="transition requested by scheduler",
+        ts_mono=1000.0 + i,
+        ts_wall=1.7e9 + i,
+        snapshot_id=str(uuid.UUID(int=i)),
         prev_state=FsmState.IDLE,
+        fsm_instance_id="6f1c1a9e-0000-4000-8000-000000000001",
+        history=history,
         context_data={f"key_{k}": f"value-{k}-{i}" for k in range(8)},
     )
-    for k in range(8):
-        snap = snap.add_transition(
-            create_transition(FsmState(k % 5 + 1), FsmState((k + 1) % 5 + 1), f"EVENT_{k}")
-        )
-    return snap
 
 
 def blob(size: int) -> Callable[[int], Blob]:

@@ -211,3 +211,33 @@ def test_harness_quick_run_structure(tmp_path: Path) -> None:
     for r in data["results"]:
         assert r["median_ns"] > 0
         assert len(r["round_medians_ns"]) == 3
+
+
+def test_harness_contention_scenarios_structure(tmp_path: Path) -> None:
+    """Read-modify-write, fan-out and throughput on shmstore alone: structure and the invariants
+    that must hold (no lost update, no torn read), never timings."""
+    out = tmp_path / "c.json"
+    result = cli(
+        "bench",
+        "harness",
+        "--",
+        "--quick",
+        "--scenarios",
+        "rmw,fanout,throughput",
+        "--systems",
+        "shmstore",
+        "--sizes",
+        "100B",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())["results"]
+    rmw = [r for r in data if r["scenario"] == "rmw"]
+    assert sorted(r["writers"] for r in rmw) == [1, 2, 4]
+    assert all(r["lost_updates"] == 0 for r in rmw)
+    assert sorted(r["readers"] for r in data if r["scenario"] == "fanout") == [1, 2, 4, 8]
+    (tp,) = [r for r in data if r["scenario"] == "throughput"]
+    assert tp["torn_reads"] == 0
+    assert tp["commits_per_s"] > 0
+    assert tp["reads_per_s"] > 0
