@@ -248,6 +248,8 @@ def report(results: list[dict[str, Any]], skipped: dict[str, str], sizes: list[s
 
 
 def plots(results: list[dict[str, Any]], sizes: list[str], directory: str) -> list[str]:
+    """One PNG per scenario: latency vs value size; fan-out vs readers; RMW vs writers;
+    throughput as commits per second vs value size."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -259,24 +261,42 @@ def plots(results: list[dict[str, Any]], sizes: list[str], directory: str) -> li
     os.makedirs(directory, exist_ok=True)
     written = []
     for scenario in SCENARIOS:
-        rows = [r for r in results if r["scenario"] == scenario]
+        rows = [r for r in results if r["scenario"] == scenario and "error" not in r]
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for system in dict.fromkeys(r["system"] for r in rows):
-            pts = [
-                (sizes.index(r["size"]), r["median_ns"] / 1e3)
-                for r in rows
-                if r["system"] == system
-            ]
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
-        ax.set_xticks(range(len(sizes)), sizes)
+        if scenario in VARIANTS:  # x: writers or readers; one line per system and size
+            key = VARIANTS[scenario][0]
+            for system, size in dict.fromkeys((r["system"], r["size"]) for r in rows):
+                pts = sorted(
+                    (r[key], r["median_ns"] / 1e3)
+                    for r in rows
+                    if r["system"] == system and r["size"] == size
+                )
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system}, {size}"
+                )
+            ax.set_xlabel(f"{key} (processes)")
+            ax.set_xticks(VARIANTS[scenario][1])
+            ax.set_ylabel("microseconds (median, log scale)")
+        else:
+            for system in dict.fromkeys(r["system"] for r in rows):
+                mine = [r for r in rows if r["system"] == system]
+                if scenario == "throughput":
+                    pts = sorted((sizes.index(r["size"]), r["commits_per_s"]) for r in mine)
+                else:
+                    pts = sorted((sizes.index(r["size"]), r["median_ns"] / 1e3) for r in mine)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+            ax.set_xticks(range(len(sizes)), sizes)
+            ax.set_ylabel(
+                "commits per second while 2 readers poll (log scale)"
+                if scenario == "throughput"
+                else "microseconds per operation (median, log scale)"
+            )
         ax.set_yscale("log")
-        ax.set_ylabel("microseconds per operation (median, log scale)")
-        ax.set_title(f"{scenario}: latency vs value size")
+        ax.set_title(scenario)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         path = os.path.join(directory, f"{scenario}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -293,8 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=lambda s: s.split(","), default=list(SIZES))
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plots", metavar="DIR")
+    parser.add_argument(
+        "--replot", metavar="JSON", nargs="+", help="only draw --plots from saved results"
+    )
     parser.add_argument("--run-case", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.replot:
+        saved = []
+        for path in args.replot:
+            with open(path) as f:
+                saved += json.load(f)["results"]
+        for path in plots(saved, args.sizes, args.plots or "."):
+            print(f"wrote {path}")
+        return 0
 
     if args.run_case:  # child mode: one case, one JSON line
         print(json.dumps(run_case(json.loads(args.run_case))))
