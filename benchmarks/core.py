@@ -18,6 +18,8 @@ Run:  python benchmarks/core.py [--calls N] [--rounds R] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -168,6 +170,19 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    packages = {}
+    for dist in (
+        "msgspec",
+        "posix_ipc",
+        "redis",
+        "hiredis",
+        "lmdb",
+        "UltraDict",
+        "pyzmq",
+        "iceoryx2",
+    ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            packages[dist] = importlib.metadata.version(dist)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -175,6 +190,7 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "msgspec": msgspec.__version__,
         "shmstore": shmstore.__version__,
+        "packages": packages,
     }
 
 

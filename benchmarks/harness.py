@@ -105,10 +105,11 @@ def run_read_write(case: dict[str, Any]) -> list[float]:
         peer.close()
 
 
-def run_wake(case: dict[str, Any]) -> list[float]:
+def run_wake(case: dict[str, Any]) -> tuple[list[float], dict[str, float]]:
     import wake_peers  # noqa: PLC0415
 
-    return wake_peers.run(case["system"], case["size"], case["calls"], case["rounds"])
+    medians = wake_peers.run(case["system"], case["size"], case["calls"], case["rounds"])
+    return medians, wake_peers.percentiles()
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -117,9 +118,14 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
         result: dict[str, Any] = getattr(contention, case["scenario"])(case)
         return result
-    medians = run_wake(case) if case["scenario"] == "wake" else run_read_write(case)
+    extra: dict[str, float] = {}
+    if case["scenario"] == "wake":
+        medians, extra = run_wake(case)
+    else:
+        medians = run_read_write(case)
     return {
         **case,
+        **extra,
         "median_ns": statistics.median(medians),
         "round_medians_ns": medians,
         "spread_ns": [min(medians), max(medians)],
@@ -236,6 +242,12 @@ def report(results: list[dict[str, Any]], skipped: dict[str, str], sizes: list[s
                 cell = _cell(match[0], base[0] if base else None) if match else "-"
                 cells.append(f"{cell:>28}")
             print(f"{label:<30}" + "".join(cells))
+        if scenario == "wake":
+            for r in rows:
+                print(
+                    f"  {r['system']:<28} {r['size']:>5}: one-way p50 {_fmt(r['p50_ns'])}, "
+                    f"p99 {_fmt(r['p99_ns'])}, p99.9 {_fmt(r['p999_ns'])}"
+                )
         if scenario == "throughput":
             for r in rows:
                 print(
@@ -310,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few calls: a smoke run")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
     parser.add_argument("--systems", type=lambda s: s.split(","), default=None)
-    parser.add_argument("--sizes", type=lambda s: s.split(","), default=list(SIZES))
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: s.split(","),
+        default=None,
+        help="value sizes (default: all; with --quick, 100B and fsm)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plots", metavar="DIR")
     parser.add_argument(
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run-case", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = ["100B", "fsm"] if args.quick and not args.replot else list(SIZES)
 
     if args.replot:
         saved = []

@@ -31,11 +31,15 @@ def unavailable(system: str) -> str | None:
     return None
 
 
+LAST_SAMPLES: list[float] = []  # every one-way sample of the last _measure, for percentiles
+
+
 def _measure(round_trip: Any, calls: int, rounds: int) -> list[float]:
     for i in range(max(10, calls // 10)):  # warm-up
         round_trip(i)
     clock = time.perf_counter_ns
     medians = []
+    LAST_SAMPLES.clear()
     for _ in range(rounds):
         samples = []
         for i in range(calls):
@@ -43,7 +47,17 @@ def _measure(round_trip: Any, calls: int, rounds: int) -> list[float]:
             round_trip(i)
             samples.append((clock() - t0) / 2)
         medians.append(statistics.median(samples))
+        LAST_SAMPLES.extend(samples)
     return medians
+
+
+def percentiles() -> dict[str, float]:
+    ordered = sorted(LAST_SAMPLES)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50_ns": statistics.median(ordered), "p99_ns": at(0.99), "p999_ns": at(0.999)}
 
 
 # ------------------------------------------------------------ shmstore

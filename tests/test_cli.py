@@ -211,6 +211,9 @@ def test_harness_quick_run_structure(tmp_path: Path) -> None:
     for r in data["results"]:
         assert r["median_ns"] > 0
         assert len(r["round_medians_ns"]) == 3
+        if r["scenario"] == "wake":
+            assert r["p50_ns"] <= r["p99_ns"] <= r["p999_ns"]
+    assert "msgspec" in data["machine"]["packages"]
 
 
 def test_harness_contention_scenarios_structure(tmp_path: Path) -> None:
