@@ -59,7 +59,7 @@ def write_checkpoint(
     fingerprint: bytes,
     type_name: str,
     version: int,
-    payload: bytes,
+    payload: bytes | memoryview,
 ) -> None:
     target = Path(path)
     body = _HEADER.pack(

@@ -76,7 +76,7 @@ class Codec(Generic[T]):
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             raise InvalidSnapshotError(f"cannot encode {type(value).__name__}: {exc}") from exc
 
-    def decode(self, data: bytes) -> T:
+    def decode(self, data: bytes | memoryview) -> T:
         """Decode bytes read from the store; msgspec errors propagate to the caller to translate."""
         return self._decoder.decode(data)
 

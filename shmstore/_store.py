@@ -364,7 +364,7 @@ class Store(Generic[T]):
         self._cache = (version, value)
         return value, version
 
-    def _decode(self, payload: bytes, version: int) -> T:
+    def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
             return self._codec.decode(payload)
         except msgspec.DecodeError as exc:

@@ -71,6 +71,39 @@ def test_no_torn_reads_under_stress(store_name: str) -> None:
         assert distinct > 100  # the readers really did see the store change under them
 
 
+def test_no_torn_reads_with_large_values(store_name: str) -> None:
+    """Values of 260-600 KB take the reusable per-thread copy-out buffer (``_ring``)."""
+    commits, readers, max_blob = 3000, 2, 600_000
+    with Store.create(store_name, Rec, slots=4, slot_size=max_blob + 100):
+        start = ctx.Barrier(readers + 1)
+        results = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=torture_reader,
+                args=(store_name, commits, start, results),
+                kwargs={"recheck": True, "max_blob": max_blob},
+            )
+            for _ in range(readers)
+        ]
+        procs.append(
+            ctx.Process(
+                target=torture_writer,
+                args=(store_name, commits, start, max_blob),
+                kwargs={"min_blob": 260_000},
+            )
+        )
+        for p in procs:
+            p.start()
+        stats = collect(results, procs, readers)
+        for p in procs:
+            p.join(JOIN)
+            assert p.exitcode == 0
+    for reads, bad, regressions, distinct in stats:
+        assert (bad, regressions) == (0, 0)
+        assert reads > 0
+        assert distinct > 10
+
+
 def test_negative_control_detects_tearing_without_the_recheck(store_name: str) -> None:
     """Same readers and checks, but the seqlock's re-check is disabled and a fast writer laps
     them: torn copies must be caught, which proves the stress test above can fail."""

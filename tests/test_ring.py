@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,26 @@ def test_counters_are_never_stored_with_pack_into() -> None:
             if name == "pack_into":
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+def test_large_payloads_use_a_per_thread_buffer() -> None:
+    geometry = Geometry(slots=2, slot_size=_ring.LARGE_PAYLOAD * 2, registry_capacity=1)
+    r = Ring(bytearray(geometry.total_size), geometry, crc=True)
+    big = bytes(range(256)) * (_ring.LARGE_PAYLOAD // 256 + 3)
+    r.commit(big, ts_ns=1)
+    first, version, _ts = r.read_newest()
+    assert version == 1
+    assert first == big
+    assert isinstance(first, memoryview)  # a view of this thread's reusable buffer
+    small = b"small"
+    r.commit(small, ts_ns=2)
+    assert r.read_newest()[0] == small  # small payloads are plain bytes
+
+    seen: list[object] = []
+    other = threading.Thread(target=lambda: seen.append(r.read(1)))
+    other.start()
+    other.join()
+    got = seen[0]
+    assert isinstance(got, tuple)
+    assert got[0] == big
+    assert got[0].obj is not first.obj  # each thread copies into its own buffer
