@@ -33,52 +33,17 @@ import msgspec
 
 import shmstore
 from shmstore import Store
-from shmstore.fsm import FsmSnapshotDTO, FsmState, create_transition
+from shmstore.fsm import FsmSnapshotDTO
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from values import Blob, Small, blob, fsm, small
 
 # ----------------------------------------------------------------------------- values
 
-
-class Small(msgspec.Struct, frozen=True):
-    id: int
-    name: str
-    score: float
-    active: bool
-    tags: list[str]
-
-
-class Blob(msgspec.Struct, frozen=True):
-    seq: int
-    data: bytes
-
-
-def small(i: int) -> Small:
-    return Small(i, "sensor-front-left", 0.5 + i, True, ["alpha", "beta", "gamma", "delta"])
-
-
-def fsm_snapshot(i: int) -> FsmSnapshotDTO:
-    """The FSM worker's real snapshot type: 8 history entries, 8 context keys."""
-    snap = FsmSnapshotDTO(
-        version=i,
-        state=FsmState.ACTIVE,
-        reason="transition requested by scheduler",
-        prev_state=FsmState.IDLE,
-        context_data={f"key_{k}": f"value-{k}-{i}" for k in range(8)},
-    )
-    for k in range(8):
-        snap = snap.add_transition(
-            create_transition(FsmState(k % 5 + 1), FsmState((k + 1) % 5 + 1), f"EVENT_{k}")
-        )
-    return snap
-
-
-def blob(i: int) -> Blob:
-    return Blob(i, bytes([i % 256]) * 65_000)
-
-
 CASES: list[tuple[str, Any, Callable[[int], Any]]] = [
     ("small", Small, small),
-    ("fsm", FsmSnapshotDTO, fsm_snapshot),
-    ("64k", Blob, blob),
+    ("fsm", FsmSnapshotDTO, fsm),  # 8 history entries, 8 context keys
+    ("64k", Blob, blob(65_000)),
 ]
 
 TARGETS = {
