@@ -110,7 +110,7 @@ class Store(Generic[T]):
         self._registry = Registry(
             self._words, info.geometry, segment.name, self._lock, fd=segment.fd, mode=segment.mode()
         )
-        self._gate = WaitGate(self._head, self._registry)
+        self._gate = WaitGate(lambda: self.version, self._registry)
         self._closed = False
         # Held by set() from its lock to its notifications, and by close(): the writer mutex
         # lives in the mapping, so close() must not unmap it under a thread that is using it.
@@ -383,12 +383,6 @@ class Store(Generic[T]):
             return None
         return (self._decode(got[0], version),)
 
-    def _head(self) -> int:
-        try:
-            return int(self._words[_HEAD])
-        except ValueError:
-            raise self._closed_error() from None
-
     # ---------------------------------------------------------------- waiting
 
     def wait(self, after_version: int, timeout: float | None = None, *, spin: bool = True) -> int:
@@ -501,7 +495,7 @@ class Store(Generic[T]):
         self._check_open()
         entries = self._registry.entries()
         geometry = self._info.geometry
-        version = self._head()
+        version = self.version
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
