@@ -182,7 +182,7 @@ class Store(Generic[T]):
         restored (checked before anything is created).
         """
         validate_name(name)
-        geometry, codec, flags = _plan(
+        geometry, codec, flags, restore = _plan(
             type,
             slots=slots,
             slot_size=slot_size,
@@ -190,8 +190,8 @@ class Store(Generic[T]):
             crc=crc,
             mode=mode,
             writer_lock=writer_lock,
+            restore_from=restore_from,
         )
-        restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
         segment = Segment.create(name, geometry.total_size, mode)
         return cls._initialize(
             segment, geometry, codec, flags, unlink_on_error=True, restore=restore
@@ -208,7 +208,7 @@ class Store(Generic[T]):
         restore_from: str | os.PathLike[str] | None = None,
     ) -> Store[Any]:
         """A store no other process can open (see ``Segment.anonymous``)."""
-        geometry, codec, flags = _plan(
+        geometry, codec, flags, restore = _plan(
             type,
             slots=slots,
             slot_size=slot_size,
@@ -216,8 +216,8 @@ class Store(Generic[T]):
             crc=None,
             mode=0o600,
             writer_lock=writer_lock,
+            restore_from=restore_from,
         )
-        restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
         label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
         segment = Segment.anonymous(label, geometry.total_size)
         return cls._initialize(
@@ -651,8 +651,10 @@ def _plan(
     crc: bool | None,
     mode: int,
     writer_lock: str,
-) -> tuple[Geometry, Codec[Any], int]:
-    """Validate the create options; return the geometry, codec and header flags."""
+    restore_from: str | os.PathLike[str] | None,
+) -> tuple[Geometry, Codec[Any], int, Checkpoint | None]:
+    """Validate the create options (and any checkpoint to restore) before anything is created;
+    return the geometry, codec, header flags and checkpoint."""
     geometry = Geometry(slots, slot_size, max_readers)
     codec: Codec[Any] = Codec(tp)
     if mode & ~0o777:
@@ -666,7 +668,8 @@ def _plan(
         flags |= FLAG_ROBUST_MUTEX
     elif writer_lock != "flock":
         raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
-    return geometry, codec, flags
+    restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
+    return geometry, codec, flags, restore
 
 
 def _attach(name: str, wait: float = OPEN_WAIT) -> tuple[Segment, HeaderInfo]:
