@@ -78,25 +78,29 @@ class TransitionStatus(enum.IntEnum):
 _S = TypeVar("_S")
 
 
-class _Normalising(type(msgspec.Struct)):  # type: ignore[misc]
+_StructMeta: Any = type(msgspec.Struct)
+_struct_call = _StructMeta.__call__  # msgspec's constructor, without the normaliser
+
+
+class _Normalising(_StructMeta):  # type: ignore[misc]
     """Struct metaclass whose *construction* (not decoding) normalises the arguments first."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if args:
             # Positional arguments (pickle's reduce uses them too) become keywords, so that one
             # normaliser sees every field by name. Too many of them: msgspec's own error.
-            if len(args) > len(cls.__struct_fields__):
-                return super().__call__(*args, **kwargs)
-            for name, value in zip(cls.__struct_fields__, args, strict=False):
+            fields = cls.__struct_fields__
+            if len(args) > len(fields):
+                return _struct_call(cls, *args, **kwargs)
+            for name, value in zip(fields, args, strict=False):
                 if name in kwargs:
                     raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
                 kwargs[name] = value
-        for klass in cls.__mro__:
-            normalise = _NORMALISERS.get(klass)
-            if normalise is not None:
-                normalise(kwargs)
-                break
-        return super().__call__(**kwargs)
+        normalise = _NORMALISERS.get(cls)
+        if normalise is None:  # a subclass: its nearest DTO base's rule
+            normalise = next(_NORMALISERS[k] for k in cls.__mro__ if k in _NORMALISERS)
+        normalise(kwargs)
+        return _struct_call(cls, **kwargs)
 
 
 _NORMALISERS: dict[type, Callable[[dict[str, Any]], None]] = {}
