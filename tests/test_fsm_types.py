@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import pickle
 import time
 import uuid
@@ -90,6 +91,19 @@ def test_fields_order_and_defaults_are_the_originals(
     assert dataclasses.is_dataclass(cls)
     assert [(f.name, f.default) for f in dataclasses.fields(cls)] == expected
     assert cls.__dataclass_params__.frozen is True
+
+
+@pytest.mark.parametrize(
+    ("cls", "expected"),
+    [(FsmSnapshotDTO, SNAPSHOT_FIELDS), (TransitionDTO, TRANSITION_FIELDS)],
+    ids=["snapshot", "transition"],
+)
+def test_signature_is_the_originals(cls: type[Any], expected: list[tuple[str, Any]]) -> None:
+    params = inspect.signature(cls).parameters.values()
+    empty = inspect.Parameter.empty
+    assert [(p.name, dataclasses.MISSING if p.default is empty else p.default) for p in params] == (
+        expected
+    )
 
 
 def test_instances_are_frozen_dataclasses() -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -102,9 +103,15 @@ class _Normalising(_StructMeta):  # type: ignore[misc]
         normalise(kwargs)
         return _struct_call(cls, **kwargs)
 
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        """The original dataclass signature (``history=None``...), for ``inspect``."""
+        return _SIGNATURES[cls]
+
 
 _NORMALISERS: dict[type, Callable[[dict[str, Any]], None]] = {}
 """Each DTO class's construction-time normaliser, applied to the keyword arguments in place."""
+_SIGNATURES: dict[type, inspect.Signature] = {}
 
 
 def _frozen_setattr(self: object, name: str, value: object) -> NoReturn:
@@ -130,6 +137,7 @@ def _as_dataclass(defaults: dict[str, Any]) -> Callable[[type[_S]], type[_S]]:
         shadow = dataclasses.make_dataclass(cls.__name__, spec, frozen=True)
         type.__setattr__(cls, "__dataclass_fields__", shadow.__dataclass_fields__)  # type: ignore[attr-defined]
         type.__setattr__(cls, "__dataclass_params__", shadow.__dataclass_params__)  # type: ignore[attr-defined]
+        _SIGNATURES[cls] = inspect.signature(shadow)
         type.__setattr__(cls, "__setattr__", _frozen_setattr)
         type.__setattr__(cls, "__delattr__", _frozen_delattr)
         return cls
