@@ -104,7 +104,12 @@ class FanOut:
         self.drain()  # deliver what is pending first: the new subscriber starts after it
         if self._shared and (self._watcher is None or self._watcher.failure is not None):
             self._release_watcher()
-            self._watcher = _watch(self._store, self._wake)
+            try:
+                self._watcher = _watch(self._store, self._wake)
+            except StateStoreError as exc:
+                if self.subscribers:  # those already here are left without a watcher
+                    self.problem = f"subscribers get no commits of other processes: {exc}"
+                raise
             self.problem = None
         queue: asyncio.Queue[FsmSnapshotDTO] = asyncio.Queue(maxsize=MAX_QUEUE_SIZE)
         snapshot, version = self._store.get_with_version()
