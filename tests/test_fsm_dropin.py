@@ -601,3 +601,51 @@ def test_logging_stays_quiet_on_the_happy_path(
 
     run(body)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# ---------------------------------------------------------------- fork
+
+
+def follow_after_fork(st: AsyncStateStore, ready: Any, results: Any) -> None:
+    """In a forked child: the inherited store subscribes anew and reports what it receives."""
+
+    async def main() -> None:
+        q = await st.subscribe("child")
+        q.get_nowait()
+        ready.set()
+        got = await asyncio.wait_for(q.get(), WAIT)
+        results.put(got.version)
+        await st.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(
+    not hasattr(mp, "get_all_start_methods") or "fork" not in mp.get_all_start_methods(),
+    reason="no fork",
+)
+def test_forked_child_subscribes_with_its_own_watcher(
+    store_name: str, no_watcher_left: None
+) -> None:
+    fork = mp.get_context("fork")
+    st = AsyncStateStore(snap(0), name=store_name)
+
+    async def subscribe() -> asyncio.Queue[FsmSnapshotDTO]:
+        return await st.subscribe("parent")
+
+    q = asyncio.run(subscribe())  # the parent's watcher thread runs while we fork
+    ready, results = fork.Event(), fork.Queue()
+    p = fork.Process(target=follow_after_fork, args=(st, ready, results))
+    p.start()
+    assert ready.wait(JOIN)
+
+    async def commit() -> None:
+        await st.set(snap(1))
+        assert q.get_nowait().version == 0
+        assert q.get_nowait().version == 1
+        await st.close()
+
+    asyncio.run(commit())
+    assert collect(results, [p], 1) == [1]
+    p.join(JOIN)
+    assert p.exitcode == 0
