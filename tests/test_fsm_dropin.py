@@ -649,3 +649,33 @@ def test_forked_child_subscribes_with_its_own_watcher(
     assert collect(results, [p], 1) == [1]
     p.join(JOIN)
     assert p.exitcode == 0
+
+
+def test_an_undeliverable_version_is_reported_not_raised_by_set(
+    make_store: Callable[..., AsyncStateStore],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_poll = shmstore.Subscription.poll
+    broken: list[int] = []
+
+    def poll_once_broken(self: shmstore.Subscription[Any]) -> Any:
+        if not broken:
+            broken.append(1)
+            raise shmstore.CorruptStoreError("slot damaged")
+        return real_poll(self)
+
+    async def body() -> None:
+        async with make_store(snap(0)) as st:
+            q = await st.subscribe("s")
+            q.get_nowait()
+            monkeypatch.setattr(shmstore.Subscription, "poll", poll_once_broken)
+            assert (await st.set(snap(1))).version == 1  # committed: set() does not fail
+            health = await st.health_check()
+            assert health["healthy"] is False
+            assert [i for i in health["issues"] if "slot damaged" in i]
+            await st.set(snap(2))  # delivery goes on after the damaged version
+            assert q.get_nowait().version == 2
+
+    run(body)
+    assert "could not be delivered" in caplog.text

@@ -24,7 +24,7 @@ the old design ("Task exception was never retrieved"). So the watcher is per *pr
 its own handle on the store, registers it once (``subscribe()`` does this eagerly and raises
 ``RegistryFullError`` there if the registry is full, rather than failing later in a background
 task), and serves every subscriber of every ``AsyncStateStore`` of this process. Failures after
-that are kept in :attr:`FanOut.problem`, which ``health_check()`` reports.
+that are kept, and ``health_check()`` reports them (:meth:`FanOut.problems`).
 
 The watcher is a thread rather than an asyncio task because a task belongs to one event loop: a
 store made under one ``asyncio.run()`` and used under the next lost its pump with it. The thread
@@ -90,8 +90,8 @@ class FanOut:
         self._watcher: _ProcessWatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False  # a drain is scheduled on self._loop
-        self.problem: str | None = None
-        """Why subscribers may be missing commits (``None`` when all is well)."""
+        self._watch_problem: str | None = None  # subscribers left without a watcher
+        self._delivery_problem: str | None = None  # a version that could not be delivered
 
     # ---------------------------------------------------------------- subscribers
 
@@ -108,9 +108,9 @@ class FanOut:
                 self._watcher = _watch(self._store, self._wake)
             except StateStoreError as exc:
                 if self.subscribers:  # those already here are left without a watcher
-                    self.problem = f"subscribers get no commits of other processes: {exc}"
+                    self._watch_problem = f"subscribers get no commits of other processes: {exc}"
                 raise
-            self.problem = None
+            self._watch_problem = None
         queue: asyncio.Queue[FsmSnapshotDTO] = asyncio.Queue(maxsize=MAX_QUEUE_SIZE)
         snapshot, version = self._store.get_with_version()
         if snapshot is not None:
@@ -149,7 +149,7 @@ class FanOut:
 
     def problems(self) -> list[str]:
         """What ``health_check()`` should report about delivery."""
-        found = [self.problem] if self.problem else []
+        found = [p for p in (self._watch_problem, self._delivery_problem) if p is not None]
         watcher = self._watcher
         if watcher is not None and watcher.failure is not None:
             found.append(
@@ -174,8 +174,8 @@ class FanOut:
                 continue
             except StateStoreError as exc:
                 # A version that cannot be read (a damaged slot): skip past it, and say so.
-                self.problem = f"a committed version could not be delivered: {exc}"
-                log.error("store %r: %s", self._store.name, self.problem)
+                self._delivery_problem = f"a committed version could not be delivered: {exc}"
+                log.error("store %r: %s", self._store.name, self._delivery_problem)
                 follow = self._follow = self._store.subscribe(after_version=self._store.version)
                 continue
             if item is None:
