@@ -10,6 +10,7 @@ import multiprocessing as mp
 import pickle
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from shmstore.fsm import (
     initial_snapshot,
     next_snapshot,
 )
+from shmstore.fsm._fanout import LOG_INTERVAL
 
 ctx = mp.get_context("spawn")
 R = TypeVar("R")
@@ -679,3 +681,27 @@ def test_an_undeliverable_version_is_reported_not_raised_by_set(
 
     run(body)
     assert "could not be delivered" in caplog.text
+
+
+def test_drop_warnings_are_throttled(
+    make_store: Callable[..., AsyncStateStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    commits = 1000  # about 15 overflows of a stalled subscriber's queue
+
+    async def body() -> float:
+        async with make_store() as st:
+            q = await st.subscribe("stalled")
+            started = time.monotonic()
+            for v in range(1, commits + 1):
+                await st.set(snap(v))
+            elapsed = time.monotonic() - started
+            assert q.qsize() <= MAX_QUEUE_SIZE
+            return elapsed
+
+    elapsed = run(body)
+    lines = [
+        r.getMessage() for r in caplog.records if "'stalled' is not keeping up" in r.getMessage()
+    ]
+    assert lines
+    assert len(lines) <= 1 + int(elapsed / LOG_INTERVAL)
+    assert len(lines) < commits // MAX_QUEUE_SIZE

@@ -34,9 +34,11 @@ meant to be used from one event loop at a time.
 
 Drop policy
 -----------
-A full queue (``maxsize`` 64) drops its stale snapshots and takes the newest, with one warning: a
+A full queue (``maxsize`` 64) drops its stale snapshots and takes the newest, with a warning: a
 slow consumer always ends on the latest state, and a stalled one never holds up the writer. A
-queue whose ``put_nowait`` raises anything else is removed, all such in one log line.
+queue whose ``put_nowait`` raises anything else is removed, all such in one log line. Recurring
+warnings (drops per subscriber, versions missed by the ring) are written at most once a second,
+each with the total since the last, so a writer far ahead of its readers cannot flood the log.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -63,12 +66,34 @@ log = logging.getLogger("shmstore.fsm")
 MAX_QUEUE_SIZE: Final = 64
 _REGISTER_PROBE: Final = 0.001  # s: the shortest wait that registers this process as a reader
 _JOIN: Final = 10.0  # s: bound on joining a watcher thread that has been told to stop
+LOG_INTERVAL: Final = 1.0  # s: recurring warnings (lag, drops) are logged at most this often
 
-Callback = Callable[[], None]
+Callback = Callable[[int], None]
+
+
+class _Throttle:
+    """At most one log line per ``LOG_INTERVAL`` for a recurring event: a writer far ahead of its
+    readers must not flood the log. The line that is written carries the total since the last."""
+
+    __slots__ = ("_last", "_pending")
+
+    def __init__(self) -> None:
+        self._last = -LOG_INTERVAL
+        self._pending = 0
+
+    def count(self, amount: int) -> int:
+        """Add *amount*; the total to log now, or 0 while a line was written too recently."""
+        self._pending += amount
+        now = time.monotonic()
+        if now - self._last < LOG_INTERVAL:
+            return 0
+        self._last = now
+        total, self._pending = self._pending, 0
+        return total
 
 
 class Subscriber:
-    __slots__ = ("last_version", "queue", "subscriber_id")
+    __slots__ = ("drop_log", "last_version", "queue", "subscriber_id")
 
     def __init__(
         self, queue: asyncio.Queue[FsmSnapshotDTO], subscriber_id: str, last_version: int
@@ -77,6 +102,7 @@ class Subscriber:
         self.subscriber_id = subscriber_id
         self.last_version = last_version
         """The newest store version this subscriber has (it starts with the current one)."""
+        self.drop_log = _Throttle()
 
 
 class FanOut:
@@ -92,6 +118,7 @@ class FanOut:
         self._pending = False  # a drain is scheduled on self._loop
         self._watch_problem: str | None = None  # subscribers left without a watcher
         self._delivery_problem: str | None = None  # a version that could not be delivered
+        self._lag_log = _Throttle()
 
     # ---------------------------------------------------------------- subscribers
 
@@ -164,13 +191,15 @@ class FanOut:
             try:
                 item = follow.poll()
             except SubscriberLaggedError as lag:
-                log.warning(
-                    "store %r: FSM subscribers missed %d version(s) the ring no longer held; "
-                    "resuming at version %d",
-                    self._store.name,
-                    lag.missed,
-                    lag.resume_version,
-                )
+                missed = self._lag_log.count(lag.missed)
+                if missed:
+                    log.warning(
+                        "store %r: FSM subscribers missed %d version(s) the ring no longer "
+                        "held; resuming at version %d",
+                        self._store.name,
+                        missed,
+                        lag.resume_version,
+                    )
                 continue
             except StateStoreError as exc:
                 # A version that cannot be read (a damaged slot): skip past it, and say so.
@@ -182,11 +211,11 @@ class FanOut:
                 return
             self._deliver(*item)
 
-    def _wake(self) -> None:
-        """Called by the watcher thread after a commit of any process."""
-        loop = self._loop
-        if self._pending or loop is None:
-            return
+    def _wake(self, head: int) -> None:
+        """Called by the watcher thread when the store reached version *head*."""
+        loop, follow = self._loop, self._follow
+        if self._pending or loop is None or follow is None or follow.next_version > head:
+            return  # nothing to do, or delivered already (our own set() wakes us too)
         self._pending = True
         try:
             loop.call_soon_threadsafe(self._drain_later)
@@ -232,11 +261,13 @@ def _offer(sub: Subscriber, snapshot: FsmSnapshotDTO) -> None:
             break
         dropped += 1
     sub.queue.put_nowait(snapshot)
-    log.warning(
-        "subscriber %r is not keeping up: dropped %d stale snapshot(s), queued the newest",
-        sub.subscriber_id,
-        dropped,
-    )
+    dropped = sub.drop_log.count(dropped)
+    if dropped:
+        log.warning(
+            "subscriber %r is not keeping up: dropped %d stale snapshot(s), queued the newest",
+            sub.subscriber_id,
+            dropped,
+        )
 
 
 # -------------------------------------------------------------------- the process watcher
@@ -329,7 +360,7 @@ class _ProcessWatcher:
                 )
                 return
             for callback in list(self._callbacks):
-                callback()
+                callback(seen)
 
 
 def _stop_all() -> None:
