@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import multiprocessing as mp
 import pickle
 import re
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -705,3 +707,21 @@ def test_drop_warnings_are_throttled(
     assert lines
     assert len(lines) <= 1 + int(elapsed / LOG_INTERVAL)
     assert len(lines) < commits // MAX_QUEUE_SIZE
+
+
+def test_a_private_store_needs_no_close() -> None:
+    """The original had no close(): a private store dropped unclosed is released quietly."""
+
+    async def body() -> None:
+        for factory in (create_store, create_initialized_store):
+            st = factory()
+            q = await st.subscribe()
+            await st.set(snap(5))
+            assert q.qsize() >= 1
+            del st
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(body)
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -25,6 +25,7 @@ exceptions and metric types), whose readers may live in other processes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -353,6 +354,16 @@ class AsyncStateStore:
         store."""
         if self._name is not None:
             self._store.unlink()
+
+    def __del__(self) -> None:
+        # The original in-process store had no close(), and its callers never call one. A
+        # private store shares nothing (no name, no other process, no registry entry), so when
+        # the last reference goes it is released quietly -- memory only, no IPC. A named store
+        # is shared state the caller opted into: its handle still warns if never closed.
+        if self._name is None and not getattr(self, "_closed", True):
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._store.close()
 
     async def __aenter__(self) -> AsyncStateStore:
         return self
