@@ -116,6 +116,7 @@ class FanOut:
         self._watcher: _ProcessWatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False  # a drain is scheduled on self._loop
+        self._delivered = 0  # the newest version handed out (one word: the watcher reads it)
         self._watch_problem: str | None = None  # subscribers left without a watcher
         self._delivery_problem: str | None = None  # a version that could not be delivered
         self._lag_log = _Throttle()
@@ -144,6 +145,7 @@ class FanOut:
             queue.put_nowait(snapshot)
         if self._follow is None:
             self._follow = self._store.subscribe(after_version=version)
+            self._delivered = version
         self.subscribers[queue] = Subscriber(queue, subscriber_id, version)
         return queue
 
@@ -210,11 +212,12 @@ class FanOut:
             if item is None:
                 return
             self._deliver(*item)
+            self._delivered = item[0]
 
     def _wake(self, head: int) -> None:
         """Called by the watcher thread when the store reached version *head*."""
-        loop, follow = self._loop, self._follow
-        if self._pending or loop is None or follow is None or follow.next_version > head:
+        loop = self._loop
+        if self._pending or loop is None or self._follow is None or head <= self._delivered:
             return  # nothing to do, or delivered already (our own set() wakes us too)
         self._pending = True
         try:
@@ -359,8 +362,13 @@ class _ProcessWatcher:
                     self.failure,
                 )
                 return
-            for callback in list(self._callbacks):
-                callback(seen)
+            try:
+                for callback in list(self._callbacks):
+                    callback(seen)
+            except Exception as exc:  # a bug, but never a silent stall: health reports it
+                self.failure = f"{type(exc).__name__}: {exc}"
+                log.exception("store %r: the FSM watcher failed", handle.name)
+                return
 
 
 def _stop_all() -> None:

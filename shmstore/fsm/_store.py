@@ -360,7 +360,7 @@ class AsyncStateStore:
         # private store shares nothing (no name, no other process, no registry entry), so when
         # the last reference goes it is released quietly -- memory only, no IPC. A named store
         # is shared state the caller opted into: its handle still warns if never closed.
-        if self._name is None and not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) and self._name is None:
             self._closed = True
             with contextlib.suppress(Exception):
                 self._store.close()
