@@ -266,7 +266,7 @@ def test_subscribe_defaults_and_initialize_if_empty(
     async def body() -> None:
         async with make_store() as st:
             q = await st.subscribe()
-            assert type(q) is asyncio.Queue
+            assert isinstance(q, asyncio.Queue)
             assert q.maxsize == 64
             assert q.empty()  # no snapshot yet
             assert (await st.get_metrics())["subscriber_ids"] == ["unknown"]
@@ -376,20 +376,33 @@ def test_named_store_survives_its_event_loop_for_other_processes_commits(
     q = asyncio.run(first_loop())  # the loop that was current when the watcher started is gone
 
     async def second_loop() -> list[int]:
-        fresh = await st.subscribe("fresh")
-        fresh.get_nowait()
+        # Only the old queue is awaited here: the store itself is not called in this loop.
         go = ctx.Event()
         p = ctx.Process(target=commit_from_another_process, args=(store_name, [1, 2, 3], go))
         p.start()
         go.set()
-        got = [(await asyncio.wait_for(fresh.get(), WAIT)).version for _ in range(3)]
+        got = [(await asyncio.wait_for(q.get(), WAIT)).version for _ in range(3)]
         await asyncio.to_thread(p.join, JOIN)
         assert p.exitcode == 0
-        assert [q.get_nowait().version for _ in range(3)] == [1, 2, 3]
-        await st.close()
         return got
 
     assert asyncio.run(second_loop()) == [1, 2, 3]
+
+    async def third_loop() -> list[int]:
+        fresh = await st.subscribe("fresh")
+        fresh.get_nowait()
+        go = ctx.Event()
+        p = ctx.Process(target=commit_from_another_process, args=(store_name, [4, 5], go))
+        p.start()
+        go.set()
+        got = [(await asyncio.wait_for(fresh.get(), WAIT)).version for _ in range(2)]
+        await asyncio.to_thread(p.join, JOIN)
+        assert p.exitcode == 0
+        assert [q.get_nowait().version for _ in range(2)] == [4, 5]
+        await st.close()
+        return got
+
+    assert asyncio.run(third_loop()) == [4, 5]
 
 
 # ---------------------------------------------------------------- the registry (issue 11 item 19)

@@ -29,8 +29,9 @@ that are kept, and ``health_check()`` reports them (:meth:`FanOut.problems`).
 The watcher is a thread rather than an asyncio task because a task belongs to one event loop: a
 store made under one ``asyncio.run()`` and used under the next lost its pump with it. The thread
 belongs to no loop; each ``FanOut`` remembers the loop it was last used from, and a change of
-loop (every public coroutine calls :meth:`FanOut.bind_loop`) catches up at once. The store is
-meant to be used from one event loop at a time.
+loop (every public coroutine of the store, and ``get()`` of a subscriber's queue, calls
+:meth:`FanOut.bind_loop`) catches up at once. The store is meant to be used from one event loop
+at a time.
 
 Drop policy
 -----------
@@ -105,6 +106,20 @@ class Subscriber:
         self.drop_log = _Throttle()
 
 
+class SubscriberQueue(asyncio.Queue[FsmSnapshotDTO]):
+    """What ``subscribe()`` returns: an ``asyncio.Queue`` whose ``get()`` also tells the store
+    which event loop is current, so that a consumer that only awaits its queue under a new
+    ``asyncio.run()`` still gets other processes' commits there."""
+
+    def __init__(self, fanout: FanOut, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.shmstore_fanout = fanout
+
+    async def get(self) -> FsmSnapshotDTO:
+        self.shmstore_fanout.bind_loop()
+        return await super().get()
+
+
 class FanOut:
     """The local subscribers of one ``AsyncStateStore`` handle."""
 
@@ -139,7 +154,7 @@ class FanOut:
                     self._watch_problem = f"subscribers get no commits of other processes: {exc}"
                 raise
             self._watch_problem = None
-        queue: asyncio.Queue[FsmSnapshotDTO] = asyncio.Queue(maxsize=MAX_QUEUE_SIZE)
+        queue = SubscriberQueue(self, MAX_QUEUE_SIZE)
         snapshot, version = self._store.get_with_version()
         if snapshot is not None:
             queue.put_nowait(snapshot)
