@@ -511,7 +511,6 @@ def test_unlink_removes_the_named_store(store_name: str) -> None:
 # ---------------------------------------------------------------- big snapshots
 
 
-@pytest.mark.xfail(strict=True, reason="needs growth, issue 13")
 @pytest.mark.parametrize("size", [940_000, 4_000_000], ids=["940KB", "4MB"])
 @pytest.mark.parametrize("factory", [create_store, create_initialized_store])
 def test_big_snapshots_on_default_stores(factory: Callable[[], AsyncStateStore], size: int) -> None:
@@ -527,6 +526,55 @@ def test_big_snapshots_on_default_stores(factory: Callable[[], AsyncStateStore],
             assert q.get_nowait() == big
 
     run(body)
+
+
+def test_max_value_size_bounds_a_snapshot(make_store: Callable[..., AsyncStateStore]) -> None:
+    async def body() -> None:
+        async with make_store(snap(1), max_value_size=100_000) as st:
+            assert (await st.set(snap(2, context_data={"b": "z" * 50_000}))).version == 2
+            with pytest.raises(shmstore.SnapshotTooLargeError):
+                await st.set(snap(3, context_data={"b": "z" * 200_000}))
+            assert (await st.get()).version == 2  # type: ignore[union-attr]
+
+    run(body)
+
+
+def commit_growing_snapshots(name: str, sizes: list[int], go: Any, results: Any) -> None:
+    """Wait for *go*, then commit one snapshot per size (a context blob of that many bytes)."""
+
+    async def main() -> None:
+        async with AsyncStateStore(name=name) as st:
+            assert go.wait(JOIN)
+            sent = []
+            for i, size in enumerate(sizes, start=1):
+                sent.append(await st.set(snap(i, context_data={"blob": "y" * size})))
+            results.put(sent)
+
+    asyncio.run(main())
+
+
+def test_subscriber_in_another_process_follows_a_growing_store(
+    store_name: str, no_watcher_left: None
+) -> None:
+    sizes = [100, 940_000, 200, 4_000_000, 300]
+
+    async def body() -> tuple[list[FsmSnapshotDTO], list[FsmSnapshotDTO]]:
+        async with AsyncStateStore(name=store_name) as st:
+            q = await st.subscribe("follower")
+            go, results = ctx.Event(), ctx.Queue()
+            p = ctx.Process(target=commit_growing_snapshots, args=(store_name, sizes, go, results))
+            p.start()
+            go.set()
+            received = [await asyncio.wait_for(q.get(), WAIT) for _ in sizes]
+            (sent,) = await asyncio.to_thread(collect, results, [p], 1)
+            await asyncio.to_thread(p.join, JOIN)
+            assert p.exitcode == 0
+            assert await st.get() == sent[-1]
+            return received, sent
+
+    received, sent = run(body)
+    assert [s.version for s in received] == [1, 2, 3, 4, 5]
+    assert received == sent
 
 
 # ---------------------------------------------------------------- a realistic tick loop

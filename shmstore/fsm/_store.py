@@ -66,8 +66,9 @@ class AsyncStateStore:
     ``total_sets``). ``name`` shares the store with other processes (default: private to this
     one). ``max_history`` trims each stored snapshot's history to the newest that many
     transitions (``None`` or ``<= 0``: never). ``slots`` is how many versions the store keeps,
-    i.e. how far a subscriber in another process may fall behind; ``slot_size`` and
-    ``max_readers`` are passed to the store when this call creates it.
+    i.e. how far a subscriber in another process may fall behind. ``slot_size`` (the initial
+    capacity: the store grows to fit each snapshot), ``max_value_size`` (the largest snapshot,
+    64 MiB by default) and ``max_readers`` are passed to the store when this call creates it.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class AsyncStateStore:
         max_history: int | None = DEFAULT_MAX_HISTORY,
         slots: int = DEFAULT_SLOTS,
         slot_size: int | None = None,
+        max_value_size: int | None = None,
         max_readers: int | None = None,
         checkpoint_path: str | os.PathLike[str] | None = None,
         checkpoint_every: int | None = 100,
@@ -97,6 +99,8 @@ class AsyncStateStore:
         options: dict[str, Any] = {"slots": slots}
         if slot_size is not None:
             options["slot_size"] = slot_size
+        if max_value_size is not None:
+            options["max_value_size"] = max_value_size
         if checkpoint_path is not None and os.path.exists(checkpoint_path):
             options["restore_from"] = checkpoint_path
         self._name = name
