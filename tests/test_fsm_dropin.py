@@ -223,6 +223,14 @@ def test_set_version_rules(
     assert all(r.levelname == "WARNING" for r in conflicts)
 
 
+def test_a_refused_initial_state_leaves_nothing_open(
+    make_store: Callable[..., AsyncStateStore],
+) -> None:
+    with pytest.raises(InvalidSnapshotError):
+        make_store(snap(1, state=42))  # type: ignore[arg-type]
+    gc.collect()  # an unclosed handle would warn (an error under this suite's filterwarnings)
+
+
 def test_state_outside_the_enum_is_refused(make_store: Callable[..., AsyncStateStore]) -> None:
     """A deliberate difference: readers in other processes must decode what was written."""
 

@@ -115,7 +115,12 @@ class AsyncStateStore:
         self._total_gets = 0
         self._closed = False
         if initial_state is not None:
-            self._commit_initial(initial_state)
+            try:
+                self._commit_initial(initial_state)
+            except BaseException:
+                self._closed = True
+                store.close()
+                raise
 
     # ---------------------------------------------------------------- reading
 
