@@ -499,15 +499,25 @@ def test_lagging_subscribers_log_one_clear_line(
 # ---------------------------------------------------------------- lifecycle (issue 16)
 
 
-def test_unlink_removes_the_named_store(store_name: str) -> None:
+def test_unlink_removes_the_named_store(store_name: str, no_watcher_left: None) -> None:
     async def body() -> None:
         st = AsyncStateStore(snap(1), name=store_name)
+        q = await st.subscribe("before")
         st.unlink()
         with pytest.raises(StoreNotFoundError):
             Store.open(store_name, FsmSnapshotDTO)
+        await st.subscribe("after")  # this process's watcher has the store open already
         assert (await st.set(snap(2))).version == 2  # this handle keeps its orphaned store
+        assert [q.get_nowait().version for _ in range(2)] == [1, 2]  # subscribers go on
         await st.close()
         st.unlink()  # nothing left to remove: no error
+
+        fresh = AsyncStateStore(snap(1), name=store_name)  # a new store under the name
+        fresh.unlink()
+        with pytest.raises(StoreNotFoundError, match="it was removed"):
+            await fresh.subscribe("too late")  # nobody can open it to be woken any more
+        await fresh.close()
+
         async with create_store() as private:
             private.unlink()  # a private store has no name: nothing to do
             assert (await private.set(snap(1))).version == 1

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -55,7 +56,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .. import RegistryFullError
-from .._errors import StateStoreError, SubscriberLaggedError
+from .._errors import StateStoreError, StoreNotFoundError, SubscriberLaggedError
 from .._store import Store
 from .._subscription import Subscription
 from ._types import FsmSnapshotDTO
@@ -315,7 +316,14 @@ class _ProcessWatcher:
         self._callbacks: set[Callback] = set()
         self._stopping = False
         self.failure: str | None = None
-        handle = Store.open(store.name, FsmSnapshotDTO)
+        try:
+            handle = Store.open(store.name, FsmSnapshotDTO)
+        except StoreNotFoundError as exc:
+            raise StoreNotFoundError(
+                errno.ENOENT,
+                f"cannot subscribe to store {store.name!r}: it was removed (unlink), so no "
+                "process can open it to be woken by its commits any more",
+            ) from exc
         try:
             if handle.created_ns != store.created_ns:
                 raise StateStoreError(
