@@ -253,9 +253,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "run gc as root (or their owner) to decide safely"
         )
     doing = "removing" if args.yes else "would remove"
+    prefix = args.prefix or ""
+    # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
+    strays = [] if prefix else orphans.stray_semaphores
     doomed: list[str] = []
     kept = 0
     for name in orphans.unused_stores:
+        if not name.startswith(prefix):
+            continue
         try:
             with _opened(name) as st:
                 verdict = gc_verdict(
@@ -275,21 +280,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
             reason = verdict.reason
         _out(f"{doing} store {name!r}: {reason}")
         doomed.append(name)
-    for sem in orphans.stray_semaphores:
+    for sem in strays:
         _out(f"{doing} semaphore {sem}: its store is gone")
     reclaimed = 0
     if args.yes:
         for name in doomed:
             remove(name)
-        for sem in orphans.stray_semaphores:
+        for sem in strays:
             with contextlib.suppress(FileNotFoundError):
                 (SHM_DIR / sem).unlink()
         from ._inventory import list_store_names  # noqa: PLC0415
 
-        for name in list_store_names():  # the stores in use: reclaim their dead readers
+        in_use = [n for n in list_store_names() if n.startswith(prefix)]
+        for name in in_use:  # the stores in use: reclaim their dead readers
             with contextlib.suppress(StateStoreError), _opened(name, inspect=False) as st:
                 reclaimed += st.reclaim_dead_readers()
-    total = len(doomed) + len(orphans.stray_semaphores)
+    total = len(doomed) + len(strays)
     kept_note = (
         f"; kept {kept} unused store(s) (--older-than AGE or --all to remove)" if kept else ""
     )
@@ -424,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also unused stores idle this long (90s, 30m, 12h, 7d)",
     )
     which.add_argument("--all", action="store_true", help="every store no live process has open")
+    p.add_argument(
+        "--prefix",
+        metavar="TEXT",
+        help="only stores whose names start with TEXT (stray semaphores are then left alone)",
+    )
 
     p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (harness, core, wake)")
     p.add_argument("which", choices=BENCHMARKS)
