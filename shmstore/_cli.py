@@ -204,14 +204,24 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# A Ctrl-C that lands between Python's last signal check and the semaphore wait would wait for
+# the next commit, which may never come: sleep in slices, so it is seen within one.
+WATCH_SLICE = 1.0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
-    with _opened(args.name) as st, st.subscribe(after_version=args.after) as sub:
+    with (
+        _opened(args.name) as st,
+        st.subscribe(after_version=args.after, timeout=WATCH_SLICE) as sub,
+    ):
         while True:
             try:
                 for version, value in sub:
                     _out(_json({"version": version, "value": value}))
             except SubscriberLaggedError as lag:
                 print(f"shmstore: {lag}", file=sys.stderr)
+            except TimeoutError:
+                continue
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -255,7 +265,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     doing = "removing" if args.yes else "would remove"
     prefix = args.prefix or ""
     # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
-    strays = [] if prefix else orphans.stray_semaphores
+    strays = [] if prefix else list(orphans.stray_semaphores)
     doomed: list[str] = []
     kept = 0
     for name in orphans.unused_stores:
@@ -282,13 +292,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
         doomed.append(name)
     for sem in strays:
         _out(f"{doing} semaphore {sem}: its store is gone")
-    reclaimed = 0
+    reclaimed = failed = 0
     if args.yes:
-        for name in doomed:
-            remove(name)
-        for sem in strays:
-            with contextlib.suppress(FileNotFoundError):
+        for name in list(doomed):
+            try:
+                remove(name)
+            except StateStoreError as exc:  # another user's store: say so, go on with the rest
+                print(f"shmstore: {exc}", file=sys.stderr)
+                doomed.remove(name)
+                failed += 1
+        for sem in list(strays):
+            try:
                 (SHM_DIR / sem).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                print(f"shmstore: cannot remove semaphore {sem}: {exc.strerror}", file=sys.stderr)
+                strays.remove(sem)
+                failed += 1
         from ._inventory import list_store_names  # noqa: PLC0415
 
         in_use = [n for n in list_store_names() if n.startswith(prefix)]
@@ -303,7 +324,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         _out(f"removed {total} object(s); reclaimed {reclaimed} dead reader entr(ies){kept_note}")
     else:
         _out(f"{total} object(s) to remove; run with --yes to remove them{kept_note}")
-    return EXIT_OK
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 BENCHMARKS = ("harness", "core", "wake")

@@ -227,7 +227,10 @@ class _Signals:
 
     def install(self) -> None:
         for sig in _SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            # A signal ignored from the start stays ignored: that is how a shell runs a
+            # background job (`shmstore demo &` must not stop on the terminal's Ctrl-C).
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -254,7 +257,7 @@ class _Signals:
                 yield
             finally:
                 for sig in signals:
-                    signal.signal(sig, self._handle)
+                    signal.signal(sig, self._handle if sig in self._previous else signal.SIG_IGN)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # pending ones fire now
 

@@ -21,7 +21,8 @@ necessary, never sufficient. ``gc`` removes an unused store only when one more t
 * it has been **idle longer than** ``--older-than`` (no commit, and created before that); or
 * the operator said ``--all``: every unused store.
 
-Semaphores whose store segment no longer exists are always garbage: nothing can use them.
+Semaphores whose store segment no longer exists, and that no live process has open, are always
+garbage: nothing can use them.
 
 What the default cannot see: a store whose only users were writers, or readers that never waited
 (only waiting registers a reader), leaves no trace of how its processes ended. Such a store is
@@ -86,14 +87,16 @@ class Orphans:
     """What no live process uses, and whether that can be known."""
 
     unused_stores: list[str]  # no live process maps their segment
-    stray_semaphores: list[str]  # semaphores whose store segment no longer exists
+    stray_semaphores: list[str]  # semaphores whose segment is gone and that nobody has open
     unreadable_processes: int  # processes whose mappings we could not inspect
 
 
-def _mapped_segments() -> tuple[set[str], int]:
+def _mapped_objects() -> tuple[set[str], int]:
+    """Names of the ``/dev/shm`` files of ours that some live process maps (segments, and
+    semaphores: glibc maps each open named semaphore), and how many processes were unreadable."""
     mapped: set[str] = set()
     unreadable = 0
-    marker = f"{SHM_DIR}/{OS_PREFIX}"
+    marker = f"{SHM_DIR}/"
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -107,18 +110,22 @@ def _mapped_segments() -> tuple[set[str], int]:
         for line in maps.splitlines():
             where = line.find(marker)
             if where >= 0:
-                mapped.add(line[where + len(str(SHM_DIR)) + 1 :].split(" ")[0])
+                file = line[where + len(marker) :].split(" ")[0]
+                if OS_PREFIX in file:
+                    mapped.add(file)
     return mapped, unreadable
 
 
 def find_orphans() -> Orphans:
-    mapped, unreadable = _mapped_segments()
+    mapped, unreadable = _mapped_objects()
     unused = [name for name in list_store_names() if segment_name(name).lstrip("/") not in mapped]
     segments = {p.name for p in SHM_DIR.glob(OS_PREFIX + "*")}
+    # A semaphore whose segment is gone may still be open in a handle of the unlinked store
+    # ("attached handles keep working"): only an unmapped one is garbage.
     stray = sorted(
         p.name
         for p in SHM_DIR.glob(f"sem.{OS_PREFIX}*")
-        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments
+        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments and p.name not in mapped
     )
     if os.geteuid() == 0:
         unreadable = 0  # root reads every process's maps; failures are exits mid-scan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -10,7 +11,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import posix_ipc
 import pytest
 from conftest import objects_of
 from test_multiprocess import JOIN
@@ -19,6 +23,8 @@ from workers import Point, block_forever_in_wait, create_and_leave
 
 import shmstore
 from shmstore import Store
+from shmstore._inventory import find_orphans, gc_verdict, parse_duration
+from shmstore._names import semaphore_prefix
 
 SCRIPT = str(Path(sys.executable).parent / "shmstore")
 TESTS = str(Path(__file__).parent)
@@ -40,6 +46,15 @@ def cli(
     return subprocess.CompletedProcess(
         result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
     )
+
+
+def with_ctrl_c(*argv: str) -> list[str]:
+    """*argv* run with SIGINT at its default, whatever we inherited: a runner that started the
+    suite as a background job (``pytest &``) hands it SIGINT ignored, and a program keeps it
+    that way. The shim execs, so the pid is the program's."""
+    shim = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    shim += "os.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", shim, *argv]
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -221,7 +236,10 @@ def test_watch_prints_each_version_and_leaves_nothing_on_ctrl_c(store_name: str)
     with Store.create(store_name, int) as st:
         st.set(10)
         proc = subprocess.Popen(
-            [SCRIPT, "watch", store_name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            with_ctrl_c(SCRIPT, "watch", store_name),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"version": 1, "value": 10}
@@ -283,6 +301,55 @@ def test_gc_removes_abandoned_stores_and_keeps_the_rest(store_name: str) -> None
     finally:
         shmstore.remove(kept)
         shmstore.remove(crashed)
+
+
+def test_gc_verdict_and_durations() -> None:
+    def stats(registered: int, alive: int, created_s: float, updated_s: float = 0) -> Any:
+        return SimpleNamespace(
+            readers_registered=registered,
+            readers_alive=alive,
+            created_ns=int(created_s * 1e9),
+            last_update_ns=int(updated_s * 1e9),
+        )
+
+    now = int(10_000 * 1e9)
+    assert gc_verdict(stats(2, 0, 9_000), now_ns=now).remove  # dead readers: abandoned
+    idle = stats(0, 0, 1_000, updated_s=9_000)  # created long ago, but committed 1000 s ago
+    assert not gc_verdict(idle, now_ns=now).remove
+    assert not gc_verdict(idle, older_than=1_001, now_ns=now).remove
+    assert gc_verdict(idle, older_than=999, now_ns=now).remove
+    assert gc_verdict(idle, everything=True, now_ns=now).remove
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "1.5h", "7d")] == [
+        90,
+        90,
+        1800,
+        5400,
+        604800,
+    ]
+    for bad in ("", "-1s", "5x", "nan", "inf", "1e400d"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+
+
+def test_a_stray_semaphore_is_garbage_only_when_nobody_has_it_open(store_name: str) -> None:
+    # A semaphore of a store whose segment is gone, that no process has open: garbage.
+    stray = posix_ipc.Semaphore(
+        semaphore_prefix(store_name + "-gone") + "zzzzzzz", posix_ipc.O_CREX
+    )
+    stray.close()
+    stray_file = "sem." + stray.name.lstrip("/")
+    try:
+        with Store.create(store_name, int) as st:
+            with pytest.raises(TimeoutError):
+                st.wait(0, timeout=0.01)  # registers: this handle holds a semaphore open
+            (held,) = [n for n in objects_of(store_name) if n.startswith("sem.")]
+            st.unlink()  # the segment is gone, the handle keeps working
+            orphans = find_orphans()
+            assert stray_file in orphans.stray_semaphores
+            assert held not in orphans.stray_semaphores  # still open here: not garbage
+    finally:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(stray.name)
 
 
 def test_bench_runs_the_benchmark_programs() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import objects_of
-from test_cli import SCRIPT, cli
+from test_cli import SCRIPT, cli, with_ctrl_c
 
 from shmstore._demo import run_demo
 
@@ -25,7 +25,7 @@ HANG = 120  # seconds: bounds a hang, never a duration
 
 def demo(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [SCRIPT, "demo", *args],
+        with_ctrl_c(SCRIPT, "demo", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
