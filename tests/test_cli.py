@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +56,28 @@ def with_ctrl_c(*argv: str) -> list[str]:
     shim = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     shim += "os.execv(sys.argv[1], sys.argv[1:])"
     return [sys.executable, "-c", shim, *argv]
+
+
+@contextlib.contextmanager
+def spawned(argv: list[str], *, new_session: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """A program under test, with pipes; killed (its whole session, if it has one) and reaped
+    however the test ends, so that a failure cannot leave it running into later tests."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if new_session:
+                os.killpg(proc.pid, signal.SIGKILL)  # the children too, if any are left
+            elif proc.poll() is None:
+                proc.kill()
+        proc.communicate(timeout=JOIN)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -235,24 +258,19 @@ def test_rm_removes_everything(store_name: str) -> None:
 def test_watch_prints_each_version_and_leaves_nothing_on_ctrl_c(store_name: str) -> None:
     with Store.create(store_name, int) as st:
         st.set(10)
-        proc = subprocess.Popen(
-            with_ctrl_c(SCRIPT, "watch", store_name),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline()) == {"version": 1, "value": 10}
-        wait_for_registrations(st, 1)
-        st.set(11)
-        st.set(12)
-        assert json.loads(proc.stdout.readline()) == {"version": 2, "value": 11}
-        assert json.loads(proc.stdout.readline()) == {"version": 3, "value": 12}
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=JOIN)
-        assert proc.returncode == 130
-        assert "Traceback" not in err
-        assert st._registry.entries() == []
+        with spawned(with_ctrl_c(SCRIPT, "watch", store_name)) as proc:
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()) == {"version": 1, "value": 10}
+            wait_for_registrations(st, 1)
+            st.set(11)
+            st.set(12)
+            assert json.loads(proc.stdout.readline()) == {"version": 2, "value": 11}
+            assert json.loads(proc.stdout.readline()) == {"version": 3, "value": 12}
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=JOIN)
+            assert proc.returncode == 130
+            assert "Traceback" not in err
+            assert st._registry.entries() == []
 
 
 def _abandon_after_a_crash(name: str) -> None:

@@ -8,29 +8,30 @@ pid (``demo-<pid>``) and checks that nothing of *that* store is left in /dev/shm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import objects_of
-from test_cli import SCRIPT, cli, with_ctrl_c
+from test_cli import SCRIPT, cli, spawned, with_ctrl_c
 
 from shmstore._demo import run_demo
 
 HANG = 120  # seconds: bounds a hang, never a duration
+Demo = Callable[..., subprocess.Popen[str]]
 
 
-def demo(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        with_ctrl_c(SCRIPT, "demo", *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+@pytest.fixture
+def demo() -> Iterator[Demo]:
+    """Starts ``shmstore demo ARGS`` in its own session; kills what is left of it at the end."""
+    with contextlib.ExitStack() as stack:
+        yield lambda *args: stack.enter_context(
+            spawned(with_ctrl_c(SCRIPT, "demo", *args), new_session=True)
+        )
 
 
 def started(proc: subprocess.Popen[str]) -> str:
@@ -62,7 +63,7 @@ def finish(proc: subprocess.Popen[str], name: str) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_demo_runs_reports_and_cleans_up() -> None:
+def test_demo_runs_reports_and_cleans_up(demo: Demo) -> None:
     proc = demo("--seconds", "1.5", "--readers", "2", "--rate", "500")
     name = started(proc)
     out, err = proc.communicate(timeout=HANG)
@@ -92,7 +93,7 @@ def only_parent(sig: signal.Signals) -> Callable[[int], None]:
     ids=["ctrl-c", "sigterm", "sighup-group"],
 )
 def test_a_stop_signal_once_running_stops_everything_and_leaves_nothing(
-    send: Callable[[int], None], code: int, word: str
+    demo: Demo, send: Callable[[int], None], code: int, word: str
 ) -> None:
     proc = demo("--seconds", "120", "--readers", "2")
     name = started(proc)
@@ -103,7 +104,7 @@ def test_a_stop_signal_once_running_stops_everything_and_leaves_nothing(
     assert word in err
 
 
-def test_ctrl_c_while_children_are_still_importing_prints_no_traceback() -> None:
+def test_ctrl_c_while_children_are_still_importing_prints_no_traceback(demo: Demo) -> None:
     proc = demo("--seconds", "120", "--readers", "3")
     name = started(proc)  # printed right after the children were started: they are importing
     os.killpg(proc.pid, signal.SIGINT)
@@ -113,7 +114,7 @@ def test_ctrl_c_while_children_are_still_importing_prints_no_traceback() -> None
 
 
 @pytest.mark.parametrize("when", ["importing", "running"])
-def test_second_ctrl_c_during_cleanup_still_removes_the_store(when: str) -> None:
+def test_second_ctrl_c_during_cleanup_still_removes_the_store(demo: Demo, when: str) -> None:
     proc = demo("--seconds", "120", "--readers", "2")
     name = started(proc)
     if when == "running":
@@ -126,7 +127,7 @@ def test_second_ctrl_c_during_cleanup_still_removes_the_store(when: str) -> None
     assert returncode in (130, 143), err
 
 
-def test_killed_parent_is_cleaned_up_after_by_its_children() -> None:
+def test_killed_parent_is_cleaned_up_after_by_its_children(demo: Demo) -> None:
     proc = demo("--seconds", "120", "--readers", "2")
     name = started(proc)
     running(proc)
