@@ -126,8 +126,10 @@ def _run_child(label: str, name: str, parent: int, body: Any) -> None:
     try:
         asyncio.run(body)
     except Exception as exc:
-        print(f"demo: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        if not _orphaned(parent):
+            print(f"demo: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            sys.exit(1)
+        # Orphaned, the store may be gone already under us: nothing worth saying.
     if _orphaned(parent):
         remove(name)  # the parent was killed before it could: the last one out cleans up
 
