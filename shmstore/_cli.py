@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmstore",
         description="Typed, versioned state shared between processes: inspect and manage stores.",
-        epilog="Exit status: 0 ok, 1 error, 2 usage, 3 set --expect conflict, 130 interrupted.",
+        epilog="Exit status: 0 ok, 1 error, 2 usage, 3 set --expect conflict, 130 interrupted, "
+        "143 demo stopped by SIGTERM/SIGHUP.",
     )
     parser.add_argument("--version", action="version", version=f"shmstore {_package_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
