@@ -372,6 +372,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _readers(text: str) -> int:
+    from ._demo import MAX_READERS  # noqa: PLC0415
+
+    value = _positive_int(text)
+    if value > MAX_READERS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_READERS} reader processes, got {value}")
+    return value
+
+
 def _rate(text: str) -> float:
     from ._demo import MAX_RATE  # noqa: PLC0415
 
@@ -463,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 
     p = verb("demo", cmd_demo, "an FSM worker and reader processes sharing one store, live")
-    p.add_argument("--readers", type=_positive_int, default=3, help="reader processes (3)")
+    p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
     p.add_argument("--seconds", type=_positive_float, default=5.0, help="how long (5)")
     p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
     return parser

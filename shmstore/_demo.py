@@ -65,10 +65,11 @@ from .fsm import (
     next_snapshot,
 )
 
-__all__ = ["EXIT_TERMINATED", "MAX_RATE", "run_demo"]
+__all__ = ["EXIT_TERMINATED", "MAX_RATE", "MAX_READERS", "check_options", "run_demo"]
 
 REPORT_EVERY = 0.5
 MAX_RATE = 1_000_000.0  # far beyond what one worker can commit; a bound that catches typos
+MAX_READERS = 256  # processes: a bound that keeps a typo from being a fork bomb
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 STOP_GRACE = 5.0  # seconds the children get to finish after the stop event
@@ -310,8 +311,8 @@ def _render(
 
 def check_options(readers: int, seconds: float, rate: float) -> None:
     """Raise ``ValueError`` (one line) for options the demo cannot run with."""
-    if readers < 1:
-        raise ValueError(f"readers must be at least 1, got {readers}")
+    if not 1 <= readers <= MAX_READERS:
+        raise ValueError(f"readers must be between 1 and {MAX_READERS}, got {readers}")
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"seconds must be a positive number, got {seconds}")
     if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
@@ -343,7 +344,15 @@ class _Demo:
             self.reports = self.ctx.Queue()
         parent = os.getpid()
         with self.signals.children_born_deaf():
-            self.owner = Store.create(self.name, FsmSnapshotDTO, slots=64, slot_size=256 * 1024)
+            self.owner = Store.create(
+                self.name,
+                FsmSnapshotDTO,
+                slots=64,
+                slot_size=256 * 1024,
+                # Each reader process waits through one registry entry: room for all of them
+                # (and for a watching operator), however many were asked for.
+                max_readers=max(64, 2 * self.readers + 8),
+            )
             workers = [
                 self.ctx.Process(
                     target=_worker,

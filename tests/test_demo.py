@@ -156,6 +156,7 @@ def _session_alive(sid: int) -> bool:
     [
         (("--readers", "0"), "must be at least 1"),
         (("--readers", "x"), "expected a whole number, got 'x'"),
+        (("--readers", "100000"), "at most 256 reader processes"),
         (("--seconds", "nan"), "must be a positive finite number"),
         (("--seconds", "-1"), "must be a positive finite number"),
         (("--rate", "inf"), "must be a positive finite number"),
@@ -173,7 +174,7 @@ def test_bad_options_are_usage_errors(args: tuple[str, ...], message: str) -> No
 
 def test_run_demo_refuses_bad_options_before_creating_anything() -> None:
     for kwargs in ({"seconds": float("nan")}, {"rate": float("inf")}, {"readers": 0}):
-        with pytest.raises(ValueError, match="must be"):
+        with pytest.raises(ValueError, match="must be"):  # one line, before anything exists
             run_demo(**kwargs)  # type: ignore[arg-type]
         assert not objects_of(f"demo-{os.getpid()}")
 
