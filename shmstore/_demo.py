@@ -225,7 +225,6 @@ class _Signals:
     def __init__(self) -> None:
         self.stopping = False
         self.hurry = False
-        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -244,7 +243,6 @@ class _Signals:
             self.hurry = True  # a second Ctrl-C: finish the cleanup faster, never skip it
             return
         self.stopping = True
-        self.signum = signum
         raise _Stop(signum)
 
     @contextlib.contextmanager
@@ -353,14 +351,14 @@ class _Demo:
                 # (and for a watching operator), however many were asked for.
                 max_readers=max(64, 2 * self.readers + 8),
             )
-            workers = [
+            children = [
                 self.ctx.Process(
                     target=_worker,
                     args=(self.name, self.rate, self.stop, parent),
                     name="fsm-worker",
                 )
             ]
-            workers += [
+            children += [
                 self.ctx.Process(
                     target=_reader,
                     args=(self.name, i, self.reports, self.stop, parent),
@@ -368,7 +366,7 @@ class _Demo:
                 )
                 for i in range(self.readers)
             ]
-            for p in workers:
+            for p in children:
                 p.start()
                 self.procs.append(p)
         print(
