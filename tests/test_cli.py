@@ -522,3 +522,25 @@ def test_root_inspects_and_removes_another_users_store(store_name: str) -> None:
     assert "owned by uid 65534" in one_line_error(refused)
     assert cli("rm", store_name).returncode == 0
     assert not objects_of(store_name)
+
+
+def test_an_unexpected_error_is_still_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last line of defence, in-process: a bug of ours must not greet an operator with a
+    traceback, but a developer can ask for it."""
+    from shmstore import _cli  # noqa: PLC0415
+
+    def broken(_args: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_cli, "cmd_ls", broken)
+    assert _cli.main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "shmstore: internal error: RuntimeError: a bug "
+        "(SHMSTORE_TRACEBACK=1 shows where; please report it)\n"
+    )
+    monkeypatch.setenv("SHMSTORE_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="a bug"):
+        _cli.main(["ls"])
