@@ -44,11 +44,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def objects_of(name: str) -> set[str]:
-    """The files in /dev/shm that belong to store *name*: its segment and reader semaphores."""
+    """The files in /dev/shm that belong to store *name*: its segment, the rings it grew into
+    and its reader semaphores."""
     base = segment_name(name).lstrip("/")
     if not SHM.is_dir():
         return set()
-    return {p.name for p in SHM.iterdir() if p.name == base or p.name.startswith(f"sem.{base}.")}
+    return {
+        p.name
+        for p in SHM.iterdir()
+        if p.name == base or p.name.startswith((f"sem.{base}.", f"{base}.g"))
+    }
 
 
 def _store_name_in(path: Path) -> str | None:
@@ -81,6 +86,10 @@ def objects_of_this_run() -> set[str]:
             ours.add(n)
         elif n.startswith("sem."):
             base = n[len("sem.") :].rsplit(".", 1)[0]
+            if base in mine or base in _issued:
+                ours.add(n)
+        elif ".g" in n:  # a ring the store grew into: shmstore.<hash>.g<generation>
+            base = n.rsplit(".g", 1)[0]
             if base in mine or base in _issued:
                 ours.add(n)
     return ours
