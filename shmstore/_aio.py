@@ -41,6 +41,7 @@ SYNC_METHODS: Final = (
     "checkpoint",
     "reclaim_dead_readers",
     "projection",
+    "keep_writer_lock",
     "unlink",
 )
 SYNC_PROPERTIES: Final = (
@@ -58,6 +59,7 @@ SYNC_PROPERTIES: Final = (
     "created_ns",
     "closed",
     "app_counters",
+    "keeps_writer_lock",
 )
 
 
@@ -81,6 +83,7 @@ class AsyncStore(Generic[T]):
         checkpoint: Callable[[str | os.PathLike[str]], int]
         reclaim_dead_readers: Callable[[], int]
         projection: Callable[[type[P]], Projection[P]]
+        keep_writer_lock: Callable[[], Store[T]]
         unlink: Callable[[], None]
 
         @property
@@ -111,6 +114,8 @@ class AsyncStore(Generic[T]):
         def closed(self) -> bool: ...
         @property
         def app_counters(self) -> AppCounters: ...
+        @property
+        def keeps_writer_lock(self) -> bool: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store
