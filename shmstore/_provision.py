@@ -50,7 +50,7 @@ from ._layout import (
 from ._names import semaphore_prefix, validate_name
 from ._registry import registered_semaphore_names, unlink_semaphore
 from ._ring import Ring
-from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._segment import Segment, UnsizedSegmentError, resolve_group, unlink_segment
 from ._writelock import RobustMutexLock, robust_mutex_supported
 
 __all__ = [
@@ -96,6 +96,7 @@ class CreateOptions:
     mode: int = 0o600
     writer_lock: str = "auto"
     restore_from: str | os.PathLike[str] | None = None
+    group: int | str | None = None
 
 
 def _default_crc() -> bool:
@@ -164,7 +165,8 @@ def create(name: str, tp: Any, options: CreateOptions) -> Attached:
     """Create store *name*: a new segment, fully initialized before its magic appears."""
     validate_name(name)
     geometry, codec, flags, restore = _plan(tp, options)
-    segment = Segment.create(name, geometry.total_size, options.mode)
+    group = None if options.group is None else resolve_group(options.group)
+    segment = Segment.create(name, geometry.total_size, options.mode, group)
     return _initialize(segment, geometry, codec, flags, unlink_on_error=True, restore=restore)
 
 
@@ -212,10 +214,13 @@ def _initialize(
     return Attached(segment, info, codec, writable=True)
 
 
-def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
-    """Open store *name* for values of *tp* (``None``: untyped, for tools)."""
+def attach(
+    name: str, tp: Any, *, allow_other_owner: bool, readonly: bool | None = None
+) -> Attached:
+    """Open store *name* for values of *tp* (``None``: untyped, for tools); *readonly* as
+    :meth:`Segment.open` takes it."""
     validate_name(name)
-    segment, info = _attach(name)
+    segment, info = _attach(name, readonly=readonly)
     try:
         owner = segment.owner_uid()
         if owner != os.geteuid() and not allow_other_owner:
@@ -235,19 +240,22 @@ def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
                     f"which does not match the requested type {codec.type_name}"
                 )
             writable = True
+        writable = writable and not segment.readonly
     except BaseException:
         segment.close()
         raise
     return Attached(segment, info, codec, writable)
 
 
-def _attach(name: str, wait: float | None = None) -> tuple[Segment, HeaderInfo]:
+def _attach(
+    name: str, wait: float | None = None, *, readonly: bool | None = None
+) -> tuple[Segment, HeaderInfo]:
     """Open and validate the segment, waiting up to *wait* seconds (default
     :data:`OPEN_WAIT`) for a concurrent create."""
     deadline = time.monotonic() + (OPEN_WAIT if wait is None else wait)
     while True:
         try:
-            segment = Segment.open(name)
+            segment = Segment.open(name, readonly=readonly)
         except UnsizedSegmentError:
             if time.monotonic() > deadline:
                 raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
@@ -277,7 +285,7 @@ def remove(name: str) -> bool:
     validate_name(name)
     semaphores: list[str] = []
     try:
-        segment, info = _attach(name, wait=0.0)
+        segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
         pass  # missing or damaged: still remove the name, and every semaphore we can find
     else:

@@ -116,6 +116,15 @@ def _byte_lock(fd: int, offset: int, kind: int) -> bool:
     return True
 
 
+def _byte_locked(fd: int, offset: int) -> bool:
+    """Whether another open file description holds a lock on byte *offset*. Only asks
+    (``F_OFD_GETLK``): takes nothing, and works on a read-only descriptor too, where a
+    ``F_WRLCK`` probe would fail with ``EBADF``."""
+    arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -440,7 +449,8 @@ class Registry:
     # ------------------------------------------------------------------ tools and lifecycle
 
     def entries(self) -> list[tuple[int, int, bool]]:
-        """``(index, pid, alive)`` of every entry in use (a snapshot, for tools and tests)."""
+        """``(index, pid, alive)`` of every entry in use (a snapshot, for tools and tests). Only
+        reads the segment and queries locks, so a read-only handle may call it."""
         out = []
         q = self._q
         for index in range(min(q[W_REG_HIGH], self._capacity)):
@@ -450,9 +460,7 @@ class Registry:
             if index in self._own:
                 alive = True
             elif _OFD:
-                alive = not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
-                if not alive:
-                    _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
+                alive = _byte_locked(self.fd, LIVENESS_BASE + index)
             else:
                 alive = _pid_alive(pid)
             out.append((index, pid, alive))

@@ -7,11 +7,21 @@ the name for everyone.
 The full size is reserved with ``posix_fallocate`` at create: tmpfs is sparse, and the first
 touch of a page that an over-committed ``/dev/shm`` cannot back kills the process with SIGBUS
 instead of raising an error. Reserving up front turns that into a clear error at create time.
+
+Read-only handles. A segment opened ``readonly`` (or opened by a user the OS grants only read
+access: ``O_RDWR`` fails with ``EACCES`` and the open falls back to ``O_RDONLY``) is mapped
+``PROT_READ``: not one byte of it can change through this process, whatever the code above does
+-- a store through it raises ``TypeError`` at the first attempted store, before the kernel would.
+
+A segment's *group* can be set at create (``chown`` before the segment is sized and long before
+its magic is written), so that group-based sharing never has a window in which a reader sees the
+store with the creator's group.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
 import mmap
 import os
 
@@ -20,7 +30,7 @@ import posix_ipc
 from ._errors import StateStoreError, StoreExistsError, StoreNotFoundError, StorePermissionError
 from ._names import segment_name
 
-__all__ = ["Segment", "UnsizedSegmentError", "unlink_segment"]
+__all__ = ["Segment", "UnsizedSegmentError", "resolve_group", "unlink_segment"]
 
 
 class Segment:
@@ -31,17 +41,23 @@ class Segment:
     child must not share the parent's open file description, or it would share its locks.
     """
 
-    __slots__ = ("fd", "map", "name", "os_name", "size")
+    __slots__ = ("fd", "map", "name", "named", "os_name", "readonly", "size")
 
-    def __init__(self, name: str, fd: int, size: int) -> None:
+    def __init__(
+        self, name: str, fd: int, size: int, *, readonly: bool = False, named: bool = True
+    ) -> None:
         self.name = name
         self.os_name = segment_name(name)
         self.fd = fd
         self.size = size
-        self.map = mmap.mmap(fd, size)
+        self.readonly = readonly
+        self.named = named  # False for an anonymous (memfd) segment: it has no name to lose
+        self.map = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int) -> Segment:
+    def create(cls, name: str, size: int, mode: int, group: int | None = None) -> Segment:
+        """Create and size segment *name* with permission bits *mode* and, if given, group id
+        *group* (the creator's group otherwise)."""
         os_name = segment_name(name)
         try:
             shm = posix_ipc.SharedMemory(os_name, posix_ipc.O_CREX, mode=mode, size=0)
@@ -53,9 +69,15 @@ class Segment:
             ) from exc
         fd = shm.fd
         try:
+            if group is not None:
+                _chgrp(fd, group, name)
             os.fchmod(fd, mode)  # shm_open applies the umask; the caller's mode is what counts
             os.posix_fallocate(fd, 0, size)
             return cls(name, fd, size)
+        except StorePermissionError:
+            os.close(fd)
+            _unlink_quietly(os_name)
+            raise
         except OSError as exc:
             os.close(fd)
             _unlink_quietly(os_name)
@@ -79,23 +101,27 @@ class Segment:
             fd = os.memfd_create(f"shmstore-{label}", os.MFD_CLOEXEC)
             try:
                 os.posix_fallocate(fd, 0, size)
-                return cls(label, fd, size)
+                return cls(label, fd, size, named=False)
             except BaseException:
                 os.close(fd)
                 raise
         segment = cls.create(label, size, 0o600)
         unlink_segment(label)
+        segment.named = False
         return segment
 
     @classmethod
-    def open(cls, name: str) -> Segment:
-        fd = _open_fd(name)
+    def open(cls, name: str, *, readonly: bool | None = None) -> Segment:
+        """Open and map segment *name*: read-write with ``readonly=False``
+        (:class:`StorePermissionError` if the OS grants only read access), read-only with
+        ``True``, and with ``None`` read-write if the OS allows it, else read-only."""
+        fd, readonly = _open_fd(name, readonly)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 # Created but not yet sized: the creator is between shm_open and fallocate.
                 raise UnsizedSegmentError(f"store {name!r} is still being created")
-            return cls(name, fd, size)
+            return cls(name, fd, size, readonly=readonly)
         except BaseException:
             os.close(fd)
             raise
@@ -103,8 +129,29 @@ class Segment:
     def reopen(self) -> None:
         """Give this process its own open file description (after ``fork()``)."""
         old = self.fd
-        self.fd = _open_fd(self.name)
+        self.fd, _ = _open_fd(self.name, self.readonly)
         os.close(old)
+
+    def removed(self) -> bool:
+        """Whether this segment is no longer the one the store's name points to: the name was
+        removed (``unlink``/``shmstore rm``), or removed and taken by a new store. Handles of
+        such a segment keep a private, orphaned store. Always ``False`` for an anonymous one."""
+        if not self.named:
+            return False
+        mine = os.fstat(self.fd)
+        if mine.st_nlink == 0:
+            return True  # Linux: the tmpfs file has no name left
+        try:
+            fd, _ = _open_fd(self.name, True)
+        except StoreNotFoundError:
+            return True
+        except StorePermissionError:
+            return False  # the name exists but is not ours to compare: assume it is this one
+        try:
+            now = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
 
     def owner_uid(self) -> int:
         return os.fstat(self.fd).st_uid
@@ -128,15 +175,50 @@ class UnsizedSegmentError(StateStoreError):
     """The segment exists but has no size yet: a create in progress."""
 
 
-def _open_fd(name: str) -> int:
+def _open_fd(name: str, readonly: bool | None) -> tuple[int, bool]:
+    """``(fd, readonly)``; see :meth:`Segment.open` for *readonly*."""
+    os_name = segment_name(name)
     try:
-        shm = posix_ipc.SharedMemory(segment_name(name))
+        try:
+            shm = posix_ipc.SharedMemory(os_name, read_only=bool(readonly))
+        except posix_ipc.PermissionsError:
+            if readonly is not None:
+                raise
+            shm = posix_ipc.SharedMemory(os_name, read_only=True)  # read is all we may do
+            readonly = True
     except posix_ipc.ExistentialError as exc:
         raise StoreNotFoundError(errno.ENOENT, f"no store named {name!r}") from exc
     except posix_ipc.PermissionsError as exc:
-        raise StorePermissionError(errno.EACCES, f"cannot open store {name!r}: {exc}") from exc
+        wanted = "read" if readonly else "write"
+        raise StorePermissionError(
+            errno.EACCES, f"cannot open store {name!r} to {wanted}: {exc}"
+        ) from exc
     fd: int = shm.fd
-    return fd
+    return fd, bool(readonly)
+
+
+def resolve_group(group: int | str) -> int:
+    """A group id from a gid or a group name; ``ValueError`` for an unknown name."""
+    if isinstance(group, bool) or not isinstance(group, (int, str)):
+        raise TypeError(f"group must be a gid or a group name, got {type(group).__name__}")
+    if isinstance(group, int):
+        if group < 0:
+            raise ValueError(f"group must be a gid (>= 0), got {group}")
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {group!r}") from None
+
+
+def _chgrp(fd: int, gid: int, name: str) -> None:
+    try:
+        os.fchown(fd, -1, gid)
+    except PermissionError as exc:
+        raise StorePermissionError(
+            errno.EPERM,
+            f"cannot give store {name!r} group {gid}: only a member of that group (or root) can",
+        ) from exc
 
 
 def _unlink_quietly(os_name: str) -> bool:
