@@ -53,6 +53,8 @@ SYNC_PROPERTIES: Final = (
     "created_ns",
     "closed",
     "app_counters",
+    "readonly",
+    "wait_mode",
 )
 
 
@@ -101,6 +103,10 @@ class AsyncStore(Generic[T]):
         def closed(self) -> bool: ...
         @property
         def app_counters(self) -> AppCounters: ...
+        @property
+        def readonly(self) -> bool: ...
+        @property
+        def wait_mode(self) -> str: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store
