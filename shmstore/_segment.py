@@ -32,6 +32,9 @@ from ._names import segment_name
 
 __all__ = ["Segment", "UnsizedSegmentError", "resolve_group", "unlink_segment"]
 
+# Where Linux keeps POSIX shared memory as files (elsewhere, None: names are opened to compare).
+_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
 
 class Segment:
     """A mapped segment and this process's descriptor for it.
@@ -141,16 +144,24 @@ class Segment:
         mine = os.fstat(self.fd)
         if mine.st_nlink == 0:
             return True  # Linux: the tmpfs file has no name left
-        try:
-            fd, _ = _open_fd(self.name, True)
-        except StoreNotFoundError:
-            return True
-        except StorePermissionError:
-            return False  # the name exists but is not ours to compare: assume it is this one
-        try:
-            now = os.fstat(fd)
-        finally:
-            os.close(fd)
+        if _SHM_DIR is not None:  # Linux: the name is a file; one stat, no open
+            try:
+                now = os.stat(os.path.join(_SHM_DIR, self.os_name.lstrip("/")))
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False  # not ours to look at: assume the name is still this segment
+        else:
+            try:
+                fd, _ = _open_fd(self.name, True)
+            except StoreNotFoundError:
+                return True
+            except StorePermissionError:
+                return False
+            try:
+                now = os.fstat(fd)
+            finally:
+                os.close(fd)
         return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
 
     def owner_uid(self) -> int:
