@@ -10,6 +10,7 @@ and messages, never tracebacks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
@@ -135,3 +136,13 @@ def bumper(name: str, conn: Connection) -> None:
             if conn.recv() == "stop":
                 return
             conn.send(st.set(st.version * 10))
+
+
+def registered_reader(name: str, conn: Connection) -> None:
+    """Register as a waiter of store *name* (a first, timed-out wait), say so, then block until
+    killed (or told to go)."""
+    with Store.open(name, int) as st:
+        with contextlib.suppress(TimeoutError):
+            st.wait(st.version, timeout=0.01)
+        conn.send("registered")
+        conn.poll(STEP)

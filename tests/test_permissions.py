@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from perm_workers import STEP, bumper, other_user_create, other_user_session
+from perm_workers import STEP, bumper, other_user_create, other_user_session, registered_reader
 
 import shmstore
 from shmstore import AsyncStore, Store, StorePermissionError
@@ -224,6 +224,35 @@ def test_writer_lock_held_is_seen_by_a_readonly_handle_without_taking_it(
         finally:
             lock.close()
             holder.close()
+
+
+def test_a_readonly_handle_counts_live_and_dead_readers_without_touching_them(
+    store_name: str,
+) -> None:
+    """statistics() probes the readers' liveness locks with a query that needs no write access,
+    and a read-only handle reclaims nothing: the dead reader's entry stays for a writer."""
+    with Store.create(store_name, int) as writer:
+        writer.set(1)
+        conns, procs = [], []
+        for _ in range(2):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=registered_reader, args=(store_name, child))
+            proc.start()
+            assert parent.poll(JOIN)
+            assert parent.recv() == "registered"
+            conns.append(parent)
+            procs.append(proc)
+        procs[0].kill()
+        procs[0].join(JOIN)
+        with Store.open(store_name, int, readonly=True) as reader:
+            before = segment_bytes(store_name)
+            stats = reader.statistics()
+            assert (stats.readers_registered, stats.readers_alive) == (2, 1)
+            assert segment_bytes(store_name) == before
+        conns[1].send("go")
+        procs[1].join(JOIN)
+        assert procs[1].exitcode == 0
+        assert writer.reclaim_dead_readers() == 1  # the writer still finds the dead entry
 
 
 # ------------------------------------------------------------------ removal and replacement
