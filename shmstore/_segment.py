@@ -195,8 +195,8 @@ def _open_fd(name: str, readonly: bool | None) -> tuple[int, bool]:
         except posix_ipc.PermissionsError:
             if readonly is not None:
                 raise
-            shm = posix_ipc.SharedMemory(os_name, read_only=True)  # read is all we may do
-            readonly = True
+            readonly = True  # read is all we may do, if that
+            shm = posix_ipc.SharedMemory(os_name, read_only=True)
     except posix_ipc.ExistentialError as exc:
         raise StoreNotFoundError(errno.ENOENT, f"no store named {name!r}") from exc
     except posix_ipc.PermissionsError as exc:

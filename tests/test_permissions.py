@@ -428,6 +428,7 @@ def test_non_members_get_nothing(store_name: str, mode: int) -> None:
         assert first["open"] == "StorePermissionError"
         first, _ = run_other_user(store_name, writer, [], {})
         assert first["open"] == "StorePermissionError"
+        assert "to read" in first["message"]  # not even that: the error says so
 
 
 @needs_root
