@@ -25,6 +25,7 @@ from shmstore._layout import OFF_MUTEX
 from shmstore._names import segment_name
 from shmstore._segment import Segment
 from shmstore._writelock import FlockLock, RobustMutexLock
+from shmstore.metrics import prometheus_text
 
 ctx = mp.get_context("spawn")
 OTHER_UID = 65534  # nobody
@@ -268,6 +269,9 @@ def test_statistics_say_when_the_store_was_removed_or_replaced(store_name: str) 
         assert old.statistics().removed
         assert reader.statistics().removed
         assert old.statistics().as_dict()["removed"] is True  # what `shmstore stat` prints
+        assert f'shmstore_removed{{store="{store_name}",type="builtins:int"}} 1' in (
+            prometheus_text([old.statistics()])
+        )
         # The orphan still works for the handles that have it, and nobody else sees it.
         assert old.set(5) == 1
         assert reader.get() == 5
