@@ -443,7 +443,8 @@ class Store(Generic[T]):
         While recent waits were short (< 0.1 ms), it first re-reads the version for up to
         0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us; ``spin=False`` never
         spins. The first blocking call registers this handle as a reader of the store (see
-        ``max_readers``); the registration lasts until :meth:`close`.
+        ``max_readers``); the registration lasts until :meth:`close`. A read-only handle cannot
+        register (that writes the segment): it polls instead, see :attr:`wait_mode`.
         """
         return self._gate.wait(after_version, timeout, spin=spin)
 

@@ -256,6 +256,37 @@ def test_a_readonly_handle_counts_live_and_dead_readers_without_touching_them(
         assert writer.reclaim_dead_readers() == 1  # the writer still finds the dead entry
 
 
+def test_a_forked_child_keeps_a_readonly_handle_readonly(store_name: str) -> None:
+    """After fork() the handle reopens its own descriptor: read-only again, and it still reads,
+    polls and refuses writes."""
+    with Store.create(store_name, int) as writer:
+        writer.set(1)
+        with Store.open(store_name, int, readonly=True) as reader:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through its exit status
+                try:
+                    os.close(read_fd)
+                    ok = reader.readonly and reader.get() == 1 and reader.wait_mode == "poll"
+                    try:
+                        reader.set(5)
+                        ok = False
+                    except StorePermissionError:
+                        pass
+                    os.write(write_fd, b"x")
+                    ok = ok and reader.wait(1, timeout=STEP) == 2 and reader.get() == 2
+                    os._exit(0 if ok else 3)
+                except BaseException:
+                    os._exit(4)
+            os.close(write_fd)
+            assert os.read(read_fd, 1) == b"x"
+            os.close(read_fd)
+            writer.set(2)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert writer.get() == 2
+
+
 # ------------------------------------------------------------------ removal and replacement
 
 
