@@ -69,6 +69,7 @@ def other_user_session(
         report["stats_wait_mode"] = stats.wait_mode
         report["set"] = _outcome(lambda: st.set(-1))
         report["update"] = _outcome(lambda: st.update(lambda v: (v or 0) + 1))
+        report["unlink"] = _outcome(st.unlink)  # sticky /dev/shm: only the owner may remove
         conn.send(report)
         if not conn.poll(STEP):
             return

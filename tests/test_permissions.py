@@ -438,6 +438,7 @@ def test_0o640_group_members_read_only_and_wait_by_polling(store_name: str) -> N
         assert (first["value"], first["version"]) == (42, 1)
         assert first["set"][0] == "StorePermissionError"
         assert first["update"][0] == "StorePermissionError"
+        assert first["unlink"][0] == "StorePermissionError"
         assert done is not None
         assert done["waited"] == ("ok", 2)
         # The reader wrote nothing: no commit, no conflict, no registry entry.
@@ -506,6 +507,8 @@ def test_0o660_group_members_wait_on_semaphores_and_write(store_name: str) -> No
             assert first["wait_mode"] == "semaphore"
             assert first["set"] == ("ok", 2)
             assert first["update"] == ("ok", 3)
+            assert first["unlink"][0] == "StorePermissionError"  # writing is not removing
+            assert segment_path(store_name).exists()
             assert done is not None
             assert done["waited"] == ("ok", 4)
             assert done["commit"] == ("ok", 5)
