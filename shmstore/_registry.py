@@ -47,6 +47,10 @@ these byte locks share one descriptor without interfering.
 Where OFD locks do not exist (macOS), liveness falls back to the PID plus ``kill(pid, 0)``; a
 reused PID can then keep a dead entry until that process exits.
 
+A handle that maps the segment read-only never registers (that writes the entry; it polls, see
+``_waiting``) and never sweeps. :meth:`Registry.entries` only *queries* the liveness locks
+(``F_OFD_GETLK``, which takes nothing and needs no write access), so any handle may call it.
+
 Registrations and sweeps are serialized by the *registry lock*, never by the writer lock: a
 reader must not wait for a writer (a writer stopped with SIGSTOP while holding the writer lock
 would otherwise hold every reader's first ``wait()``, whatever its timeout). With OFD locks the
