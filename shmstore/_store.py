@@ -220,7 +220,7 @@ class Store(Generic[T]):
         *group* this process may not give (``ValueError`` for an unknown group name).
         """
         options = CreateOptions(
-            slots, slot_size, max_readers, crc, mode, writer_lock, restore_from, group
+            slots, slot_size, max_readers, crc, mode, writer_lock, restore_from, group=group
         )
         return cls(_provision.create(name, type, options))
 
