@@ -75,11 +75,13 @@ from ._layout import (
     SLOT_TS_Q,
     W_BASE_VERSION,
     W_CONFLICTS,
+    W_GENERATION,
     W_HEAD,
     Geometry,
+    slot_stride,
 )
 
-__all__ = ["READ_DEADLINE", "Ring"]
+__all__ = ["READ_DEADLINE", "Ring", "RingMoved"]
 
 READ_DEADLINE: Final = 0.5
 LARGE_PAYLOAD: Final = 256 * 1024  # copies at least this big go to a reusable per-thread buffer
@@ -89,6 +91,10 @@ _SPINS_BEFORE_YIELD: Final = 64
 _HEAD: Final = W_HEAD
 _BASE: Final = W_BASE_VERSION
 _CONFLICTS: Final = W_CONFLICTS
+
+
+class RingMoved(Exception):
+    """Internal: the store grew into a newer ring than this one (see ``_growth``)."""
 
 
 class Ring:
@@ -106,8 +112,10 @@ class Ring:
         "_nslots",
         "_q",
         "_reuse",
+        "_s",
         "_slots_at",
         "_stride",
+        "generation",
         "reads",
         "retries",
         "verify",
@@ -120,20 +128,30 @@ class Ring:
         *,
         crc: bool,
         reuse_buffer: bool = True,
+        generation: int = 0,
+        slots: tuple[bytearray | mmap.mmap, int, int] | None = None,
     ) -> None:
-        view = memoryview(buf)
-        self._buf = buf
-        self._q = view.cast("Q")
+        """*buf* holds the header words (HEAD, ...) and, unless *slots* says otherwise, the
+        slots. A ring the store grew into passes ``slots=(buffer, offset of slot 0,
+        slot payload capacity)`` and its *generation*."""
+        self._q = memoryview(buf).cast("Q")
+        slots_buf, slots_at, capacity = (
+            (buf, geometry.slots_at, geometry.slot_size) if slots is None else slots
+        )
+        view = memoryview(slots_buf)
+        self._buf = slots_buf
+        self._s = view.cast("Q") if slots is not None else self._q
         self._i = view.cast("I")
         self._bytes = view
         self._crc = crc
         # False for value types that decode as views of their input (see _copy_large).
         self._reuse = reuse_buffer
+        self.generation = generation
         # Plain ints: the hot paths compute a slot offset per call, and properties cost ~250 ns.
-        self._slots_at = geometry.slots_at
-        self._stride = geometry.stride
+        self._slots_at = slots_at
+        self._stride = slot_stride(capacity)
         self._nslots = geometry.slots
-        self._capacity = geometry.slot_size
+        self._capacity = capacity
         # Only the negative-control test turns this off, to show the torture test detects tearing.
         self.verify = True
         # This handle's slot copies and the attempts it had to repeat (cached reads not counted).
@@ -147,6 +165,20 @@ class Ring:
 
     def head(self) -> int:
         return int(self._q[_HEAD])
+
+    @property
+    def capacity(self) -> int:
+        """The largest payload a slot of this ring holds."""
+        return self._capacity
+
+    def take_over(self) -> None:
+        """Make this ring the one that accepts commits (the last step of a move, under the
+        writer lock; see ``_growth``)."""
+        self._q[W_GENERATION] = self.generation
+
+    def moved(self) -> bool:
+        """Whether the store now commits into a newer ring (it grew)."""
+        return bool(self._q[W_GENERATION] != self.generation)
 
     def commits(self) -> int:
         # Derived, not counted: a counter bumped after publishing HEAD would fall behind when a
@@ -164,8 +196,8 @@ class Ring:
             if version == 0:
                 return 0
             seq = (self._slots_at + (version % self._nslots) * self._stride) >> 3
-            ts_ns = self._q[seq + SLOT_TS_Q]
-            if self._q[seq] == 2 * version:
+            ts_ns = self._s[seq + SLOT_TS_Q]
+            if self._s[seq] == 2 * version:
                 return int(ts_ns)
         return 0  # lapped every time: a writer far faster than us; the time is moot
 
@@ -178,8 +210,8 @@ class Ring:
             if version == 0:
                 return 0, commits, 0
             seq = (self._slots_at + (version % self._nslots) * self._stride) >> 3
-            ts_ns = self._q[seq + SLOT_TS_Q]
-            if self._q[seq] == 2 * version and self.head() == version:
+            ts_ns = self._s[seq + SLOT_TS_Q]
+            if self._s[seq] == 2 * version and self.head() == version:
                 return version, commits, int(ts_ns)
         return version, commits, 0  # lapped every time: the time is moot
 
@@ -192,8 +224,15 @@ class Ring:
 
         The caller holds the writer lock and has checked ``len(payload)`` against the slot size.
         """
-        q = self._q
-        version = q[_HEAD] + 1
+        version = self._q[_HEAD] + 1
+        self.write_slot(version, payload, ts_ns)
+        self._q[_HEAD] = version
+        return version
+
+    def write_slot(self, version: int, payload: bytes | memoryview, ts_ns: int) -> None:
+        """Write message *version* into its slot (seq odd, payload, length, crc, ts, seq even)
+        without publishing it. The caller holds the writer lock."""
+        q = self._s
         base = self._slots_at + (version % self._nslots) * self._stride
         seq = base >> 3
         q[seq] = 2 * version - 1
@@ -205,8 +244,6 @@ class Ring:
             self._i[word + SLOT_CRC_I] = zlib.crc32(payload)
         q[seq + SLOT_TS_Q] = ts_ns
         q[seq] = 2 * version
-        q[_HEAD] = version
-        return version
 
     def restore(self, version: int, payload: bytes, ts_ns: int) -> None:
         """Make a fresh ring hold *payload* as message *version* (a checkpoint restore), so that
@@ -218,7 +255,7 @@ class Ring:
     def read(self, version: int) -> tuple[bytes | memoryview, int] | None:
         """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no
         longer (or not yet) holds it consistently, in which case the caller re-reads HEAD."""
-        q = self._q
+        q = self._s
         base = self._slots_at + (version % self._nslots) * self._stride
         seq = base >> 3
         stable = 2 * version
@@ -283,6 +320,8 @@ class Ring:
             if got is not None:
                 self.reads += 1
                 return got[0], version, got[1]
+            if q[W_GENERATION] != self.generation:
+                raise RingMoved  # this ring stopped at the growth; the caller follows
             self.retries += 1
             spins += 1
             if spins < _SPINS_BEFORE_YIELD:
@@ -300,5 +339,6 @@ class Ring:
     def release(self) -> None:
         """Drop the views into the buffer so that a mapping can be closed."""
         self._q.release()
+        self._s.release()
         self._i.release()
         self._bytes.release()

@@ -47,10 +47,17 @@ class Segment:
     __slots__ = ("fd", "map", "name", "named", "os_name", "readonly", "size")
 
     def __init__(
-        self, name: str, fd: int, size: int, *, readonly: bool = False, named: bool = True
+        self,
+        name: str,
+        fd: int,
+        size: int,
+        os_name: str | None = None,
+        *,
+        readonly: bool = False,
+        named: bool = True,
     ) -> None:
         self.name = name
-        self.os_name = segment_name(name)
+        self.os_name = segment_name(name) if os_name is None else os_name
         self.fd = fd
         self.size = size
         self.readonly = readonly
@@ -58,10 +65,19 @@ class Segment:
         self.map = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int, group: int | None = None) -> Segment:
-        """Create and size segment *name* with permission bits *mode* and, if given, group id
-        *group* (the creator's group otherwise)."""
-        os_name = segment_name(name)
+    def create(
+        cls,
+        name: str,
+        size: int,
+        mode: int,
+        group: int | None = None,
+        *,
+        os_name: str | None = None,
+    ) -> Segment:
+        """Create and size *name*'s segment (or the one named *os_name*: a generation of the
+        store) with permission bits *mode* and, if given, group id *group* (the creator's group
+        otherwise)."""
+        os_name = segment_name(name) if os_name is None else os_name
         try:
             shm = posix_ipc.SharedMemory(os_name, posix_ipc.O_CREX, mode=mode, size=0)
         except posix_ipc.ExistentialError as exc:
@@ -76,7 +92,7 @@ class Segment:
                 _chgrp(fd, group, name)
             os.fchmod(fd, mode)  # shm_open applies the umask; the caller's mode is what counts
             os.posix_fallocate(fd, 0, size)
-            return cls(name, fd, size)
+            return cls(name, fd, size, os_name)
         except StorePermissionError:
             os.close(fd)
             _unlink_quietly(os_name)
@@ -114,17 +130,20 @@ class Segment:
         return segment
 
     @classmethod
-    def open(cls, name: str, *, readonly: bool | None = None) -> Segment:
-        """Open and map segment *name*: read-write with ``readonly=False``
-        (:class:`StorePermissionError` if the OS grants only read access), read-only with
-        ``True``, and with ``None`` read-write if the OS allows it, else read-only."""
-        fd, readonly = _open_fd(name, readonly)
+    def open(
+        cls, name: str, *, readonly: bool | None = None, os_name: str | None = None
+    ) -> Segment:
+        """Open and map *name*'s segment (or the one named *os_name*): read-write with
+        ``readonly=False`` (:class:`StorePermissionError` if the OS grants only read access),
+        read-only with ``True``, and with ``None`` read-write if the OS allows it, else
+        read-only."""
+        fd, readonly = _open_fd(name, readonly, os_name)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 # Created but not yet sized: the creator is between shm_open and fallocate.
                 raise UnsizedSegmentError(f"store {name!r} is still being created")
-            return cls(name, fd, size, readonly=readonly)
+            return cls(name, fd, size, os_name, readonly=readonly)
         except BaseException:
             os.close(fd)
             raise
@@ -132,7 +151,7 @@ class Segment:
     def reopen(self) -> None:
         """Give this process its own open file description (after ``fork()``)."""
         old = self.fd
-        self.fd, _ = _open_fd(self.name, self.readonly)
+        self.fd, _ = _open_fd(self.name, self.readonly, self.os_name)
         os.close(old)
 
     def removed(self) -> bool:
@@ -153,7 +172,7 @@ class Segment:
                 return False  # not ours to look at: assume the name is still this segment
         else:
             try:
-                fd, _ = _open_fd(self.name, True)
+                fd, _ = _open_fd(self.name, True, self.os_name)
             except StoreNotFoundError:
                 return True
             except StorePermissionError:
@@ -186,9 +205,9 @@ class UnsizedSegmentError(StateStoreError):
     """The segment exists but has no size yet: a create in progress."""
 
 
-def _open_fd(name: str, readonly: bool | None) -> tuple[int, bool]:
+def _open_fd(name: str, readonly: bool | None, os_name: str | None = None) -> tuple[int, bool]:
     """``(fd, readonly)``; see :meth:`Segment.open` for *readonly*."""
-    os_name = segment_name(name)
+    os_name = segment_name(name) if os_name is None else os_name
     try:
         try:
             shm = posix_ipc.SharedMemory(os_name, read_only=bool(readonly))
@@ -244,6 +263,6 @@ def _unlink_quietly(os_name: str) -> bool:
     return True
 
 
-def unlink_segment(name: str) -> bool:
-    """Remove the segment name of store *name*; ``False`` if it did not exist."""
-    return _unlink_quietly(segment_name(name))
+def unlink_segment(name: str, *, os_name: str | None = None) -> bool:
+    """Remove the segment name of store *name* (or *os_name*); ``False`` if it did not exist."""
+    return _unlink_quietly(segment_name(name) if os_name is None else os_name)

@@ -38,7 +38,8 @@ class StoreStatistics:
     lag: int
     reads: int
     retries: int
-    # Added last, with defaults, so that positional construction elsewhere keeps working.
+    max_value_size: int = 0  # the store grows its slots (slot_size) up to this
+    growths: int = 0  # how many times the store moved to a larger ring
     readonly: bool = False  # this handle maps the segment read-only
     wait_mode: str = "semaphore"  # how this handle's wait() sleeps: "semaphore" or "poll"
     removed: bool = False  # the store's name no longer points to this handle's segment

@@ -32,11 +32,13 @@ from ._errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
+from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
     FLAG_CRC,
     FLAG_ROBUST_MUTEX,
     OFF_MUTEX,
+    W_GENERATION,
     W_HEAD,
     W_REG_HIGH,
     Geometry,
@@ -50,7 +52,8 @@ from ._provision import (
     CreateOptions,
 )
 from ._registry import Registry
-from ._ring import Ring
+from ._ring import Ring, RingMoved
+from ._segment import Segment
 from ._stats import StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
@@ -65,6 +68,7 @@ WriterLockKind = Literal["auto", "mutex", "flock"]
 # slot sequence 2v would no longer fit its u64.
 MAX_VERSION: Final = 1 << 62
 _OPEN_OR_CREATE_TRIES: Final = 5
+_FOLLOW_TRIES: Final = 100
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
@@ -108,12 +112,19 @@ class Store(Generic[T]):
         self._info = info
         self._codec: Codec[T] = attached.codec
         self._writable = attached.writable
+        self._private = attached.private
         self._ring = Ring(
             segment.map,
             info.geometry,
             crc=bool(info.flags & FLAG_CRC),
             reuse_buffer=not self._codec.aliases_input,
         )
+        # Rings the store grew out of (see _growth) stay mapped until close(): another thread of
+        # this handle may be reading one. The current ring's own segment, unless generation 0.
+        self._retired: list[tuple[Ring, Segment | None]] = []
+        self._ring_segment: Segment | None = None
+        self._move_lock = threading.Lock()
+        self._mode = segment.mode()
         # The hot paths read HEAD through this bound load directly: no property, no frame.
         self._head = self._ring.head
         self._words = self._ring.words
@@ -149,6 +160,12 @@ class Store(Generic[T]):
         self._pid = os.getpid()
         self._app_counters = AppCounters(self._app_counter, self._increment_app_counter)
         _live_handles.add(self)
+        if self._ring.moved():
+            try:
+                self._follow_move()  # a store that grew before we opened it
+            except BaseException:
+                self.close()
+                raise
 
     @overload
     @classmethod
@@ -164,6 +181,7 @@ class Store(Generic[T]):
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
+        max_value_size: int | None = ...,
         group: int | str | None = ...,
     ) -> Store[T]: ...
 
@@ -181,6 +199,7 @@ class Store(Generic[T]):
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
+        max_value_size: int | None = ...,
         group: int | str | None = ...,
     ) -> Store[Any]: ...
 
@@ -197,16 +216,21 @@ class Store(Generic[T]):
         mode: int = 0o600,
         writer_lock: WriterLockKind = "auto",
         restore_from: str | os.PathLike[str] | None = None,
+        max_value_size: int | None = None,
         group: int | str | None = None,
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
-        *slots* is the ring depth (how many versions stay readable), *slot_size* the largest
-        encoded value in bytes, *max_readers* the number of processes that may wait on the store
-        at once. *crc* adds a CRC32 check to every read (default: on where the CPU reorders
-        loads). *mode* is the permission bits of the segment. *writer_lock* picks how writers
-        are serialized: ``"mutex"`` (a robust process-shared mutex, Linux), ``"flock"``, or
-        ``"auto"`` (the mutex where the C library has robust mutexes); see ``_writelock``.
+        *slots* is the ring depth (how many versions stay readable), *slot_size* the initial
+        capacity of a slot in bytes: a larger value moves the store to a ring with larger slots
+        (geometric growth; every handle follows), up to *max_value_size* (64 MiB by default, or
+        *slot_size* if larger), past
+        which ``set()`` raises :class:`SnapshotTooLargeError`. *max_readers* is the number of
+        processes that may wait on the store at once. *crc* adds a CRC32 check to every read
+        (default: on where the CPU reorders loads). *mode* is the permission bits of the
+        segment. *writer_lock* picks how writers are serialized: ``"mutex"`` (a robust
+        process-shared mutex, Linux), ``"flock"``, or ``"auto"`` (the mutex where the C library
+        has robust mutexes); see ``_writelock``.
         *restore_from* starts the store from a :meth:`checkpoint` file: it holds the saved value
         at the saved version, and the next commit is that version + 1. *group* (a gid or group
         name) is the segment's group, set before anyone can open the store; by default the
@@ -220,7 +244,15 @@ class Store(Generic[T]):
         *group* this process may not give (``ValueError`` for an unknown group name).
         """
         options = CreateOptions(
-            slots, slot_size, max_readers, crc, mode, writer_lock, restore_from, group=group
+            slots=slots,
+            slot_size=slot_size,
+            max_readers=max_readers,
+            crc=crc,
+            mode=mode,
+            writer_lock=writer_lock,
+            restore_from=restore_from,
+            max_value_size=max_value_size,
+            group=group,
         )
         return cls(_provision.create(name, type, options))
 
@@ -362,7 +394,18 @@ class Store(Generic[T]):
 
     @property
     def geometry(self) -> Geometry:
+        """The geometry the store was created with (its first ring)."""
         return self._info.geometry
+
+    @property
+    def capacity(self) -> int:
+        """The largest encoded value the current ring holds without growing."""
+        return self._ring.capacity
+
+    @property
+    def max_value_size(self) -> int:
+        """The largest encoded value the store accepts (it grows up to this)."""
+        return self._info.max_value_size
 
     @property
     def version(self) -> int:
@@ -402,8 +445,15 @@ class Store(Generic[T]):
         value, version = self._refresh()
         return value, version
 
+    def _read_newest(self) -> tuple[bytes | memoryview | None, int, int]:
+        while True:
+            try:
+                return self._ring.read_newest()
+            except RingMoved:
+                self._follow_move()
+
     def _refresh(self) -> tuple[T | None, int]:
-        payload, version, _ts = self._ring.read_newest()
+        payload, version, _ts = self._read_newest()
         if payload is None:
             return None, 0
         value = self._decode(payload, version)
@@ -427,9 +477,61 @@ class Store(Generic[T]):
         if cached[0] == version:
             return (cached[1],)  # type: ignore[return-value]
         got = self._ring.read(version)
+        if got is None and self._ring.moved():
+            self._follow_move()
+            got = self._ring.read(version)
         if got is None:
             return None
         return (self._decode(got[0], version),)
+
+    # ---------------------------------------------------------------- growing
+
+    def _follow_move(self) -> None:
+        """Map the ring the store grew into (see ``_growth``)."""
+        with self._move_lock:
+            for _ in range(_FOLLOW_TRIES):
+                generation = int(self._words[W_GENERATION])
+                if generation == self._ring.generation:
+                    return
+                if self._private:
+                    break  # only this handle can grow a private store: it never lags
+                try:
+                    ring, segment = open_generation(
+                        self._segment.map,
+                        self._info.geometry,
+                        self.name,
+                        generation,
+                        crc=bool(self._info.flags & FLAG_CRC),
+                        reuse_buffer=not self._codec.aliases_input,
+                    )
+                except StoreNotFoundError:
+                    continue  # a newer move removed it meanwhile: read GENERATION again
+                self._retire(ring, segment)
+                return
+        raise CorruptStoreError(
+            f"store {self.name!r} moved to ring generation {int(self._words[W_GENERATION])}, "
+            "which cannot be found"
+        )
+
+    def _retire(self, ring: Ring, segment: Segment) -> None:
+        self._retired.append((self._ring, self._ring_segment))
+        self._ring, self._ring_segment = ring, segment
+
+    def _grow(self, needed: int) -> None:
+        """Move to a larger ring. The caller holds the writer lock and ``_in_use``."""
+        with self._move_lock:
+            ring, segment = grow(
+                self._segment.map,
+                self._info.geometry,
+                self._ring,
+                name=self.name,
+                capacity=next_capacity(self._ring.capacity, needed, self._info.max_value_size),
+                mode=self._mode,
+                crc=bool(self._info.flags & FLAG_CRC),
+                reuse_buffer=not self._codec.aliases_input,
+                private=self._private,
+            )
+            self._retire(ring, segment)
 
     # ---------------------------------------------------------------- waiting
 
@@ -529,14 +631,13 @@ class Store(Generic[T]):
             )
         codec = self._codec
         data = codec.encode(value)
-        capacity = self._info.geometry.slot_size
-        if len(data) > capacity:
+        limit = self._info.max_value_size
+        if len(data) > limit:
             raise SnapshotTooLargeError(
                 f"encoded value is {len(data)} bytes; store {self.name!r} holds at most "
-                f"{capacity} bytes per slot"
+                f"{limit} bytes (its max_value_size)"
             )
         checked = codec.validate(data)
-        ring = self._ring
         lock = self._lock
         with self._in_use:
             if self._closed:
@@ -547,6 +648,10 @@ class Store(Generic[T]):
                 rc = lock.acquire()
                 if rc:
                     lock.recover(rc)
+                ring = self._ring
+                if ring.moved():
+                    self._follow_move()  # another process grew the store
+                    ring = self._ring
                 head = ring.head()
                 if head >= MAX_VERSION:
                     raise CorruptStoreError(
@@ -556,6 +661,9 @@ class Store(Generic[T]):
                     if count_conflict:
                         ring.count_conflict()
                     raise StateVersionError(expected_version, head)
+                if len(data) > ring.capacity:
+                    self._grow(len(data))
+                    ring = self._ring
                 version = ring.commit(data, time.time_ns())
             finally:
                 lock.release()  # also the barrier between publishing HEAD and notify()
@@ -575,7 +683,7 @@ class Store(Generic[T]):
         # same path, the one renamed last is always the newer.
         with self._checkpoint_lock, self._in_use:
             self._check_open()
-            payload, version, _ts = self._ring.read_newest()
+            payload, version, _ts = self._read_newest()
             if payload is None:
                 raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
             payload = bytes(payload)  # out of the mapping (and any shared buffer) before I/O
@@ -616,7 +724,7 @@ class Store(Generic[T]):
             last_update_ns=last_update_ns,
             created_ns=self._info.created_ns,
             slots=geometry.slots,
-            slot_size=geometry.slot_size,
+            slot_size=self._ring.capacity,
             max_readers=geometry.registry_capacity,
             readers_registered=len(entries),
             readers_alive=sum(alive for _i, _pid, alive in entries),
@@ -624,6 +732,8 @@ class Store(Generic[T]):
             lag=max(0, version - self._cache[0]),
             reads=self._ring.reads,
             retries=self._ring.retries,
+            max_value_size=self._info.max_value_size,
+            growths=int(self._words[W_GENERATION]),
             readonly=self._segment.readonly,
             wait_mode=self._gate.mode,
             removed=removed,
@@ -701,7 +811,11 @@ class Store(Generic[T]):
             _live_handles.discard(self)
             self._registry.close()
             self._lock.close()
-            self._ring.release()
+            for ring, segment in [*self._retired, (self._ring, self._ring_segment)]:
+                ring.release()
+                if segment is not None:
+                    segment.close()
+            self._retired.clear()
             self._segment.close()
 
     def unlink(self) -> None:

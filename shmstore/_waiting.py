@@ -173,6 +173,8 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
+        if self._closing:
+            raise StateStoreError(f"store {self._name!r} was closed while waiting")
         if self._poll_only:
             return self._poll_locked(after, deadline, interrupted)
         if self.waiter is None:

@@ -167,7 +167,7 @@ def test_cached_get_neither_copies_nor_decodes(
 def test_oversize_value_is_refused_and_state_kept(
     store_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Store.create(store_name, bytes, slot_size=100) as st:
+    with Store.create(store_name, bytes, slot_size=100, max_value_size=100) as st:
         st.set(b"good")
         lock_taken: list[int] = []
         lock_class = type(st._lock)
