@@ -15,7 +15,10 @@ access: ``O_RDWR`` fails with ``EACCES`` and the open falls back to ``O_RDONLY``
 
 A segment's *group* can be set at create (``chown`` before the segment is sized and long before
 its magic is written), so that group-based sharing never has a window in which a reader sees the
-store with the creator's group.
+store with the creator's group. Only a member of the group (or root) may give it; for a *mode*
+that grants the group nothing beyond what everyone gets (``0o666``, ``0o600``), the group does
+not matter and a refused ``chown`` is ignored -- which lets an "other" writer of a ``0o666`` store
+create the rings the store grows into (``_growth``), which get the store's mode and group.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ class Segment:
             ) from exc
         fd = shm.fd
         try:
-            if group is not None:
-                _chgrp(fd, group, name)
+            if group is not None and os.fstat(fd).st_gid != group:
+                _chgrp(fd, group, name, mode)
             os.fchmod(fd, mode)  # shm_open applies the umask; the caller's mode is what counts
             os.posix_fallocate(fd, 0, size)
             return cls(name, fd, size, os_name)
@@ -241,10 +244,12 @@ def resolve_group(group: int | str) -> int:
         raise ValueError(f"no group named {group!r}") from None
 
 
-def _chgrp(fd: int, gid: int, name: str) -> None:
+def _chgrp(fd: int, gid: int, name: str, mode: int) -> None:
     try:
         os.fchown(fd, -1, gid)
     except PermissionError as exc:
+        if not (mode >> 3) & ~mode & 0o7:
+            return  # the group is granted nothing that everyone else is not: it does not matter
         raise StorePermissionError(
             errno.EPERM,
             f"cannot give store {name!r} group {gid}: only a member of that group (or root) can",

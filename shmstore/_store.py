@@ -125,6 +125,7 @@ class Store(Generic[T]):
         self._ring_segment: Segment | None = None
         self._move_lock = threading.Lock()
         self._mode = segment.mode()
+        self._gid = segment.group()  # grown rings get the store's mode and group
         # The hot paths read HEAD through this bound load directly: no property, no frame.
         self._head = self._ring.head
         self._words = self._ring.words
@@ -503,6 +504,7 @@ class Store(Generic[T]):
                         generation,
                         crc=bool(self._info.flags & FLAG_CRC),
                         reuse_buffer=not self._codec.aliases_input,
+                        readonly=self._segment.readonly,
                     )
                 except StoreNotFoundError:
                     continue  # a newer move removed it meanwhile: read GENERATION again
@@ -527,6 +529,7 @@ class Store(Generic[T]):
                 name=self.name,
                 capacity=next_capacity(self._ring.capacity, needed, self._info.max_value_size),
                 mode=self._mode,
+                group=self._gid,
                 crc=bool(self._info.flags & FLAG_CRC),
                 reuse_buffer=not self._codec.aliases_input,
                 private=self._private,

@@ -82,14 +82,21 @@ def other_user_session(
 
 
 def other_user_create(
-    name: str, conn: Connection, *, uid: int, gid: int, groups: list[int], group: int
+    name: str,
+    conn: Connection,
+    *,
+    uid: int,
+    gid: int,
+    groups: list[int],
+    group: int,
+    mode: int = 0o640,
 ) -> None:
     """Try to create store *name* with ``group=group`` as another user; report the outcome
     (the segment's gid if it was created)."""
     become(uid, gid, groups)
 
     def create() -> int:
-        with Store.create(name, int, mode=0o640, group=group):
+        with Store.create(name, int, mode=mode, group=group):
             return os.stat("/dev/shm/" + segment_name(name).lstrip("/")).st_gid
 
     conn.send(_outcome(create))
@@ -147,3 +154,21 @@ def registered_reader(name: str, conn: Connection) -> None:
             st.wait(st.version, timeout=0.01)
         conn.send("registered")
         conn.poll(STEP)
+
+
+def other_user_follow_growth(
+    name: str, conn: Connection, *, uid: int, gid: int, groups: list[int]
+) -> None:
+    """As another user, read a ``bytes`` store, wait for the parent's next commit (which grows
+    the store into a new ring) and report the new value's length and the handle's state."""
+    become(uid, gid, groups)
+
+    def follow() -> tuple[int, int, bool]:
+        with Store.open(name, bytes, allow_other_owner=True) as st:
+            seen = st.version
+            conn.send(("ready", seen))
+            version = st.wait(seen, timeout=STEP)
+            value = st.get()
+            return version, len(value or b""), st.readonly
+
+    conn.send(_outcome(follow))

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from perm_workers import STEP, bumper, other_user_create, other_user_session, registered_reader
+from perm_workers import (
+    STEP,
+    bumper,
+    other_user_create,
+    other_user_follow_growth,
+    other_user_session,
+    registered_reader,
+)
 
 import shmstore
 from shmstore import AsyncStore, Store, StorePermissionError
@@ -375,6 +382,25 @@ def test_a_user_cannot_give_a_store_a_group_it_is_not_in(store_name: str) -> Non
     assert parent.poll(JOIN)
     assert parent.recv() == ("ok", SHARED_GID)
     proc.join(JOIN)
+    shmstore.remove(store_name)
+    # A group that grants nothing beyond what everyone gets does not matter: no error (this is
+    # what lets an "other" writer of a 0o666 store grow it into a new ring).
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(
+        target=other_user_create,
+        args=(store_name, child),
+        kwargs={
+            "uid": OTHER_UID,
+            "gid": OTHER_GID,
+            "groups": [],
+            "group": SHARED_GID,
+            "mode": 0o666,
+        },
+    )
+    proc.start()
+    assert parent.poll(JOIN)
+    assert parent.recv() == ("ok", OTHER_GID)
+    proc.join(JOIN)
 
 
 def _has_group(name: str) -> bool:
@@ -516,3 +542,54 @@ def test_0o660_group_members_wait_on_semaphores_and_write(store_name: str) -> No
             assert waiter.get() == 555
         finally:
             waiter.close()
+
+
+# ------------------------------------------------------------------ a store that grows
+
+
+def generation_files(name: str) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(segment_name(name).lstrip("/") + ".g*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_a_readonly_handle_follows_growth_with_a_readonly_mapping(store_name: str) -> None:
+    with Store.create(store_name, bytes, slot_size=4096) as writer:
+        writer.set(b"small")
+        with Store.open(store_name, bytes, readonly=True) as reader:
+            assert reader.get() == b"small"
+            writer.set(b"x" * 100_000)  # grows the store into a ring of its own segment
+            (grown,) = generation_files(store_name)
+            assert reader.get() == b"x" * 100_000
+            inode = grown.stat().st_ino
+            with open("/proc/self/maps") as f:
+                perms = sorted(line.split()[1] for line in f if f" {inode} " in line)
+            assert perms == ["r--s", "rw-s"]  # the reader's mapping of it, and the writer's
+            with pytest.raises(StorePermissionError):
+                reader.set(b"y" * 200_000)
+
+
+@needs_root
+def test_a_grown_ring_keeps_the_stores_mode_and_group_for_its_readers(store_name: str) -> None:
+    """The writer (root) grows a 0o640 store while a group member reads it: the new ring's
+    segment gets the store's group, so the member follows it."""
+    with Store.create(store_name, bytes, slot_size=4096, mode=0o640, group=SHARED_GID) as writer:
+        writer.set(b"small")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=other_user_follow_growth,
+            args=(store_name, child),
+            kwargs={"uid": OTHER_UID, "gid": OTHER_GID, "groups": [SHARED_GID]},
+        )
+        proc.start()
+        try:
+            assert parent.poll(JOIN)
+            assert parent.recv() == ("ready", 1)
+            writer.set(b"x" * 100_000)
+            for grown in generation_files(store_name):
+                info = grown.stat()
+                assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (SHARED_GID, 0o640)
+            assert parent.poll(JOIN)
+            assert parent.recv() == ("ok", (2, 100_000, True))
+        finally:
+            proc.join(JOIN)
+        assert proc.exitcode == 0
