@@ -18,8 +18,8 @@ all.
 The move (writer, under the writer lock)
 ----------------------------------------
 1. Create segment ``g+1`` (``O_EXCL``; a leftover of a writer that died during an earlier move
-   is removed first), sized for ``max(needed, 2 x capacity)`` -- geometric, so repeated growth
-   costs amortised O(1) copies per byte -- and capped at ``max_value_size``.
+   is removed first) with slots of the capacity doubled until the value fits -- geometric, so
+   repeated growth costs amortised O(1) copies per byte -- capped at ``max_value_size``.
 2. Copy every version the old ring still holds (the newest ``slots`` ones) into the same slots of
    the new ring, so that a subscriber behind by less than ``slots`` versions loses nothing.
 3. Publish the new segment's magic, then store GENERATION = g+1 (one aligned 8-byte store).
@@ -80,8 +80,13 @@ GROWTH_FACTOR: Final = 2
 
 
 def next_capacity(current: int, needed: int, limit: int) -> int:
-    """The slot capacity to grow to: at least *needed*, geometric, at most *limit*."""
-    return min(limit, max(needed, current * GROWTH_FACTOR))
+    """The slot capacity to grow to: *current* doubled until it holds *needed*, at most
+    *limit*. Doubling (rather than growing to exactly what is needed) is what keeps a value
+    that grows a little at a time from moving the store at every commit."""
+    capacity = max(current, 1)
+    while capacity < needed:
+        capacity *= GROWTH_FACTOR
+    return min(limit, capacity)
 
 
 def _create(

@@ -21,7 +21,7 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _provision
 from ._checkpoint import write_checkpoint
-from ._codec import Codec
+from ._codec import ENCODE_ERRORS, VALIDATE_ERRORS, Codec
 from ._errors import (
     CheckpointError,
     CorruptStoreError,
@@ -52,7 +52,7 @@ from ._provision import (
     CreateOptions,
 )
 from ._registry import Registry
-from ._ring import Ring, RingMoved
+from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
 from ._stats import StoreStatistics
 from ._subscription import Subscription
@@ -126,6 +126,11 @@ class Store(Generic[T]):
         self._move_lock = threading.Lock()
         self._mode = segment.mode()
         self._gid = segment.group()  # grown rings get the store's mode and group
+        self._raw_decode = self._codec.raw_decode
+        self._raw_encode = self._codec.raw_encode
+        self._max_value_size = info.max_value_size
+        # Decode big payloads straight from the mapping (see Ring.read_newest_value).
+        self._in_place = self._codec.decode_in_place and not info.flags & FLAG_CRC
         # The hot paths read HEAD through this bound load directly: no property, no frame.
         self._head = self._ring.head
         self._words = self._ring.words
@@ -454,12 +459,22 @@ class Store(Generic[T]):
                 self._follow_move()
 
     def _refresh(self) -> tuple[T | None, int]:
-        payload, version, _ts = self._read_newest()
-        if payload is None:
-            return None, 0
-        value = self._decode(payload, version)
-        self._cache = (version, value)
-        return value, version
+        while True:
+            try:
+                value, version = self._ring.read_newest_value(self._raw_decode, self._in_place)
+            except RingMoved:
+                self._follow_move()
+                continue
+            except DecodeFailed as failed:
+                # Not only msgspec.DecodeError: damaged bytes can also raise UnicodeDecodeError,
+                # RecursionError (deep nesting) or ValueError; none may escape untranslated.
+                raise CorruptStoreError(
+                    f"store {self.name!r}: version {failed.version} does not decode as "
+                    f"{self._codec.type_name}: {failed.cause}"
+                ) from failed.cause
+            if version:
+                self._cache = (version, value)
+            return value, version
 
     def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
@@ -632,16 +647,22 @@ class Store(Generic[T]):
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
             )
-        codec = self._codec
-        data = codec.encode(value)
-        limit = self._info.max_value_size
-        if len(data) > limit:
+        # This is the hot path of set(): msgspec's own calls, no wrapper frames.
+        try:
+            data = self._raw_encode(value)
+        except ENCODE_ERRORS as exc:
+            raise self._codec.encode_failure(value, exc) from exc
+        if len(data) > self._max_value_size:
             raise SnapshotTooLargeError(
                 f"encoded value is {len(data)} bytes; store {self.name!r} holds at most "
-                f"{limit} bytes (its max_value_size)"
+                f"{self._max_value_size} bytes (its max_value_size)"
             )
-        checked = codec.validate(data)
+        try:
+            checked = self._raw_decode(data)
+        except VALIDATE_ERRORS as exc:
+            raise self._codec.validate_failure(exc) from exc
         lock = self._lock
+        words = self._words
         with self._in_use:
             if self._closed:
                 raise self._closed_error()
@@ -652,10 +673,10 @@ class Store(Generic[T]):
                 if rc:
                     lock.recover(rc)
                 ring = self._ring
-                if ring.moved():
+                if words[W_GENERATION] != ring.generation:
                     self._follow_move()  # another process grew the store
                     ring = self._ring
-                head = ring.head()
+                head = words[W_HEAD]
                 if head >= MAX_VERSION:
                     raise CorruptStoreError(
                         f"store {self.name!r}: header says version {head}: the header is damaged"
