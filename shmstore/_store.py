@@ -44,6 +44,7 @@ from ._layout import (
     Geometry,
     app_counter_word,
 )
+from ._projection import Projection, check_projection
 from ._provision import (
     DEFAULT_MAX_READERS,
     DEFAULT_SLOT_SIZE,
@@ -62,6 +63,7 @@ from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
 __all__ = ["AppCounters", "Store", "remove"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 WriterLockKind = Literal["auto", "mutex", "flock"]
 
 # A version the writer would not reach in centuries; past it the header is damaged, and the
@@ -459,9 +461,17 @@ class Store(Generic[T]):
                 self._follow_move()
 
     def _refresh(self) -> tuple[T | None, int]:
+        value, version = self._read_decoded(self._raw_decode)
+        if version:
+            self._cache = (version, value)
+        return value, version
+
+    def _read_decoded(self, decode: Callable[[Any], Any]) -> tuple[Any, int]:
+        """The newest value decoded by *decode* (the store's own decoder, or a projection's),
+        following moves and translating a stable slot that does not decode."""
         while True:
             try:
-                value, version = self._ring.read_newest_value(self._raw_decode, self._in_place)
+                return self._ring.read_newest_value(decode, self._in_place)
             except RingMoved:
                 self._follow_move()
                 continue
@@ -472,9 +482,15 @@ class Store(Generic[T]):
                     f"store {self.name!r}: version {failed.version} does not decode as "
                     f"{self._codec.type_name}: {failed.cause}"
                 ) from failed.cause
-            if version:
-                self._cache = (version, value)
-            return value, version
+
+    def projection(self, projected: type[P]) -> Projection[P]:
+        """A view of a few fields of this store's values: *projected* is a ``msgspec.Struct``
+        whose fields are a subset of the store's type's (same names and types, checked now:
+        :class:`SchemaMismatchError` otherwise). Its ``get()`` decodes only those fields --
+        for a big value a fraction of a full ``get()`` -- and never returns a torn value."""
+        self._check_open()
+        check_projection(self._codec.type, projected)
+        return Projection(projected, self._version_or_closed, self._read_decoded)
 
     def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
