@@ -60,6 +60,8 @@ SYNC_PROPERTIES: Final = (
     "closed",
     "app_counters",
     "keeps_writer_lock",
+    "readonly",
+    "wait_mode",
 )
 
 
@@ -116,6 +118,10 @@ class AsyncStore(Generic[T]):
         def app_counters(self) -> AppCounters: ...
         @property
         def keeps_writer_lock(self) -> bool: ...
+        @property
+        def readonly(self) -> bool: ...
+        @property
+        def wait_mode(self) -> str: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store

@@ -53,7 +53,7 @@ from ._layout import (
 from ._names import semaphore_prefix, validate_name
 from ._registry import registered_semaphore_names, unlink_semaphore
 from ._ring import Ring
-from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._segment import Segment, UnsizedSegmentError, resolve_group, unlink_segment
 from ._writelock import RobustMutexLock, robust_mutex_supported
 
 __all__ = [
@@ -104,6 +104,7 @@ class CreateOptions:
     writer_lock: str = "auto"
     restore_from: str | os.PathLike[str] | None = None
     max_value_size: int | None = None  # default: DEFAULT_MAX_VALUE_SIZE, or slot_size if larger
+    group: int | str | None = None
 
 
 def _default_crc() -> bool:
@@ -192,7 +193,8 @@ def create(name: str, tp: Any, options: CreateOptions) -> Attached:
     """Create store *name*: a new segment, fully initialized before its magic appears."""
     validate_name(name)
     plan = _plan(tp, options)
-    segment = Segment.create(name, plan.geometry.total_size, options.mode)
+    group = None if options.group is None else resolve_group(options.group)
+    segment = Segment.create(name, plan.geometry.total_size, options.mode, group)
     return _initialize(segment, plan, unlink_on_error=True)
 
 
@@ -235,10 +237,13 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
     return Attached(segment, info, codec, writable=True)
 
 
-def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
-    """Open store *name* for values of *tp* (``None``: untyped, for tools)."""
+def attach(
+    name: str, tp: Any, *, allow_other_owner: bool, readonly: bool | None = None
+) -> Attached:
+    """Open store *name* for values of *tp* (``None``: untyped, for tools); *readonly* as
+    :meth:`Segment.open` takes it."""
     validate_name(name)
-    segment, info = _attach(name)
+    segment, info = _attach(name, readonly=readonly)
     try:
         owner = segment.owner_uid()
         if owner != os.geteuid() and not allow_other_owner:
@@ -258,19 +263,22 @@ def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
                     f"which does not match the requested type {codec.type_name}"
                 )
             writable = True
+        writable = writable and not segment.readonly
     except BaseException:
         segment.close()
         raise
     return Attached(segment, info, codec, writable)
 
 
-def _attach(name: str, wait: float | None = None) -> tuple[Segment, HeaderInfo]:
+def _attach(
+    name: str, wait: float | None = None, *, readonly: bool | None = None
+) -> tuple[Segment, HeaderInfo]:
     """Open and validate the segment, waiting up to *wait* seconds (default
     :data:`OPEN_WAIT`) for a concurrent create."""
     deadline = time.monotonic() + (OPEN_WAIT if wait is None else wait)
     while True:
         try:
-            segment = Segment.open(name)
+            segment = Segment.open(name, readonly=readonly)
         except UnsizedSegmentError:
             if time.monotonic() > deadline:
                 raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
@@ -301,7 +309,7 @@ def remove(name: str) -> bool:
     semaphores: list[str] = []
     generation = 0
     try:
-        segment, info = _attach(name, wait=0.0)
+        segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
         pass  # missing or damaged: still remove the name, and every semaphore we can find
     else:

@@ -15,6 +15,10 @@ class StoreStatistics:
     ``commits``, ``conflicts`` and ``last_update_ns`` are shared by every process; ``lag``,
     ``reads`` and ``retries`` describe the handle that took the snapshot (``reads`` counts slot
     copies, i.e. reads of a changed version: cached reads cost nothing and are not counted).
+    ``readonly``, ``wait_mode`` and ``removed`` describe the handle too: ``removed`` is true once
+    the store was removed (``unlink()``, ``shmstore rm``) or replaced by a new store of the same
+    name -- this handle then holds a private, orphaned store that nobody else will open, and
+    what it commits nobody else sees.
     """
 
     name: str
@@ -36,6 +40,9 @@ class StoreStatistics:
     retries: int
     max_value_size: int = 0  # the store grows its slots (slot_size) up to this
     growths: int = 0  # how many times the store moved to a larger ring
+    readonly: bool = False  # this handle maps the segment read-only
+    wait_mode: str = "semaphore"  # how this handle's wait() sleeps: "semaphore" or "poll"
+    removed: bool = False  # the store's name no longer points to this handle's segment
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

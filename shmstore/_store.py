@@ -31,6 +31,7 @@ from ._errors import (
     StateVersionError,
     StoreExistsError,
     StoreNotFoundError,
+    StorePermissionError,
 )
 from ._growth import grow, next_capacity, open_generation
 from ._layout import (
@@ -59,7 +60,7 @@ from ._segment import Segment
 from ._stats import StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
-from ._writelock import FlockLock, RobustMutexLock, WriteLock
+from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
 
 __all__ = ["AppCounters", "Store", "remove"]
 
@@ -132,6 +133,7 @@ class Store(Generic[T]):
         self._exclusive = False
         self._keeper: tuple[threading.Thread, threading.Event] | None = None
         self._fence = threading.Lock()
+        self._gid = segment.group()  # grown rings get the store's mode and group
         self._raw_decode = self._codec.raw_decode
         self._raw_encode = self._codec.raw_encode
         self._max_value_size = info.max_value_size
@@ -142,7 +144,10 @@ class Store(Generic[T]):
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
         self._lock: WriteLock
-        if info.flags & FLAG_ROBUST_MUTEX:
+        if segment.readonly:  # a read-only mapping: the lock cannot be taken, only looked at
+            mutex_at = OFF_MUTEX if info.flags & FLAG_ROBUST_MUTEX else None
+            self._lock = ReadOnlyLock(segment.map, mutex_at, segment.fd, segment.name)
+        elif info.flags & FLAG_ROBUST_MUTEX:
             self._lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
         else:
             self._lock = FlockLock(segment.fd)
@@ -156,7 +161,10 @@ class Store(Generic[T]):
             mode=segment.mode(),
             gid=segment.group(),
         )
-        self._gate = WaitGate(self._version_or_closed, self._registry, segment.name)
+        # A read-only handle cannot register (that writes the segment): it polls.
+        self._gate = WaitGate(
+            self._version_or_closed, self._registry, segment.name, poll=segment.readonly
+        )
         self._closed = False
         # Held by set() from its lock to its notifications, by close() and by everything that
         # touches the mapping in more than one step: the writer mutex lives in the mapping, so
@@ -188,6 +196,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
         max_value_size: int | None = ...,
+        group: int | str | None = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -205,6 +214,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
         max_value_size: int | None = ...,
+        group: int | str | None = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -221,6 +231,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = "auto",
         restore_from: str | os.PathLike[str] | None = None,
         max_value_size: int | None = None,
+        group: int | str | None = None,
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
@@ -235,12 +246,16 @@ class Store(Generic[T]):
         process-shared mutex, Linux), ``"flock"``, or ``"auto"`` (the mutex where the C library
         has robust mutexes); see ``_writelock``.
         *restore_from* starts the store from a :meth:`checkpoint` file: it holds the saved value
-        at the saved version, and the next commit is that version + 1.
+        at the saved version, and the next commit is that version + 1. *group* (a gid or group
+        name) is the segment's group, set before anyone can open the store; by default the
+        creator's. With ``mode=0o640`` the group's members may read (read-only), with ``0o660``
+        also wait and write; see README "Permissions".
 
         Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
         geometry, :class:`StateStoreError` if shared memory cannot hold the store,
         :class:`CheckpointError` / :class:`SchemaMismatchError` for a checkpoint that cannot be
-        restored (checked before anything is created).
+        restored (checked before anything is created), :class:`StorePermissionError` for a
+        *group* this process may not give (``ValueError`` for an unknown group name).
         """
         options = CreateOptions(
             slots=slots,
@@ -251,6 +266,7 @@ class Store(Generic[T]):
             writer_lock=writer_lock,
             restore_from=restore_from,
             max_value_size=max_value_size,
+            group=group,
         )
         return cls(_provision.create(name, type, options))
 
@@ -272,14 +288,35 @@ class Store(Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, type: type[T], *, allow_other_owner: bool = ...) -> Store[T]: ...
+    def open(
+        cls,
+        name: str,
+        type: type[T],
+        *,
+        allow_other_owner: bool = ...,
+        readonly: bool | None = ...,
+    ) -> Store[T]: ...
 
     @overload
     @classmethod
-    def open(cls, name: str, type: Any = ..., *, allow_other_owner: bool = ...) -> Store[Any]: ...
+    def open(
+        cls,
+        name: str,
+        type: Any = ...,
+        *,
+        allow_other_owner: bool = ...,
+        readonly: bool | None = ...,
+    ) -> Store[Any]: ...
 
     @classmethod
-    def open(cls, name: str, type: Any = None, *, allow_other_owner: bool = False) -> Store[Any]:
+    def open(
+        cls,
+        name: str,
+        type: Any = None,
+        *,
+        allow_other_owner: bool = False,
+        readonly: bool | None = None,
+    ) -> Store[Any]:
         """Attach to the existing store *name*.
 
         With *type*, the store must have been created for a type of the same schema
@@ -289,10 +326,19 @@ class Store(Generic[T]):
         A segment owned by another user is refused (:class:`StorePermissionError`) unless
         *allow_other_owner*: whoever owns it controls what this process reads.
 
-        Raises :class:`StoreNotFoundError` if there is no such store and
+        ``readonly=True`` maps the segment read-only: reads, :attr:`version`,
+        :meth:`statistics` and waiting (by polling, see :attr:`wait_mode`) work; every write
+        raises :class:`StorePermissionError`, and no byte of the segment can change through
+        this handle. With the default ``None`` the handle is read-only only if the OS grants
+        this user read access alone (:attr:`readonly` tells); ``False`` demands write access.
+
+        Raises :class:`StoreNotFoundError` if there is no such store,
+        :class:`StorePermissionError` if the OS refuses the access asked for, and
         :class:`CorruptStoreError` if the segment is not a valid store.
         """
-        return cls(_provision.attach(name, type, allow_other_owner=allow_other_owner))
+        return cls(
+            _provision.attach(name, type, allow_other_owner=allow_other_owner, readonly=readonly)
+        )
 
     @overload
     @classmethod
@@ -347,6 +393,18 @@ class Store(Generic[T]):
         """Whether this handle may write: ``False`` for an untyped handle of a typed store (it
         could publish values the store's readers cannot decode)."""
         return self._writable
+
+    @property
+    def readonly(self) -> bool:
+        """Whether this handle maps the segment read-only (see :meth:`open`)."""
+        return self._segment.readonly
+
+    @property
+    def wait_mode(self) -> str:
+        """How :meth:`wait` sleeps: ``"semaphore"`` (a registry entry the writer posts) or
+        ``"poll"`` (re-reading the version with back-off up to 5 ms: read-only handles, which
+        cannot register, and platforms without timed semaphore waits)."""
+        return self._gate.mode
 
     @property
     def geometry(self) -> Geometry:
@@ -483,6 +541,7 @@ class Store(Generic[T]):
                         generation,
                         crc=bool(self._info.flags & FLAG_CRC),
                         reuse_buffer=not self._codec.aliases_input,
+                        readonly=self._segment.readonly,
                     )
                 except StoreNotFoundError:
                     continue  # a newer move removed it meanwhile: read GENERATION again
@@ -507,6 +566,7 @@ class Store(Generic[T]):
                 name=self.name,
                 capacity=next_capacity(self._ring.capacity, needed, self._info.max_value_size),
                 mode=self._mode,
+                group=self._gid,
                 crc=bool(self._info.flags & FLAG_CRC),
                 reuse_buffer=not self._codec.aliases_input,
                 private=self._private,
@@ -525,7 +585,8 @@ class Store(Generic[T]):
         While recent waits were short (< 0.1 ms), it first re-reads the version for up to
         0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us; ``spin=False`` never
         spins. The first blocking call registers this handle as a reader of the store (see
-        ``max_readers``); the registration lasts until :meth:`close`.
+        ``max_readers``); the registration lasts until :meth:`close`. A read-only handle cannot
+        register (that writes the segment): it polls instead, see :attr:`wait_mode`.
         """
         return self._gate.wait(after_version, timeout, spin=spin)
 
@@ -599,6 +660,9 @@ class Store(Generic[T]):
 
     def _commit(self, value: T, expected_version: int | None, *, count_conflict: bool) -> int:
         """The commit; returns the new version. ``StateVersionError`` on a conflict."""
+        if self._segment.readonly:
+            self._check_open()
+            raise self._readonly_error()
         if not self._writable:
             self._check_open()
             raise StateStoreError(
@@ -726,6 +790,8 @@ class Store(Generic[T]):
         thread of this handle may commit (``_in_use`` serializes them)."""
         with self._in_use:
             self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
             if not self._writable:
                 raise StateStoreError(f"store {self.name!r}: this handle may not write")
             if self._keeper is None:
@@ -811,6 +877,7 @@ class Store(Generic[T]):
             geometry = self._info.geometry
             version, commits, last_update_ns = self._ring.consistent_counters()
             conflicts = self._ring.conflicts()
+            removed = self._segment.removed()
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
@@ -831,6 +898,9 @@ class Store(Generic[T]):
             retries=self._ring.retries,
             max_value_size=self._info.max_value_size,
             growths=int(self._words[W_GENERATION]),
+            readonly=self._segment.readonly,
+            wait_mode=self._gate.mode,
+            removed=removed,
         )
 
     # ---------------------------------------------------------------- counters
@@ -871,6 +941,8 @@ class Store(Generic[T]):
         word = app_counter_word(index)
         with self._in_use:
             self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
             with self._writer_locked():  # a read-modify-write of a shared word
                 self._words[word] += 1
                 return int(self._words[word])
@@ -880,6 +952,8 @@ class Store(Generic[T]):
         how many. Happens by itself on registrations and commits; this is for tools."""
         with self._in_use:
             self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
             return self._registry.sweep()
 
     # ---------------------------------------------------------------- lifecycle
@@ -911,7 +985,10 @@ class Store(Generic[T]):
 
     def unlink(self) -> None:
         """Remove the store's names for everyone. Attached handles keep working until closed;
-        no new handle can open it."""
+        no new handle can open it. Raises :class:`StorePermissionError` on a read-only handle
+        (``shmstore.remove(name)`` removes what the OS lets this user remove)."""
+        if self._segment.readonly:
+            raise self._readonly_error()
         remove(self.name)
 
     def __enter__(self) -> Store[T]:
@@ -938,6 +1015,13 @@ class Store(Generic[T]):
     def _check_open(self) -> None:
         if self._closed:
             raise self._closed_error()
+
+    def _readonly_error(self) -> StorePermissionError:
+        return StorePermissionError(
+            errno.EACCES,
+            f"store {self.name!r} is open read-only: this handle cannot write "
+            "(open it with write access, which the store's mode must grant this user)",
+        )
 
     def _closed_error(self) -> StateStoreError:
         return StateStoreError(f"store {self.name!r} is closed")

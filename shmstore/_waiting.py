@@ -29,7 +29,11 @@ sleep is capped at a second so that a huge "forever" timeout cannot overflow ``s
 absolute deadline, and a Ctrl-C that lands just before a sleep is seen within a second.
 
 Where timed semaphore waits do not exist (macOS: ``posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED`` is
-false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead.
+false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead. So does a handle
+that maps the store read-only (``poll=True``): registering writes the segment, which such a
+handle cannot, so it never takes a registry entry, and its coroutines' server thread polls the
+same way, sleeping on the gate's condition so that close and cancellation still wake it.
+:attr:`WaitGate.mode` says which of the two a handle uses.
 """
 
 from __future__ import annotations
@@ -100,10 +104,13 @@ class WaitGate:
     """Sleep until ``head() > after``, sharing one registry entry among this handle's threads
     and coroutines."""
 
-    def __init__(self, head: Callable[[], int], registry: Registry, name: str) -> None:
+    def __init__(
+        self, head: Callable[[], int], registry: Registry, name: str, *, poll: bool = False
+    ) -> None:
         self._head = head
         self._registry = registry
         self._name = name
+        self._poll_only = poll
         self._typical_ns = _EWMA_SEED
         self._reset()
 
@@ -118,6 +125,12 @@ class WaitGate:
         self._server: threading.Thread | None = None
         self._changed = False  # the pending set changed: the server must re-evaluate
         self.waiter: Waiter | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"semaphore"`` (a registry entry, woken by the writer) or ``"poll"`` (re-reading the
+        version with back-off: read-only handles, and platforms without timed semaphores)."""
+        return "poll" if self._poll_only or not TIMED_WAIT else "semaphore"
 
     # ---------------------------------------------------------------- threads
 
@@ -143,7 +156,7 @@ class WaitGate:
             deadline = (
                 None if timeout is None else time.monotonic() + timeout - (clock() - started) / 1e9
             )
-            if not TIMED_WAIT:
+            if self._poll_only or not TIMED_WAIT:
                 return self._poll(after, deadline, timeout)
             with self._cond:
                 self._sticky = True
@@ -164,6 +177,8 @@ class WaitGate:
         the handle closes."""
         if self._closing:
             raise StateStoreError(f"store {self._name!r} was closed while waiting")
+        if self._poll_only:
+            return self._poll_locked(after, deadline, interrupted)
         if self.waiter is None:
             self.waiter = self._registry.register(deadline)
         while True:
@@ -189,6 +204,28 @@ class WaitGate:
                 self._cond.acquire()
                 self._sleeper = False
                 self._cond.notify_all()
+
+    def _poll_locked(
+        self, after: int, deadline: float | None, interrupted: Callable[[], bool] | None
+    ) -> int | None:
+        """:meth:`_wait_locked` without a registry entry: re-read HEAD with back-off, sleeping
+        on the condition (released meanwhile), which close and new coroutines notify."""
+        pause = _POLL_MIN
+        while True:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            head = self._head()
+            if head > after:
+                return head
+            if interrupted is not None and interrupted():
+                return None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                pause = min(pause, remaining)
+            self._cond.wait(pause)
+            pause = min(pause * 2, _POLL_MAX)
 
     def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
         pause = _POLL_MIN

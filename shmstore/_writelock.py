@@ -36,6 +36,12 @@ otherwise; ``FlockLock`` records its owning thread and ignores others. (Open que
 ``FlockLock`` fallback still has a window of two bytecodes between its thread lock and recording
 the owner.)
 
+``ReadOnlyLock`` (a handle whose mapping is read-only)
+    Never taken: such a handle does not write, and taking either lock would write (the mutex
+    lives in the mapping). ``held_elsewhere`` only looks: at the mutex's lock word, where glibc
+    keeps the owner's thread id, or with a shared ``flock`` probe, which needs no write access
+    and touches no byte of the segment.
+
 Caveat of the mutex: its layout is the C library's. Processes sharing one store must use the same
 C library (not a musl container against a glibc host on a shared ``/dev/shm``).
 """
@@ -49,21 +55,32 @@ import fcntl
 import functools
 import logging
 import mmap
+import sys
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
 
-from ._errors import CorruptStoreError
+from ._errors import CorruptStoreError, StorePermissionError
 
-__all__ = ["MUTEX_SIZE", "FlockLock", "RobustMutexLock", "WriteLock", "robust_mutex_supported"]
+__all__ = [
+    "MUTEX_SIZE",
+    "FlockLock",
+    "ReadOnlyLock",
+    "RobustMutexLock",
+    "WriteLock",
+    "robust_mutex_supported",
+]
 
 log = logging.getLogger("shmstore")
 
 MUTEX_SIZE: Final = 64  # bytes reserved in the header; glibc's pthread_mutex_t is 40 on x86-64
 _PTHREAD_PROCESS_SHARED: Final = 1
 _PTHREAD_MUTEX_ROBUST: Final = 1
+# glibc's pthread_mutex_t starts with ``int __lock``: the owner's TID (plus the FUTEX_WAITERS and
+# FUTEX_OWNER_DIED bits) while held, 0 when free.
+_FUTEX_TID_MASK: Final = 0x3FFFFFFF
 
 
 class WriteLock(Protocol):
@@ -336,3 +353,63 @@ class FlockLock:
 
     def close(self) -> None:
         pass
+
+
+class ReadOnlyLock:
+    """The writer lock of a handle that maps the segment read-only: it cannot be taken (that
+    would write), and :meth:`held_elsewhere` only looks. See the module essay."""
+
+    __slots__ = ("_buf", "_name", "_offset", "fd")
+
+    def __init__(self, buf: mmap.mmap, offset: int | None, fd: int, name: str) -> None:
+        self._buf: mmap.mmap | None = buf
+        self._offset = offset  # of the mutex; None for a flock store
+        self.fd = fd
+        self._name = name
+
+    def acquire(self) -> int:
+        raise StorePermissionError(
+            errno.EACCES, f"store {self._name!r} is open read-only: this handle cannot write"
+        )
+
+    def try_acquire(self) -> int:
+        return self.acquire()
+
+    def acquire_for(self, seconds: float) -> int:
+        return self.acquire()
+
+    def release(self) -> None:
+        pass
+
+    def recover(self, rc: int) -> None:
+        raise AssertionError("a read-only handle never holds the lock")  # pragma: no cover
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
+
+    def held_elsewhere(self) -> bool:
+        if self._offset is not None:
+            if self._buf is None:
+                return False
+            word = int.from_bytes(self._buf[self._offset : self._offset + 4], sys.byteorder)
+            return bool(word & _FUTEX_TID_MASK)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
+    def after_fork_in_child(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        self._buf = None
