@@ -75,7 +75,7 @@ def pingpong_store(rounds: int, spin: bool = True) -> list[int]:
             a.set(i)
             b.wait(i - 1, timeout=30, spin=spin)
             samples.append((clock() - t0) // 2)
-        echo.join()
+        echo.join(60)
         return samples
     finally:
         a.close()
@@ -100,7 +100,7 @@ def pingpong_queue(rounds: int) -> list[int]:
         q_in.put(i)
         q_out.get()
         samples.append((clock() - t0) // 2)
-    echo.join()
+    echo.join(60)
     return samples
 
 
@@ -127,7 +127,7 @@ def pingpong_semaphore(rounds: int) -> list[int]:
             a.release()
             b.acquire()
             samples.append((clock() - t0) // 2)
-        echo.join()
+        echo.join(60)
         return samples
     finally:
         for sem in (a, b):
@@ -166,7 +166,10 @@ def fanout(readers: int, commits: int, pace: float) -> list[int]:
         for p in procs:
             p.start()
         for _ in procs:
-            ready.acquire()
+            if not ready.acquire(timeout=60):
+                raise RuntimeError(
+                    f"fan-out readers did not start: exit codes {[p.exitcode for p in procs]}"
+                )
         clock = time.perf_counter_ns
         sent: dict[int, int] = {}
         for i in range(1, commits + 1):
@@ -175,7 +178,7 @@ def fanout(readers: int, commits: int, pace: float) -> list[int]:
             st.set(i)
         woke = [results.get(timeout=60) for _ in procs]
         for p in procs:
-            p.join()
+            p.join(60)
         # A reader that was still busy may skip a version; count a version only if all saw it.
         return [max(w[v] for w in woke) - t0 for v, t0 in sent.items() if all(v in w for w in woke)]
     finally:

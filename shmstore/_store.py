@@ -660,11 +660,10 @@ class Store(Generic[T]):
 
     def _commit(self, value: T, expected_version: int | None, *, count_conflict: bool) -> int:
         """The commit; returns the new version. ``StateVersionError`` on a conflict."""
-        if self._segment.readonly:
+        if not self._writable:  # read-only handles are never writable: one check on the hot path
             self._check_open()
-            raise self._readonly_error()
-        if not self._writable:
-            self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
             raise StateStoreError(
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
