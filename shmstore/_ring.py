@@ -285,3 +285,34 @@ class Ring:
         self._q.release()
         self._i.release()
         self._bytes.release()
+
+    # ------------------------------------------------------------ replicas (shmstore.mirror)
+
+    def commit_at(self, version: int, payload: bytes, ts_ns: int) -> int:
+        """Write *payload* as message *version* (> HEAD) and publish it: a replica taking the
+        origin's version. The caller holds the writer lock and has checked the length.
+
+        Skipping versions keeps the protocol intact: a slot's ``seq`` names the message it
+        holds, and the slots of the skipped versions never held them, so a subscriber that
+        wants a skipped version finds another ``seq`` there and reports the exact number it
+        missed (``SubscriberLaggedError``), exactly as if it had been lapped.
+        """
+        q = self._q
+        head = int(q[_HEAD])
+        if version <= head:
+            raise ValueError(f"version {version} is not newer than HEAD {head}")
+        # The same stores in the same order as commit(), for message *version* instead of
+        # HEAD + 1; HEAD never holds a version whose slot does not hold it.
+        base = self._slots_at + (version % self._nslots) * self._stride
+        seq = base >> 3
+        q[seq] = 2 * version - 1
+        start = base + SLOT_HEADER_SIZE
+        self._buf[start : start + len(payload)] = payload
+        word = base >> 2
+        self._i[word + SLOT_LEN_I] = len(payload)
+        if self._crc:
+            self._i[word + SLOT_CRC_I] = zlib.crc32(payload)
+        q[seq + SLOT_TS_Q] = ts_ns
+        q[seq] = 2 * version
+        q[_HEAD] = version
+        return version

@@ -35,11 +35,24 @@ from ._errors import (
 )
 from ._layout import (
     FLAG_CRC,
+    FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
     MAGIC,
     MAX_REGISTRY,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_CONNECTED,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_MASK,
+    MIRROR_ROLE_ORIGIN,
+    MIRROR_ROLE_REPLICA,
     OFF_APP_COUNTERS,
     OFF_HEAD,
+    OFF_MIRROR_BEHIND,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
+    OFF_MIRROR_PID,
+    OFF_MIRROR_STATE,
+    OFF_MIRROR_SYNC,
     OFF_MUTEX,
     OFF_REG_HIGH,
     OFF_STORE_NAME,
@@ -49,12 +62,14 @@ from ._layout import (
     name_field,
     pack_header,
     read_header,
+    read_text_field,
+    text_field,
 )
 from ._names import validate_name
 from ._registry import Registry, unlink_all_semaphores
 from ._ring import Ring
 from ._segment import Segment, UnsizedSegmentError, unlink_segment
-from ._stats import StoreStatistics
+from ._stats import MirrorStatus, StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
 from ._writelock import FlockLock, RobustMutexLock, WriteLock, robust_mutex_supported
@@ -97,7 +112,8 @@ class Store(Generic[T]):
         self._segment = segment
         self._info = info
         self._codec = codec
-        self._writable = writable
+        # A replica (shmstore.mirror) takes commits only from its follower: see the class end.
+        self._writable = writable and not info.flags & FLAG_REPLICA
         self._ring = Ring(segment.map, info.geometry, crc=bool(info.flags & FLAG_CRC))
         # The hot paths read HEAD through this view directly: one indexed load, no method call.
         self._words = self._ring.words
@@ -426,6 +442,8 @@ class Store(Generic[T]):
     def _set(self, value: T, expected_version: int | None, *, log_conflict: bool) -> int:
         if not self._writable:
             self._check_open()
+            if self._info.flags & FLAG_REPLICA:
+                raise self._replica_error()
             raise StateStoreError(
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
@@ -514,6 +532,7 @@ class Store(Generic[T]):
             lag=version - self._cache[0],
             reads=self._ring.reads,
             retries=self._ring.retries,
+            **self._mirror_statistics(),
         )
 
     # ---------------------------------------------------------------- counters
@@ -617,6 +636,209 @@ class Store(Generic[T]):
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
+
+    # ---------------------------------------------------------------- mirror hooks
+    #
+    # Used by shmstore.mirror (its publisher and follower processes); nothing above depends on
+    # them except the replica refusal in _set() and the mirror fields of statistics(). The words
+    # live in the header's mirror block (see the end of _layout).
+
+    @classmethod
+    def create_replica(
+        cls,
+        name: str,
+        *,
+        fingerprint: bytes,
+        type_name: str,
+        origin: str,
+        bucket: str,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        mode: int = 0o600,
+    ) -> Store[Any]:
+        """Create the store *name* as a replica of the store *origin* mirrored through NATS
+        bucket *bucket*: it records the origin's schema *fingerprint* and *type_name*, so that
+        readers open it with the origin's type and the usual schema check, and it refuses
+        ``set()`` in every process. Only :meth:`commit_replicated` writes to it. The returned
+        handle decodes to builtins.
+
+        Raises like :meth:`create` (:class:`StoreExistsError`, ``ValueError``, ...).
+        """
+        validate_name(name)
+        if len(fingerprint) != 16:
+            raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
+        geometry, codec, flags, _restore = _plan(
+            Any,
+            slots=slots,
+            slot_size=slot_size,
+            max_readers=max_readers,
+            crc=None,
+            mode=mode,
+            writer_lock="auto",
+            restore_from=None,
+        )
+        # The replica's handles decode like an untyped handle, but the header must carry the
+        # origin's schema: that is what typed readers are checked against.
+        codec.fingerprint = fingerprint
+        codec.type_name = type_name
+        segment = Segment.create(name, geometry.total_size, mode)
+        m = segment.map
+        try:
+            m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                bucket, MIRROR_BUCKET_FIELD
+            )
+            m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                origin, MIRROR_ORIGIN_FIELD
+            )
+            memoryview(m).cast("Q")[OFF_MIRROR_STATE // 8] = MIRROR_ROLE_REPLICA
+        except BaseException:
+            segment.close()
+            unlink_segment(segment.name)
+            raise
+        return cls._initialize(segment, geometry, codec, flags | FLAG_REPLICA, unlink_on_error=True)
+
+    @property
+    def is_replica(self) -> bool:
+        """True if this store is a replica kept by ``shmstore mirror follow``."""
+        return bool(self._info.flags & FLAG_REPLICA)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The 16-byte schema fingerprint recorded in the header."""
+        return self._info.fingerprint
+
+    def get_encoded(self) -> tuple[bytes, int, int]:
+        """The newest value as the encoded bytes stored in the ring, with its version and commit
+        time (ns since the epoch): ``(b"", 0, 0)`` while empty. For mirroring without a decode
+        and re-encode round trip. Raises :class:`StateStoreError` if the handle is closed."""
+        self._check_open()
+        payload, version, ts_ns = self._ring.read_newest()
+        if payload is None:
+            return b"", 0, 0
+        return bytes(payload), version, ts_ns
+
+    def commit_replicated(self, payload: bytes, version: int, commit_ns: int) -> int:
+        """Commit the origin's encoded *payload* as the origin's *version* (with its commit time
+        *commit_ns*) into this replica; return *version*.
+
+        *version* must be greater than the replica's version; versions in between may be
+        skipped (the replica has latest-value semantics): subscribers then get
+        :class:`SubscriberLaggedError` with the exact number skipped, as for a lap of the ring.
+        Raises :class:`StateStoreError` if this store is not a replica,
+        :class:`StateVersionError` (nothing written) if *version* is not newer,
+        :class:`SnapshotTooLargeError` if the payload does not fit a slot and
+        :class:`InvalidSnapshotError` if it is not a value this handle can decode.
+        """
+        if not self._info.flags & FLAG_REPLICA:
+            self._check_open()
+            raise StateStoreError(f"store {self.name!r} is not a replica")
+        capacity = self._info.geometry.slot_size
+        if len(payload) > capacity:
+            raise SnapshotTooLargeError(
+                f"replicated value is {len(payload)} bytes; replica {self.name!r} holds at most "
+                f"{capacity} bytes per slot"
+            )
+        checked = self._codec.validate(bytes(payload))
+        ring = self._ring
+        lock = self._lock
+        with self._in_use:
+            if self._closed:
+                raise self._closed_error()
+            rc = lock.acquire()
+            if rc:
+                lock.recover(rc)
+            try:
+                head = ring.head()
+                if version > head:
+                    ring.commit_at(version, bytes(payload), commit_ns)
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
+            if version <= head:
+                raise StateVersionError(
+                    version - 1,
+                    head,
+                    f"replicated version {version} is not newer than replica {self.name!r} "
+                    f"at version {head}",
+                )
+            self._cache = (version, checked)
+            if self._words[_REG_HIGH]:
+                self._registry.notify()
+            return version
+
+    @property
+    def mirror_status(self) -> MirrorStatus:
+        """The mirror block of the header: role, connection, last sync, lag, bucket, origin."""
+        self._check_open()
+        words = self._words
+        state = int(words[OFF_MIRROR_STATE // 8])
+        pid = int(words[OFF_MIRROR_PID // 8])
+        role = {MIRROR_ROLE_ORIGIN: "origin", MIRROR_ROLE_REPLICA: "replica"}.get(
+            state & MIRROR_ROLE_MASK, ""
+        )
+        m = self._segment.map
+        return MirrorStatus(
+            role=role,
+            connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_pid_alive(pid),
+            pid=pid,
+            last_sync_ns=int(words[OFF_MIRROR_SYNC // 8]),
+            behind=int(words[OFF_MIRROR_BEHIND // 8]),
+            bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
+            origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
+        )
+
+    def claim_mirror(self, bucket: str) -> None:
+        """Mark this store as the origin of a mirror through NATS bucket *bucket* and this
+        process as its mirroring process (the publisher). A replica keeps its replica role."""
+        self._check_open()
+        m = self._segment.map
+        if not self._info.flags & FLAG_REPLICA:
+            m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                bucket, MIRROR_BUCKET_FIELD
+            )
+            m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                self.name, MIRROR_ORIGIN_FIELD
+            )
+        self._words[OFF_MIRROR_PID // 8] = os.getpid()
+        self.set_mirror_status(connected=False)
+
+    def set_mirror_status(
+        self,
+        *,
+        connected: bool,
+        last_sync_ns: int | None = None,
+        behind: int | None = None,
+    ) -> None:
+        """Record the mirror's state in the header (by the one mirroring process of the store).
+        *last_sync_ns* and *behind* are left as they are when ``None``."""
+        self._check_open()
+        words = self._words
+        role = MIRROR_ROLE_REPLICA if self._info.flags & FLAG_REPLICA else MIRROR_ROLE_ORIGIN
+        if last_sync_ns is not None:
+            words[OFF_MIRROR_SYNC // 8] = last_sync_ns
+        if behind is not None:
+            words[OFF_MIRROR_BEHIND // 8] = max(0, behind)
+        words[OFF_MIRROR_STATE // 8] = role | (MIRROR_CONNECTED if connected else 0)
+
+    def _mirror_statistics(self) -> dict[str, Any]:
+        status = self.mirror_status
+        return {
+            "mirror_role": status.role,
+            "mirror_connected": status.connected,
+            "mirror_last_sync_ns": status.last_sync_ns,
+            "mirror_behind": status.behind,
+            "mirror_bucket": status.bucket,
+            "mirror_origin": status.origin,
+        }
+
+    def _replica_error(self) -> StateStoreError:
+        status = self.mirror_status
+        return StateStoreError(
+            f"store {self.name!r} is a replica of store {status.origin!r} (NATS bucket "
+            f"{status.bucket!r}) and refuses local writes; write to the origin instead: "
+            f"`shmstore mirror set {status.origin} VALUE --server URL --bucket {status.bucket}` "
+            "or shmstore.mirror.RemoteStore"
+        )
 
 
 def _load_checkpoint(
@@ -727,3 +949,15 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _mirror_pid_alive(pid: int) -> bool:
+    """Whether the mirroring process *pid* still lives (a killed publisher or follower leaves
+    its "connected" bit set; the pid tells the truth)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,204 @@
+"""The core hooks of shmstore.mirror, without NATS: the header's mirror block, replicas that refuse
+local writes in every process, commits at the origin's versions, and the mirror status."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import msgspec
+import pytest
+
+from shmstore import (
+    SchemaMismatchError,
+    SnapshotTooLargeError,
+    StateStoreError,
+    StateVersionError,
+    Store,
+    SubscriberLaggedError,
+)
+from shmstore import _layout as L
+from shmstore._codec import fingerprint_of, type_name_of
+from shmstore.metrics import prometheus_text
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+def _replica(name: str, tp: Any = Point, slots: int = 4) -> Store[Any]:
+    return Store.create_replica(
+        name,
+        fingerprint=fingerprint_of(tp),
+        type_name=type_name_of(tp),
+        origin="robot",
+        bucket="shmstore_robot",
+        slots=slots,
+        slot_size=256,
+    )
+
+
+def _encode(value: Any) -> bytes:
+    return msgspec.msgpack.encode(value)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def test_mirror_block_fits_the_free_header_space() -> None:
+    assert L.OFF_MUTEX + 64 <= L.OFF_MIRROR_STATE
+    for off in (L.OFF_MIRROR_STATE, L.OFF_MIRROR_PID, L.OFF_MIRROR_SYNC, L.OFF_MIRROR_BEHIND):
+        assert off % 8 == 0
+        assert 384 <= off < L.OFF_MIRROR_BUCKET
+    assert L.OFF_MIRROR_BEHIND + 8 <= L.OFF_MIRROR_BUCKET
+    assert L.OFF_MIRROR_BUCKET + L.MIRROR_BUCKET_FIELD <= L.OFF_MIRROR_ORIGIN
+    assert L.OFF_MIRROR_ORIGIN + L.MIRROR_ORIGIN_FIELD == L.HEADER_SIZE
+    assert L.FLAG_REPLICA not in (L.FLAG_CRC, L.FLAG_ROBUST_MUTEX)
+    assert L.FLAG_REPLICA & (L.FLAG_REPLICA - 1) == 0  # one bit
+
+
+def test_header_with_the_replica_flag_is_valid_and_unknown_flags_are_not() -> None:
+    g = L.Geometry(4, 64, 8)
+    buf = bytearray(g.total_size)
+    buf[: L.HEADER.size] = L.pack_header(g, L.FLAG_REPLICA, 1, b"f" * 16, magic=L.MAGIC)
+    assert L.read_header(buf, g.total_size).flags == L.FLAG_REPLICA
+    buf[: L.HEADER.size] = L.pack_header(g, 8, 1, b"f" * 16, magic=L.MAGIC)
+    with pytest.raises(Exception, match="unknown header flags"):
+        L.read_header(buf, g.total_size)
+
+
+def test_text_field_is_cut_at_a_character_boundary() -> None:
+    raw = L.text_field("é" * 40, 32)
+    assert len(raw) == 32
+    assert L.read_text_field(raw, 0, 32) == "é" * 16
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def test_replica_checks_the_origin_schema_and_reads_like_a_store(store_name: str) -> None:
+    with _replica(store_name) as rep:
+        assert rep.is_replica
+        assert rep.commit_replicated(_encode(Point(1, 2)), 7, 123) == 7
+        with Store.open(store_name, Point) as reader:
+            assert reader.get() == Point(1, 2)
+            assert reader.version == 7
+            assert reader.last_update_ns == 123  # the origin's commit time
+        with pytest.raises(SchemaMismatchError):
+            Store.open(store_name, dict[str, int]).close()
+
+
+def _try_set(name: str, queue: Any) -> None:
+    with Store.open(name, Point) as st:
+        try:
+            st.set(Point(0, 0))
+        except StateStoreError as exc:
+            queue.put(str(exc))
+        else:
+            queue.put("written")
+
+
+def test_every_process_refuses_local_writes_to_a_replica(store_name: str) -> None:
+    with _replica(store_name) as rep, Store.open(store_name, Point) as typed:
+        with pytest.raises(StateStoreError, match="replica of store 'robot'") as err:
+            typed.set(Point(3, 4))
+        assert "shmstore mirror set robot" in str(err.value)
+        assert "shmstore_robot" in str(err.value)
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_try_set, args=(store_name, queue))
+        child.start()
+        message = queue.get(timeout=60)
+        child.join(60)
+        assert "replica of store 'robot'" in message
+        assert rep.version == 0
+
+
+def test_commit_replicated_never_goes_back(store_name: str) -> None:
+    with _replica(store_name) as rep:
+        rep.commit_replicated(_encode(Point(1, 1)), 5, 1)
+        for stale in (5, 4):
+            with pytest.raises(StateVersionError, match="not newer"):
+                rep.commit_replicated(_encode(Point(9, 9)), stale, 1)
+        assert rep.get() == {"x": 1, "y": 1}
+        with pytest.raises(SnapshotTooLargeError):
+            rep.commit_replicated(b"\x00" * 300, 6, 1)
+        assert rep.version == 5
+
+
+def test_an_ordinary_store_is_not_a_replica(store_name: str) -> None:
+    with Store.create(store_name, Point) as st:
+        assert not st.is_replica
+        with pytest.raises(StateStoreError, match="not a replica"):
+            st.commit_replicated(_encode(Point(1, 1)), 1, 1)
+
+
+@pytest.mark.parametrize("jump", [1, 2, 3, 4, 9])
+def test_skipped_versions_show_as_the_exact_lag(store_name: str, jump: int) -> None:
+    """A replica that jumps over missed versions: subscribers see exactly how many, because the
+    slots of the skipped versions never held them."""
+    with _replica(store_name, slots=4) as rep, Store.open(store_name, Point) as reader:
+        rep.commit_replicated(_encode(Point(1, 0)), 1, 1)
+        sub = reader.subscribe()
+        assert sub.poll() == (1, Point(1, 0))
+        target = 1 + jump
+        rep.commit_replicated(_encode(Point(target, 0)), target, 2)
+        if jump == 1:
+            assert sub.poll() == (2, Point(2, 0))
+        else:
+            with pytest.raises(SubscriberLaggedError) as lag:
+                sub.poll()
+            assert lag.value.missed == jump - 1
+            assert lag.value.resume_version == target
+            assert sub.poll() == (target, Point(target, 0))
+        assert sub.poll() is None
+        assert reader.wait(0, timeout=0) == target
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def test_mirror_status_in_statistics_and_prometheus(store_name: str) -> None:
+    with Store.create(store_name, Point) as origin:
+        assert origin.statistics().mirror_role == ""
+        assert "shmstore_mirror" not in prometheus_text([origin.statistics()])
+        origin.claim_mirror("bkt")
+        origin.set_mirror_status(connected=True, last_sync_ns=5_000_000_000, behind=3)
+        s = origin.statistics()
+        assert (s.mirror_role, s.mirror_connected, s.mirror_behind) == ("origin", True, 3)
+        assert (s.mirror_bucket, s.mirror_origin, s.mirror_last_sync_ns) == (
+            "bkt",
+            store_name,
+            5_000_000_000,
+        )
+        assert origin.mirror_status.pid == os.getpid()
+        text = prometheus_text([s])
+        assert (
+            f'shmstore_mirror_connected{{store="{store_name}",role="origin",bucket="bkt"}} 1'
+            in (text)
+        )
+        assert "shmstore_mirror_behind_versions" in text
+        assert "shmstore_mirror_last_sync_seconds" in text
+        origin.set_mirror_status(connected=False)
+        assert not origin.statistics().mirror_connected
+        assert origin.statistics().mirror_behind == 3  # left as it was
+
+
+def _claim_and_exit(name: str) -> None:
+    with Store.open(name, Point) as st:
+        st.claim_mirror("bkt")
+        st.set_mirror_status(connected=True)
+
+
+def test_a_dead_mirroring_process_reads_as_disconnected(store_name: str) -> None:
+    with Store.create(store_name, Point) as origin:
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_claim_and_exit, args=(store_name,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        status = origin.mirror_status
+        assert status.role == "origin"
+        assert not status.connected  # the bit is set, but its pid is gone
