@@ -1,0 +1,302 @@
+"""The publisher: puts every committed version of a local store into its NATS KV bucket, and
+applies remote compare-and-set requests to the store.
+
+Ordering and ownership
+----------------------
+Every put is a compare-and-set on the key's revision (``update(key, value, last=revision)``),
+and a put happens only if the bucket's newest record is older than the version being put. So the
+bucket's versions only grow, whatever restarts, and a version is put at most once.
+
+A bucket belongs to one origin, the store *instance* whose record is in it: ``host/name/
+created_ns``. A publisher that finds another origin's record in the bucket is a **standby**: it
+puts nothing and answers no remote writes; it checks again every ``STANDBY_CHECK`` seconds and
+becomes active only when the key is gone (an operator deleted it, to move the origin). Two
+publishers of the *same* store (a restart overlapping the old process, or a duplicate by mistake)
+are both active: the compare-and-set lets only one of them put each version, and they share the
+remote writes (a NATS queue group), which the store's own compare-and-set keeps correct.
+
+While NATS is away the local store is untouched: commits go on, the header's mirror block says
+"disconnected" and how many versions are not yet in the bucket, and on reconnection the newest
+version is put (latest value, not a log: the versions in between are skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any, Final
+
+import msgspec
+
+from .. import __version__
+from .._codec import ANY_FINGERPRINT
+from .._errors import StateStoreError, StateVersionError
+from .._store import Store
+from ._connect import ConnectOptions, connect, describe_error
+from ._errors import MirrorError
+from ._wire import (
+    KEY,
+    Record,
+    SetReply,
+    SetRequest,
+    decode_record,
+    default_bucket,
+    encode_record,
+    set_subject,
+    validate_bucket,
+)
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger("shmstore.mirror")
+
+STANDBY_CHECK: Final = 1.0
+LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
+RETRY_WAIT: Final = 0.25
+HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
+QUEUE_GROUP: Final = "shmstore-publishers"
+RECORD_OVERHEAD: Final = 4096
+
+
+class Publisher:
+    """Mirror the local store *name* into NATS bucket *bucket* (default
+    ``default_bucket(name)``) until :meth:`stop`.
+
+    *value_type* is the store's type: needed only to apply remote writes to a typed store (an
+    untyped handle cannot write it); without it, remote writes to a typed store are answered
+    with an error. *replicas* is the bucket's replication factor when this publisher creates
+    the bucket (1..5; 3 on a three-node cluster survives the loss of one node).
+
+    :meth:`run` raises :class:`StoreNotFoundError` if the store does not exist and
+    :class:`MirrorError` if the bucket cannot be used; NATS outages are waited out.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        options: ConnectOptions | None = None,
+        bucket: str | None = None,
+        value_type: Any = None,
+        replicas: int = 1,
+    ) -> None:
+        self.name = name
+        self.bucket = validate_bucket(bucket) if bucket else default_bucket(name)
+        self.options = options or ConnectOptions()
+        self.value_type = value_type
+        if not 1 <= replicas <= 5:
+            raise ValueError(f"replicas must be between 1 and 5, got {replicas}")
+        self.replicas = replicas
+        self.active = False
+        """True while this publisher owns the bucket (False while it is a standby)."""
+        self.published = 0
+        """The newest version this publisher knows to be in the bucket."""
+        self._stop = asyncio.Event()
+        self._store: Store[Any] | None = None
+        self._revision: int | None = None  # the key's revision, None when unknown
+        self._origin = ""
+        self._type_name = ""
+        self._connected = False
+        self._last_sync = 0
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (from the event loop's thread)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        store = Store.open(self.name, self.value_type)
+        self._store = store
+        self._origin = f"{socket.gethostname()}/{self.name}/{store.created_ns}"
+        self._type_name = store.statistics().type_name
+        store.claim_mirror(self.bucket)
+        nc = None
+        try:
+            nc = await connect(self.options, on_connected=self._on_connected, stop=self._stop)
+            if nc is None:
+                return
+            js = nc.jetstream(timeout=5.0)
+            kv = await self._bucket(js, store)
+            if kv is None:
+                return
+            await nc.subscribe(set_subject(self.bucket), queue=QUEUE_GROUP, cb=self._on_request)
+            await self._loop(kv, store)
+        finally:
+            with contextlib.suppress(StateStoreError):
+                store.set_mirror_status(connected=False)
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+            store.close()
+            self._store = None
+
+    def _on_connected(self, up: bool) -> None:
+        self._connected = up
+        store = self._store
+        if store is not None and not store.closed:
+            store.set_mirror_status(connected=up and self.active)
+        if not up:
+            self._revision = None  # a put may have landed or not: ask the bucket again
+
+    async def _bucket(self, js: Any, store: Store[Any]) -> Any:
+        """The bucket, created (history 1) if absent; retried while NATS is unavailable."""
+        from nats.js.errors import BucketNotFoundError  # noqa: PLC0415
+
+        geometry = store.geometry
+        while not self._stop.is_set():
+            try:
+                try:
+                    return await js.key_value(self.bucket)
+                except BucketNotFoundError:
+                    return await js.create_key_value(
+                        bucket=self.bucket,
+                        history=1,
+                        replicas=self.replicas,
+                        max_value_size=geometry.slot_size + RECORD_OVERHEAD,
+                        description=f"shmstore mirror of {self.name}",
+                    )
+            except Exception as exc:
+                if "BadRequest" in exc.__class__.__name__ or "InvalidBucket" in repr(exc):
+                    raise MirrorError(
+                        f"cannot use bucket {self.bucket!r}: {describe_error(exc, self.options)}"
+                    ) from None
+                log.warning(
+                    "bucket %r not available yet: %s",
+                    self.bucket,
+                    describe_error(exc, self.options),
+                )
+                await self._pause(RETRY_WAIT * 4)
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _loop(self, kv: Any, store: Store[Any]) -> None:
+        last_heartbeat = 0.0
+        while not self._stop.is_set():
+            head = store.version
+            if head > self.published or not self.active:
+                try:
+                    await self._publish_newest(kv, store)
+                except Exception as exc:  # NATS down, leader election, timeouts: retry
+                    self._revision = None
+                    store.set_mirror_status(connected=False, behind=head - self.published)
+                    log.debug("put failed: %s", describe_error(exc, self.options))
+                    await self._pause(RETRY_WAIT)
+                    continue
+                if not self.active:
+                    await self._pause(STANDBY_CHECK)
+                    continue
+            now = time.monotonic()
+            if now - last_heartbeat >= HEARTBEAT and self._connected:
+                last_heartbeat = now
+                store.set_mirror_status(
+                    connected=True,
+                    last_sync_ns=time.time_ns(),
+                    behind=store.version - self.published,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.to_thread(store.wait, self.published, LOCAL_WAIT, spin=False)
+
+    async def _publish_newest(self, kv: Any, store: Store[Any]) -> None:
+        """Put the store's newest version unless the bucket already has it (or a newer one, or
+        belongs to another origin); compare-and-set, retried on a lost race."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError  # noqa: PLC0415
+
+        while not self._stop.is_set():
+            if self._revision is None:
+                try:
+                    entry = await kv.get(KEY)
+                except KeyNotFoundError:  # absent, or deleted by an operator
+                    self._revision = 0
+                    self._set_active(True, None)
+                else:
+                    self._revision = entry.revision
+                    current = decode_record(entry.value)
+                    if current.origin != self._origin:
+                        self._set_active(False, current)
+                        self._revision = None
+                        return
+                    self._set_active(True, None)
+                    self.published = max(self.published, current.version)
+            value, version, commit_ns = store.get_encoded()
+            if version <= self.published:
+                return  # already in the bucket: never put a version twice, never go back
+            record = Record(
+                shmstore=__version__,
+                origin=self._origin,
+                store=self.name,
+                version=version,
+                commit_ns=commit_ns,
+                fingerprint=store.fingerprint,
+                type_name=self._type_name,
+                slots=store.geometry.slots,
+                slot_size=store.geometry.slot_size,
+                value=value,
+            )
+            try:
+                self._revision = await kv.update(KEY, encode_record(record), last=self._revision)
+            except KeyWrongLastSequenceError:
+                self._revision = None  # someone else put: look at what is there now
+                continue
+            self.published = version
+            store.set_mirror_status(
+                connected=True, last_sync_ns=time.time_ns(), behind=store.version - version
+            )
+            return
+
+    def _set_active(self, active: bool, owner: Record | None) -> None:
+        if active != self.active:
+            if active:
+                log.info("publisher of %r is active on bucket %r", self.name, self.bucket)
+            else:
+                assert owner is not None
+                log.warning(
+                    "bucket %r belongs to another origin (%s at version %d): standing by",
+                    self.bucket,
+                    owner.origin,
+                    owner.version,
+                )
+        self.active = active
+        if self._store is not None:
+            self._store.set_mirror_status(connected=self._connected and active)
+
+    # ------------------------------------------------------------------ remote writes
+
+    async def _on_request(self, msg: Any) -> None:
+        reply = await self._apply_request(msg.data)
+        with contextlib.suppress(Exception):
+            await msg.respond(msgspec.json.encode(reply))
+
+    async def _apply_request(self, data: bytes) -> SetReply:
+        store = self._store
+        if store is None or store.closed:
+            return SetReply(error="the publisher is stopping")
+        if not self.active:
+            return SetReply(error=f"this publisher is a standby for bucket {self.bucket!r}")
+        try:
+            request = msgspec.json.decode(data, type=SetRequest)
+            value = msgspec.json.decode(request.value, type=store.value_type)
+        except msgspec.DecodeError as exc:
+            return SetReply(error=f"value is not valid for {self._type_name}: {exc}")
+        try:
+            version = await asyncio.to_thread(self._set, store, value, request.expect)
+        except StateVersionError as exc:
+            return SetReply(conflict=True, actual=exc.actual)
+        except StateStoreError as exc:
+            if self.value_type is None and store.fingerprint != ANY_FINGERPRINT:
+                return SetReply(
+                    error=f"the publisher of {self.name!r} was started without the store's type "
+                    f"({self._type_name}): start it with --type to accept remote writes"
+                )
+            return SetReply(error=str(exc))
+        return SetReply(version=version)
+
+    @staticmethod
+    def _set(store: Store[Any], value: Any, expect: int | None) -> int:
+        return store.set(value, expect)
