@@ -9,6 +9,7 @@ from ._aio import AsyncSubscription as AsyncSubscription
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CorruptStoreError as CorruptStoreError
 from ._errors import InvalidSnapshotError as InvalidSnapshotError
+from ._errors import RegistryFullError as RegistryFullError
 from ._errors import SchemaMismatchError as SchemaMismatchError
 from ._errors import SnapshotTooLargeError as SnapshotTooLargeError
 from ._errors import StateStoreError as StateStoreError
@@ -17,7 +18,6 @@ from ._errors import StoreExistsError as StoreExistsError
 from ._errors import StoreNotFoundError as StoreNotFoundError
 from ._errors import StorePermissionError as StorePermissionError
 from ._errors import SubscriberLaggedError as SubscriberLaggedError
-from ._registry import RegistryFullError as RegistryFullError
 from ._stats import StoreStatistics as StoreStatistics
 from ._store import Store as Store
 from ._store import remove as remove
@@ -48,3 +48,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Public names show as shmstore.X in tracebacks and reprs, not as the private module they live in.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -1,62 +1,115 @@
-"""The asyncio veneer: reads stay synchronous, waiting becomes awaitable.
+"""The asyncio veneer: a table over the synchronous ``Store``, with awaitable waiting.
 
 Reads never block (a shared-memory load, at most a copy and a decode), so ``get()`` and friends
-are plain methods. ``set()`` holds the writer lock only for one memcpy and a dead holder's lock is
-released by the kernel, so it runs inline too; it is ``async`` so callers need not care.
+are the store's own methods, passed through as they are. ``set()`` holds the writer lock only for
+one memcpy and a dead holder's lock is released by the kernel, so it runs inline too; it is
+``async`` so callers need not care. Waiting is the one call that blocks: it is the store's
+``wait_async``, served by the store's one wait engine (``_waiting``), which shares the handle's
+registry entry with its waiting threads.
 
-Waiting is served by one background thread per ``AsyncStore``, alive only while some coroutine
-is awaiting. The thread registers its own reader entry, sleeps on that entry's semaphore and, on
-every wake-up, hands the new version to each satisfied waiter through
-``loop.call_soon_threadsafe``. A coroutine that starts or stops waiting (cancellation, timeout)
-posts the thread's semaphore so that it re-evaluates; when nobody waits any more the thread
-unregisters and exits. Idle handles therefore hold no thread, registry entry or semaphore.
+What ``AsyncStore`` exposes is declared below as tables (:data:`SYNC_METHODS`,
+:data:`SYNC_PROPERTIES`), py-lmdb ``aio`` style, so that it cannot drift from ``Store``: a test
+checks that every public member of ``Store`` is either passed through or has an async twin here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
-from ._errors import StateStoreError
-from ._registry import Waiter
-from ._store import Store
+from ._stats import MirrorStatus, StoreStatistics
+from ._store import AppCounters, Store
 from ._subscription import Subscription
 
-__all__ = ["AsyncStore", "AsyncSubscription"]
+if TYPE_CHECKING:
+    from ._layout import Geometry
+
+__all__ = ["SYNC_METHODS", "SYNC_PROPERTIES", "AsyncStore", "AsyncSubscription"]
 
 T = TypeVar("T")
 
+# Store members that AsyncStore offers unchanged (they never block).
+SYNC_METHODS: Final = (
+    "get",
+    "get_with_version",
+    "try_set",
+    "statistics",
+    "checkpoint",
+    "reclaim_dead_readers",
+    "unlink",
+)
+SYNC_PROPERTIES: Final = (
+    "name",
+    "version",
+    "value_type",
+    "type_name",
+    "writable",
+    "geometry",
+    "commits",
+    "conflicts",
+    "last_update_ns",
+    "created_ns",
+    "closed",
+    "app_counters",
+    "mirror_status",
+)
 
-@dataclass(eq=False)
-class _Pending:
-    after: int
-    future: asyncio.Future[int]
-    loop: asyncio.AbstractEventLoop = field(repr=False)
 
+def _forward(name: str) -> property:
+    def get(self: AsyncStore[Any]) -> Any:
+        return getattr(self.store, name)
 
-def _resolve(future: asyncio.Future[int], version: int) -> None:
-    if not future.done():
-        future.set_result(version)
-
-
-def _fail(future: asyncio.Future[int], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+    doc = getattr(getattr(Store, name, None), "__doc__", None)
+    return property(get, doc=doc)
 
 
 class AsyncStore(Generic[T]):
     """A :class:`Store` for asyncio code. Wraps (and owns) one store handle."""
 
+    if TYPE_CHECKING:
+        # The tables, as mypy sees them (assigned for real in __init__ and below the class).
+        get: Callable[[], T | None]
+        get_with_version: Callable[[], tuple[T | None, int]]
+        try_set: Callable[[T, int], int | None]
+        statistics: Callable[[], StoreStatistics]
+        checkpoint: Callable[[str | os.PathLike[str]], int]
+        reclaim_dead_readers: Callable[[], int]
+        unlink: Callable[[], None]
+
+        @property
+        def name(self) -> str: ...
+        @property
+        def version(self) -> int: ...
+        @property
+        def value_type(self) -> Any: ...
+        @property
+        def type_name(self) -> str: ...
+        @property
+        def writable(self) -> bool: ...
+        @property
+        def geometry(self) -> Geometry: ...
+        @property
+        def commits(self) -> int: ...
+        @property
+        def conflicts(self) -> int: ...
+        @property
+        def last_update_ns(self) -> int: ...
+        @property
+        def created_ns(self) -> int: ...
+        @property
+        def closed(self) -> bool: ...
+        @property
+        def app_counters(self) -> AppCounters: ...
+        @property
+        def mirror_status(self) -> MirrorStatus: ...
+
     def __init__(self, store: Store[T]) -> None:
-        self._store = store
-        self._mutex = threading.Lock()
-        self._pending: set[_Pending] = set()
-        self._thread: threading.Thread | None = None
-        self._waiter: Waiter | None = None
-        self._closing = False
+        self.store = store
+        """The underlying synchronous handle."""
+        for name in SYNC_METHODS:
+            setattr(self, name, getattr(store, name))  # bound methods: no extra call layer
 
     @overload
     @classmethod
@@ -68,48 +121,57 @@ class AsyncStore(Generic[T]):
 
     @classmethod
     def create(cls, name: str, type: Any = Any, **options: Any) -> AsyncStore[Any]:
-        """Like :meth:`Store.create` (same options); creating never blocks."""
+        """:meth:`Store.create` (same options); creating never blocks."""
         return cls(Store.create(name, type, **options))
 
     @overload
     @classmethod
-    def open(cls, name: str, type: type[T]) -> AsyncStore[T]: ...
+    def open(cls, name: str, type: type[T], **options: Any) -> AsyncStore[T]: ...
 
     @overload
     @classmethod
-    def open(cls, name: str, type: Any = ...) -> AsyncStore[Any]: ...
+    def open(cls, name: str, type: Any = ..., **options: Any) -> AsyncStore[Any]: ...
 
     @classmethod
-    def open(cls, name: str, type: Any = None) -> AsyncStore[Any]:
-        """Like :meth:`Store.open`."""
-        return cls(Store.open(name, type))
+    def open(cls, name: str, type: Any = None, **options: Any) -> AsyncStore[Any]:
+        """:meth:`Store.open` (same options, e.g. ``allow_other_owner``)."""
+        return cls(Store.open(name, type, **options))
 
-    # ---------------------------------------------------------------- sync surface
+    @overload
+    @classmethod
+    def open_or_create(cls, name: str, type: type[T], **options: Any) -> AsyncStore[T]: ...
 
-    @property
-    def store(self) -> Store[T]:
-        """The underlying synchronous handle."""
-        return self._store
+    @overload
+    @classmethod
+    def open_or_create(cls, name: str, type: Any = ..., **options: Any) -> AsyncStore[Any]: ...
 
-    @property
-    def name(self) -> str:
-        return self._store.name
+    @classmethod
+    def open_or_create(cls, name: str, type: Any = Any, **options: Any) -> AsyncStore[Any]:
+        """:meth:`Store.open_or_create` (same options)."""
+        return cls(Store.open_or_create(name, type, **options))
 
-    @property
-    def version(self) -> int:
-        return self._store.version
+    @overload
+    @classmethod
+    def private(cls, type: type[T], **options: Any) -> AsyncStore[T]: ...
 
-    def get(self) -> T | None:
-        return self._store.get()
+    @overload
+    @classmethod
+    def private(cls, type: Any = ..., **options: Any) -> AsyncStore[Any]: ...
 
-    def get_with_version(self) -> tuple[T | None, int]:
-        return self._store.get_with_version()
+    @classmethod
+    def private(cls, type: Any = Any, **options: Any) -> AsyncStore[Any]:
+        """:meth:`Store.private` (same options)."""
+        return cls(Store.private(type, **options))
+
+    # ---------------------------------------------------------------- the async twins
 
     async def set(self, value: T, expected_version: int | None = None) -> int:
         """:meth:`Store.set`. Runs inline: the lock is held for one memcpy at a time."""
-        return self._store.set(value, expected_version)
+        return self.store.set(value, expected_version)
 
-    # ---------------------------------------------------------------- waiting
+    async def update(self, fn: Callable[[T | None], T], *, retries: int | None = None) -> int:
+        """:meth:`Store.update`, inline like :meth:`set`."""
+        return self.store.update(fn, retries=retries)
 
     async def wait(self, after_version: int, timeout: float | None = None) -> int:
         """Wait until the version is greater than *after_version*, without blocking the loop.
@@ -117,105 +179,22 @@ class AsyncStore(Generic[T]):
         ``TimeoutError`` after *timeout* seconds; ``timeout=0`` is a non-blocking check.
         Cancelling the awaiting task leaves nothing behind.
         """
-        head = self._store.version
-        if head > after_version:
-            return head
-        if timeout is not None and timeout <= 0:
-            raise TimeoutError(f"no version after {after_version} (timeout=0)")
-        loop = asyncio.get_running_loop()
-        entry = _Pending(after_version, loop.create_future(), loop)
-        with self._mutex:
-            if self._closing:
-                raise StateStoreError(f"store {self.name!r} is closed")
-            self._pending.add(entry)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"shmstore-wait-{self.name}", daemon=True
-                )
-                self._thread.start()
-            elif self._waiter is not None:
-                self._waiter.kick()
-        try:
-            async with asyncio.timeout(timeout):
-                return await entry.future
-        except TimeoutError:
-            raise TimeoutError(f"no version after {after_version} within {timeout} s") from None
-        finally:
-            with self._mutex:
-                self._pending.discard(entry)
-                if self._waiter is not None:
-                    self._waiter.kick()  # let the thread re-evaluate, and exit if idle
-
-    def _serve(self) -> None:
-        """The background thread: sleep on our own semaphore, resolve satisfied waiters.
-
-        It stays ``self._thread`` until it has given its registry entry back, so that close()
-        joins it before the mapping goes away; and if a waiter arrived while it was leaving,
-        it serves that one too instead of stranding it.
-        """
-        while True:
-            try:
-                waiter = self._store._registry.register()
-            except BaseException as exc:
-                with self._mutex:
-                    failed, self._pending = self._pending, set()
-                    self._thread = None
-                for entry in failed:
-                    entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
-                return
-            with self._mutex:
-                self._waiter = waiter
-            try:
-                self._serve_until_idle(waiter)
-            finally:
-                waiter.close()
-            with self._mutex:
-                if self._pending and not self._closing:
-                    continue
-                self._thread = None
-                return
-
-    def _serve_until_idle(self, waiter: Waiter) -> None:
-        while True:
-            with self._mutex:
-                if self._closing or not self._pending:
-                    self._waiter = None  # nobody may kick it once we start closing it
-                    return
-                head = self._store.version
-                ready = [e for e in self._pending if head > e.after]
-                self._pending.difference_update(ready)
-            for entry in ready:
-                entry.loop.call_soon_threadsafe(_resolve, entry.future, head)
-            if not ready:
-                waiter.sleep(None)
+        return await self.store.wait_async(after_version, timeout)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None
     ) -> AsyncSubscription[T]:
         """``async for version, value in store.subscribe()``: every version in order; see
         :meth:`Store.subscribe` for where it starts and how lag is reported."""
-        return AsyncSubscription(self, Subscription(self._store, after_version, timeout), timeout)
+        return AsyncSubscription(
+            self, self.store.subscribe(after_version, timeout=timeout), timeout
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Stop the background thread (waiters get StateStoreError), then close the handle."""
-        with self._mutex:
-            self._closing = True
-            thread = self._thread
-            if self._waiter is not None:
-                self._waiter.kick()
-            orphans, self._pending = self._pending, set()
-        if thread is not None:
-            thread.join()  # it was kicked; it must be gone before the mapping is
-        for entry in orphans:
-            exc = StateStoreError(f"store {self.name!r} was closed while waiting")
-            if not entry.loop.is_closed():
-                entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
-        self._store.close()
-
-    def unlink(self) -> None:
-        self._store.unlink()
+        """Close the handle; coroutines still waiting on it get :class:`StateStoreError`."""
+        self.store.close()
 
     async def __aenter__(self) -> AsyncStore[T]:
         return self
@@ -229,7 +208,12 @@ class AsyncStore(Generic[T]):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<shmstore.AsyncStore wrapping {self._store!r}>"
+        return f"<shmstore.AsyncStore wrapping {self.store!r}>"
+
+
+for _name in SYNC_PROPERTIES:
+    setattr(AsyncStore, _name, _forward(_name))
+del _name
 
 
 class AsyncSubscription(Generic[T]):

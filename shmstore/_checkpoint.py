@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import CheckpointError
-from ._layout import NAME_FIELD, name_field
+from ._layout import decode_name_field, name_field
 
 __all__ = ["Checkpoint", "read_checkpoint", "write_checkpoint"]
 
@@ -141,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         )
     return Checkpoint(
         fingerprint=fingerprint,
-        type_name=type_name[:NAME_FIELD].rstrip(b"\0").decode("utf-8", "replace"),
+        type_name=decode_name_field(type_name),
         version=version,
         written_ns=written,
         payload=raw[_HEADER.size :],

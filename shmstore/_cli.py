@@ -178,13 +178,13 @@ def cmd_set(args: argparse.Namespace) -> int:
             value = msgspec.json.decode(text, type=st.value_type)
         except msgspec.DecodeError as exc:
             raise CliError(f"value is not valid for {args.type or 'the store'}: {exc}") from exc
-        if type_ is None and not st._writable:
+        if type_ is None and not st.writable:
             raise CliError(
-                f"store {args.name!r} holds {st._info.type_name}; pass --type module:Class "
+                f"store {args.name!r} holds {st.type_name}; pass --type module:Class "
                 "so that the value is checked against that type before it is written"
             )
         try:
-            version = st._set(value, args.expect, log_conflict=False)  # reported below instead
+            version = st.set(value, args.expect)
         except StateVersionError as exc:
             raise CliError(str(exc), EXIT_CONFLICT) from exc
     _out(_json({"version": version}))
@@ -225,7 +225,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
         for name in list_store_names():  # the stores in use: reclaim their dead readers
             with contextlib.suppress(StateStoreError), _opened(name, inspect=False) as st:
-                reclaimed += st._registry.sweep()
+                reclaimed += st.reclaim_dead_readers()
     total = len(orphans.unused_stores) + len(orphans.stray_semaphores)
     if args.yes:
         _out(f"removed {total} object(s); reclaimed {reclaimed} dead reader entr(ies)")

@@ -55,10 +55,38 @@ def type_name_of(tp: Any) -> str:
 ANY_FINGERPRINT = fingerprint_of(Any)
 
 
+def _may_alias_input(tp: Any) -> bool:
+    """Whether values of *tp* can hold ``memoryview`` or ``msgspec.Raw`` objects, which msgspec
+    decodes as views of its input. Unknown shapes count as aliasing (the safe answer)."""
+    seen: set[int] = set()
+
+    def walk(info: Any) -> bool:
+        if id(info) in seen:
+            return False
+        seen.add(id(info))
+        if isinstance(info, (msgspec.inspect.MemoryViewType, msgspec.inspect.RawType)):
+            return True
+        if isinstance(info, msgspec.inspect.CustomType):
+            return True  # a dec_hook could keep anything
+        for attr in ("item_type", "key_type", "value_type"):
+            sub = getattr(info, attr, None)
+            if sub is not None and walk(sub):
+                return True
+        for attr in ("types", "item_types"):
+            if any(walk(sub) for sub in getattr(info, attr, ())):
+                return True
+        return any(walk(f.type) for f in getattr(info, "fields", ()))
+
+    try:
+        return walk(msgspec.inspect.type_info(tp))
+    except (TypeError, ValueError):
+        return True
+
+
 class Codec(Generic[T]):
     """Encoder and typed decoder for one value type."""
 
-    __slots__ = ("_decoder", "_encoder", "fingerprint", "type", "type_name")
+    __slots__ = ("_decoder", "_encoder", "aliases_input", "fingerprint", "type", "type_name")
 
     def __init__(self, tp: Any) -> None:
         self.type = tp
@@ -69,11 +97,15 @@ class Codec(Generic[T]):
             self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(tp)
         except TypeError as exc:
             raise TypeError(f"msgspec cannot decode values of type {tp!r}: {exc}") from None
+        self.aliases_input = _may_alias_input(tp)
+        """Whether a decoded value may point into the decoded buffer (``memoryview`` and
+        ``msgspec.Raw`` fields decode without copying): such values must be decoded from
+        a buffer of their own, never from one that is reused."""
 
     def encode(self, value: T) -> bytes:
         try:
             return self._encoder.encode(value)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
             raise InvalidSnapshotError(f"cannot encode {type(value).__name__}: {exc}") from exc
 
     def decode(self, data: bytes | memoryview) -> T:
@@ -84,7 +116,7 @@ class Codec(Generic[T]):
         """Decode freshly encoded *data* as a reader would, refusing what readers could not read."""
         try:
             return self._decoder.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
             raise InvalidSnapshotError(
                 f"value would not decode as {self.type_name} for readers: {exc}"
             ) from exc

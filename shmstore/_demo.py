@@ -139,7 +139,7 @@ def _render(
     lines = [
         f"shmstore demo -- store {name!r}, {readers} reader process(es), {elapsed:5.1f} s",
         f"  commits/s {rate:9.0f}   version {st.version:8d}   commits {st.commits:8d}   "
-        f"version conflicts {st._app_counter(0)}",
+        f"version conflicts {st.app_counters[0]}",
         f"  FSM state {snap.state.name if snap else '-':<12} fsm version "
         f"{snap.version if snap else 0}",
         "",

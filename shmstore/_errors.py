@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "CorruptStoreError",
     "InvalidSnapshotError",
+    "RegistryFullError",
     "SchemaMismatchError",
     "SnapshotTooLargeError",
     "StateStoreError",
@@ -94,3 +95,8 @@ class SubscriberLaggedError(StateStoreError):
             f"subscriber fell behind the ring: {missed} version(s) missed, "
             f"resuming at version {resume_version}"
         )
+
+
+class RegistryFullError(StateStoreError):
+    """Raised by ``wait()``/``subscribe()`` when every reader entry of the store is taken by a
+    live process. The limit is the store's ``max_readers`` create option."""

@@ -67,13 +67,26 @@ from dataclasses import dataclass
 from ._errors import CorruptStoreError
 
 __all__ = [
+    "APP_COUNTERS",
     "FLAG_CRC",
     "FLAG_ROBUST_MUTEX",
     "HEADER",
     "HEADER_SIZE",
     "LAYOUT_VERSION",
     "MAGIC",
+    "W_BASE_VERSION",
+    "W_CONFLICTS",
+    "W_HEAD",
+    "W_REG_HIGH",
     "Geometry",
+    "HeaderInfo",
+    "app_counter_word",
+    "decode_name_field",
+    "entry_word",
+    "is_unborn",
+    "read_header",
+    "write_header",
+    "write_magic",
 ]
 
 MAGIC = b"SHMSTORE"
@@ -92,7 +105,7 @@ MAX_SLOT_SIZE = (1 << 31) - 1
 MAX_REGISTRY = 4096
 NAME_FIELD = 64
 
-# Byte offsets of the live u64 words; divide by 8 for an index into a memoryview cast to "Q".
+# Byte offsets of the live u64 words.
 OFF_HEAD = 64
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
@@ -100,9 +113,17 @@ OFF_REG_HIGH = 152
 OFF_APP_COUNTERS = 160
 APP_COUNTERS = 4
 
+# The same words as indexes into the segment viewed as u64s (``memoryview.cast("Q")``): every
+# module that loads or stores a live word takes its index from here.
+W_HEAD = OFF_HEAD // 8
+W_BASE_VERSION = OFF_BASE_VERSION // 8
+W_CONFLICTS = OFF_CONFLICTS // 8
+W_REG_HIGH = OFF_REG_HIGH // 8
+W_APP_COUNTERS = OFF_APP_COUNTERS // 8
+
 # The static part of the header, written once at create before the magic.
 HEADER = struct.Struct("<8sIIIII4xQQ16s")
-TYPE_NAME = struct.Struct("<64s")
+NAME_FIELD_STRUCT = struct.Struct("<64s")
 OFF_TYPE_NAME = 192
 OFF_STORE_NAME = 256
 OFF_MUTEX = 320
@@ -165,23 +186,56 @@ class Geometry:
         """Byte offset of the slot that holds message *version*."""
         return self.slots_at + (version % self.slots) * self.stride
 
-    def entry_at(self, index: int) -> int:
-        return self.registry_at + index * REGISTRY_ENTRY_SIZE
+
+def entry_word(index: int, field: int) -> int:
+    """u64 index of *field* (``REG_*``) of registry entry *index*."""
+    return (HEADER_SIZE + index * REGISTRY_ENTRY_SIZE) // 8 + field
+
+
+def app_counter_word(index: int) -> int:
+    """u64 index of the header counter *index* reserved for layers above the store."""
+    if not 0 <= index < APP_COUNTERS:
+        raise IndexError(f"app counter index must be 0..{APP_COUNTERS - 1}, got {index}")
+    return W_APP_COUNTERS + index
 
 
 @dataclass(frozen=True, slots=True)
 class HeaderInfo:
     """The static header fields as read from a segment."""
 
-    magic: bytes
-    layout_version: int
     flags: int
     geometry: Geometry
-    total_size: int
     created_ns: int
     fingerprint: bytes
     type_name: str
     store_name: str
+
+
+def write_header(
+    buf: bytearray | mmap.mmap,
+    geometry: Geometry,
+    *,
+    flags: int,
+    created_ns: int,
+    fingerprint: bytes,
+    type_name: str,
+    store_name: str,
+) -> None:
+    """Write the static header of a fresh segment, all but the magic (see :func:`write_magic`)."""
+    buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD] = name_field(type_name)
+    buf[OFF_STORE_NAME : OFF_STORE_NAME + NAME_FIELD] = name_field(store_name)
+    header = pack_header(geometry, flags, created_ns, fingerprint, magic=b"\0" * len(MAGIC))
+    buf[0 : len(header)] = header
+
+
+def write_magic(buf: bytearray | mmap.mmap) -> None:
+    """Publish a fully initialized segment: until the magic is there it is not a store."""
+    buf[0 : len(MAGIC)] = MAGIC
+
+
+def is_unborn(buf: bytes | bytearray | mmap.mmap) -> bool:
+    """Whether the segment is still being created (no magic yet)."""
+    return buf[0 : len(MAGIC)] == b"\0" * len(MAGIC)
 
 
 def pack_header(
@@ -200,8 +254,9 @@ def pack_header(
     )
 
 
-def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode("utf-8", "replace")
+def decode_name_field(raw: bytes) -> str:
+    """The text of a NUL-padded name field (header or checkpoint); never raises."""
+    return raw[:NAME_FIELD].rstrip(b"\0").decode("utf-8", "replace")
 
 
 def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInfo:
@@ -232,15 +287,12 @@ def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInf
     if flags & ~(FLAG_CRC | FLAG_ROBUST_MUTEX | FLAG_REPLICA):
         raise CorruptStoreError(f"unknown header flags {flags:#x}")
     return HeaderInfo(
-        magic=magic,
-        layout_version=layout,
         flags=flags,
         geometry=geometry,
-        total_size=total,
         created_ns=created,
         fingerprint=fp,
-        type_name=_text(bytes(buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD])),
-        store_name=_text(bytes(buf[OFF_STORE_NAME : OFF_STORE_NAME + NAME_FIELD])),
+        type_name=decode_name_field(bytes(buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD])),
+        store_name=decode_name_field(bytes(buf[OFF_STORE_NAME : OFF_STORE_NAME + NAME_FIELD])),
     )
 
 
@@ -250,7 +302,7 @@ def name_field(text: str) -> bytes:
     while len(raw) > NAME_FIELD:
         text = text[:-1]
         raw = text.encode("utf-8")
-    return TYPE_NAME.pack(raw)
+    return NAME_FIELD_STRUCT.pack(raw)
 
 
 # ---------------------------------------------------------------------------- mirror block
@@ -288,6 +340,12 @@ MIRROR_ROLE_REPLICA = 2
 MIRROR_ROLE_MASK = 3
 MIRROR_CONNECTED = 4
 
+# The mirror's live words as indexes into the segment viewed as u64s, like W_HEAD.
+W_MIRROR_STATE = OFF_MIRROR_STATE // 8
+W_MIRROR_PID = OFF_MIRROR_PID // 8
+W_MIRROR_SYNC = OFF_MIRROR_SYNC // 8
+W_MIRROR_BEHIND = OFF_MIRROR_BEHIND // 8
+
 
 def text_field(text: str, size: int) -> bytes:
     """*text* as a NUL-padded field of *size* bytes, cut at a character boundary."""
@@ -300,4 +358,4 @@ def text_field(text: str, size: int) -> bytes:
 
 def read_text_field(buf: bytes | bytearray | mmap.mmap, offset: int, size: int) -> str:
     """The NUL-padded UTF-8 field of *size* bytes at *offset*."""
-    return _text(bytes(buf[offset : offset + size]))
+    return decode_name_field(bytes(buf[offset : offset + size]))

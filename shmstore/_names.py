@@ -3,8 +3,15 @@
 A store name is what users type; the operating-system names of its segment and semaphores are
 derived from it by hashing, so that every derived name fits macOS's 31-byte limit for shm and
 semaphore names whatever the store name is, and stays recognizable in ``/dev/shm``
-(``shmstore.<hash>`` and ``sem.shmstore.<hash>.<n>``). The store name itself is kept in the
+(``shmstore.<hash>`` and ``sem.shmstore.<hash>.<tag>``). The store name itself is kept in the
 segment header for tools.
+
+A reader's semaphore is named after the store, its registry entry *and one claim of that entry*:
+the tag hashes the store's creation time (which incarnation of the name), the entry index and
+the entry's claim generation. So a handle of a removed-and-recreated store can never unlink or
+post the semaphore of a reader of the new store, and a claim never has to remove the previous
+claimant's semaphore first (which sticky ``/dev/shm`` forbids when that claimant was another
+user).
 """
 
 from __future__ import annotations
@@ -12,11 +19,19 @@ from __future__ import annotations
 import base64
 import hashlib
 
-__all__ = ["MAX_NAME_BYTES", "OS_PREFIX", "reader_semaphore_name", "segment_name", "validate_name"]
+__all__ = [
+    "MAX_NAME_BYTES",
+    "OS_PREFIX",
+    "reader_semaphore_name",
+    "semaphore_prefix",
+    "segment_name",
+    "validate_name",
+]
 
 MAX_NAME_BYTES = 64
 OS_PREFIX = "shmstore."
 _HASH_CHARS = 13  # 65 bits of blake2b: collisions are not a practical concern on one machine
+_TAG_CHARS = 7  # 35 bits; with the prefix, 31 bytes: macOS's limit for a semaphore name
 
 
 def validate_name(name: object) -> str:
@@ -35,9 +50,9 @@ def validate_name(name: object) -> str:
     return name
 
 
-def _digest(name: str) -> str:
-    raw = hashlib.blake2b(name.encode("utf-8"), digest_size=10).digest()
-    return base64.b32encode(raw).decode("ascii").lower()[:_HASH_CHARS]
+def _digest(text: str, chars: int = _HASH_CHARS) -> str:
+    raw = hashlib.blake2b(text.encode("utf-8"), digest_size=10).digest()
+    return base64.b32encode(raw).decode("ascii").lower()[:chars]
 
 
 def segment_name(name: str) -> str:
@@ -45,6 +60,13 @@ def segment_name(name: str) -> str:
     return f"/{OS_PREFIX}{_digest(name)}"
 
 
-def reader_semaphore_name(name: str, index: int) -> str:
-    """``/shmstore.<hash>.<index>``: at most 28 bytes for the largest registry."""
-    return f"{segment_name(name)}.{index}"
+def semaphore_prefix(name: str) -> str:
+    """What every reader semaphore name of store *name* starts with (for cleanup by listing)."""
+    return f"{segment_name(name)}."
+
+
+def reader_semaphore_name(name: str, created_ns: int, index: int, generation: int) -> str:
+    """``/shmstore.<hash>.<tag>`` for claim *generation* of entry *index* of the store
+    incarnation created at *created_ns*: 31 bytes."""
+    tag = _digest(f"{created_ns}:{index}:{generation}", _TAG_CHARS)
+    return f"{semaphore_prefix(name)}{tag}"

@@ -26,6 +26,13 @@ then see ``m``. This keeps every semaphore at 0 or 1 (two writers racing can mak
 Cost to the writer: one load per registry entry up to the high-water mark, plus ~25 ns to read a
 semaphore's value and ~50 ns to post it, per registered reader.
 
+Semaphore names carry a tag that hashes the store's creation time, the entry index and the
+entry's claim generation (``_names``): each claim creates a fresh name, so a claim never has to
+remove a previous claimant's semaphore (sticky ``/dev/shm`` forbids that for another user's), and
+a handle of a removed store can never touch the semaphores of a new store of the same name. A
+semaphore gets the segment's mode and group (``sem_open`` would apply the umask), so that every
+user who may write the store may also post its readers.
+
 Liveness
 --------
 Every registered handle holds an open-file-description (OFD) byte lock on byte
@@ -40,8 +47,13 @@ these byte locks share one descriptor without interfering.
 Where OFD locks do not exist (macOS), liveness falls back to the PID plus ``kill(pid, 0)``; a
 reused PID can then keep a dead entry until that process exits.
 
-All changes to entries and to the high-water mark happen under the writer lock, so registrations
-and sweeps never race each other; only the writer's read-only scan runs outside it.
+Registrations and sweeps are serialized by the *registry lock*, never by the writer lock: a
+reader must not wait for a writer (a writer stopped with SIGSTOP while holding the writer lock
+would otherwise hold every reader's first ``wait()``, whatever its timeout). With OFD locks the
+registry lock is another byte lock of the same kind, taken with a deadline; the critical section
+is a scan of the entries and one ``sem_open``. An entry's owner gives it back without the lock:
+it holds the entry's liveness byte, so nobody else touches the entry until it lets go. Without
+OFD locks (macOS) the writer lock serializes registrations, as a fallback.
 """
 
 from __future__ import annotations
@@ -52,41 +64,49 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import posix_ipc
 
-from ._errors import StateStoreError
-from ._layout import OFF_REG_HIGH, REG_CLAIMED, REG_GEN, REG_PID, REG_STATE, Geometry
+from ._errors import RegistryFullError, StateStoreError
+from ._layout import REG_CLAIMED, REG_GEN, REG_PID, REG_STATE, W_REG_HIGH, Geometry, entry_word
 from ._names import reader_semaphore_name
 from ._writelock import WriteLock
 
-__all__ = ["LIVENESS_BASE", "SWEEP_INTERVAL", "RegistryFullError", "Registry", "Waiter"]
+__all__ = [
+    "LIVENESS_BASE",
+    "SWEEP_INTERVAL",
+    "Registry",
+    "Waiter",
+    "registered_semaphore_names",
+    "unlink_semaphore",
+]
 
 log = logging.getLogger("shmstore")
 
 LIVENESS_BASE: Final = 1 << 40  # far past the data: the locks are advisory and touch no bytes
+REGISTRY_LOCK_BYTE: Final = LIVENESS_BASE - 1
 SWEEP_INTERVAL: Final = 1.0
-_HIGH: Final = OFF_REG_HIGH // 8
 _FREE: Final = 0
 _IN_USE: Final = 1
+_CLAIM_TRIES: Final = 8  # fresh semaphore names to try when one is taken (a stale one)
+_LOCK_POLL_MIN: Final = 20e-6
+_LOCK_POLL_MAX: Final = 2e-3
 
 _OFD = hasattr(fcntl, "F_OFD_SETLK")
 _VALUE = posix_ipc.SEMAPHORE_VALUE_SUPPORTED
+_SEM_DIR = "/dev/shm"  # where Linux keeps named semaphores, as files "sem.<name>"
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
 _FLOCK = struct.Struct("hhqqi4x")
 
 
-class RegistryFullError(StateStoreError):
-    """Raised by ``wait()``/``subscribe()`` when every reader entry of the store is taken by a
-    live process. The limit is the store's ``max_readers`` create option."""
-
-
-def _byte_lock(fd: int, index: int, kind: int) -> bool:
-    """Set (or clear, with F_UNLCK) this descriptor's OFD lock on the entry's byte.
+def _byte_lock(fd: int, offset: int, kind: int) -> bool:
+    """Set (or clear, with F_UNLCK) this descriptor's OFD lock on byte *offset*.
     ``False`` if another description holds it."""
-    arg = _FLOCK.pack(kind, os.SEEK_SET, LIVENESS_BASE + index, 1, 0)
+    arg = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
     except OSError as exc:
@@ -106,15 +126,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def unlink_semaphore(name: str) -> bool:
+    """Remove a named semaphore; ``False`` if it did not exist or is not ours to remove
+    (another user's, in sticky ``/dev/shm``: ``shmstore.remove`` as its owner or root can)."""
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        return False
+    except posix_ipc.PermissionsError:
+        log.debug("cannot remove semaphore %s of another user", name)
+        return False
+    return True
+
+
+def registered_semaphore_names(
+    words: memoryview, capacity: int, name: str, created_ns: int
+) -> list[str]:
+    """The semaphore names of every entry in use in a registry (for removing the store)."""
+    return [
+        reader_semaphore_name(name, created_ns, index, words[entry_word(index, REG_GEN)])
+        for index in range(min(words[W_REG_HIGH], capacity))
+        if words[entry_word(index, REG_STATE)] == _IN_USE
+    ]
+
+
 class Waiter:
     """One registry entry owned by this handle, and its semaphore."""
 
-    __slots__ = ("_registry", "index", "sem")
+    __slots__ = ("_registry", "index", "sem", "sem_name")
 
-    def __init__(self, registry: Registry, index: int, sem: Any) -> None:
+    def __init__(self, registry: Registry, index: int, sem: Any, sem_name: str) -> None:
         self._registry = registry
         self.index = index
         self.sem = sem
+        self.sem_name = sem_name
 
     def sleep(self, timeout: float | None) -> bool:
         """Block until a post (``True``) or until *timeout* seconds pass (``False``)."""
@@ -146,37 +191,69 @@ class Registry:
         name: str,
         lock: WriteLock,
         *,
+        created_ns: int,
         fd: int,
         mode: int,
+        gid: int,
     ) -> None:
         self._q = words
-        self._geometry = geometry
         self._capacity = geometry.registry_capacity
-        self._base = geometry.registry_at // 8
         self._name = name
-        self._lock = lock
+        self._created_ns = created_ns
+        self._writer_lock = lock
         self.fd = fd
         self._mode = mode
+        self._gid = gid
+        self._thread_lock = threading.Lock()  # OFD locks do not exclude the threads of one fd
         self._sems: dict[int, tuple[int, Any]] = {}  # index -> (generation, open semaphore)
         self._own: set[int] = set()
         self._last_sweep = 0.0
 
     def _word(self, index: int, field: int) -> int:
-        return self._base + index * 4 + field
+        return entry_word(index, field)
+
+    def _sem_name(self, index: int, generation: int) -> str:
+        return reader_semaphore_name(self._name, self._created_ns, index, generation)
+
+    # ------------------------------------------------------------------ the registry lock
+
+    @contextlib.contextmanager
+    def _serialized(self, deadline: float | None) -> Iterator[None]:
+        """Hold the registry lock; ``TimeoutError`` at *deadline* (``time.monotonic()``).
+        ``deadline=0.0`` tries once."""
+        if not _OFD:
+            with self._writer_lock:
+                yield
+            return
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._thread_lock.acquire(timeout=wait):
+            raise TimeoutError("the reader registry is busy")
+        try:
+            pause = _LOCK_POLL_MIN
+            while not _byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_WRLCK):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("the reader registry is busy")
+                time.sleep(pause)
+                pause = min(pause * 2, _LOCK_POLL_MAX)
+            try:
+                yield
+            finally:
+                _byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_UNLCK)
+        finally:
+            self._thread_lock.release()
 
     # ------------------------------------------------------------------ writer side
 
     def notify(self) -> None:
         """Wake every registered reader. Call after the writer lock is released (the barrier)."""
         q = self._q
-        high = q[_HIGH]
+        high = q[W_REG_HIGH]
         if high == 0:
             return
         stale = False
-        base = self._base
         sems = self._sems
         for index in range(min(high, self._capacity)):
-            w = base + index * 4
+            w = entry_word(index, 0)
             if q[w + REG_STATE] != _IN_USE:
                 continue
             gen = q[w + REG_GEN]
@@ -192,24 +269,28 @@ class Registry:
             else:
                 stale = True  # a reader that has not consumed its last wake-up: slow, or dead
         if stale and time.monotonic() - self._last_sweep > SWEEP_INTERVAL:
-            self.sweep()
+            self.sweep(blocking=False)
 
     def _open_sem(self, index: int, gen: int) -> Any:
         old = self._sems.pop(index, None)
         if old is not None:
             old[1].close()
         try:
-            sem = posix_ipc.Semaphore(reader_semaphore_name(self._name, index))
+            sem = posix_ipc.Semaphore(self._sem_name(index, gen))
         except posix_ipc.Error:
             return None  # being registered or reclaimed right now; the next commit retries
         self._sems[index] = (gen, sem)
         return sem
 
-    def sweep(self) -> int:
-        """Reclaim the entries of dead readers; returns how many."""
+    def sweep(self, *, blocking: bool = True) -> int:
+        """Reclaim the entries of dead readers; returns how many. With ``blocking=False`` (the
+        writer's opportunistic sweep) it does nothing while someone holds the registry lock."""
         self._last_sweep = time.monotonic()
-        with self._lock:
-            removed = self._sweep_locked()
+        try:
+            with self._serialized(None if blocking else 0.0):
+                removed = self._sweep_locked()
+        except TimeoutError:
+            return 0
         self._log_reclaimed(removed)
         return removed
 
@@ -225,50 +306,54 @@ class Registry:
     def _sweep_locked(self) -> int:
         removed = 0
         q = self._q
-        for index in range(min(q[_HIGH], self._capacity)):
-            if q[self._word(index, REG_STATE)] != _IN_USE or index in self._own:
+        for index in range(min(q[W_REG_HIGH], self._capacity)):
+            if q[entry_word(index, REG_STATE)] != _IN_USE or index in self._own:
                 continue
             if self._owner_alive(index):
                 continue
-            q[self._word(index, REG_STATE)] = _FREE
-            self._unlink_sem(index)
+            self._forget_sem(index)
+            unlink_semaphore(self._sem_name(index, q[entry_word(index, REG_GEN)]))
+            q[entry_word(index, REG_STATE)] = _FREE
             if _OFD:
-                _byte_lock(self.fd, index, fcntl.F_UNLCK)
+                _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
             removed += 1
         return removed
 
     def _owner_alive(self, index: int) -> bool:
         """Whether the entry's owner lives. With OFD locks, a successful probe takes the lock."""
         if _OFD:
-            return not _byte_lock(self.fd, index, fcntl.F_WRLCK)
-        return _pid_alive(self._q[self._word(index, REG_PID)])
+            return not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
+        return _pid_alive(self._q[entry_word(index, REG_PID)])
 
-    def _unlink_sem(self, index: int) -> None:
+    def _forget_sem(self, index: int) -> None:
         cached = self._sems.pop(index, None)
         if cached is not None:
             cached[1].close()
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_semaphore(reader_semaphore_name(self._name, index))
 
     # ------------------------------------------------------------------ reader side
 
-    def register(self) -> Waiter:
-        """Claim an entry and its semaphore. Raises :class:`RegistryFullError` when none is free."""
+    def register(self, deadline: float | None = None) -> Waiter:
+        """Claim an entry and its semaphore.
+
+        Raises :class:`RegistryFullError` when no entry is free and ``TimeoutError`` if the
+        registry lock is not had by *deadline* (``time.monotonic()``; ``None``: no limit).
+        """
         removed = 0
-        with self._lock:
+        with self._serialized(deadline):
             q = self._q
             index = -1
             for candidate in range(self._capacity):
                 if candidate in self._own:
                     continue
-                state = q[self._word(candidate, REG_STATE)]
+                state = q[entry_word(candidate, REG_STATE)]
                 if _OFD:
-                    if not _byte_lock(self.fd, candidate, fcntl.F_WRLCK):
+                    if not _byte_lock(self.fd, LIVENESS_BASE + candidate, fcntl.F_WRLCK):
                         continue  # a live owner holds it
-                elif state == _IN_USE and _pid_alive(q[self._word(candidate, REG_PID)]):
+                elif state == _IN_USE and _pid_alive(q[entry_word(candidate, REG_PID)]):
                     continue
                 if state == _IN_USE:
                     removed += 1  # its owner died: reclaim it for ourselves
+                    unlink_semaphore(self._sem_name(candidate, q[entry_word(candidate, REG_GEN)]))
                 index = candidate
                 break
             if index < 0:
@@ -278,46 +363,79 @@ class Registry:
                     "live processes (raise max_readers when creating the store)"
                 )
             try:
-                sem = self._create_sem(index)
+                gen, sem, sem_name = self._create_sem(index, q[entry_word(index, REG_GEN)])
             except BaseException:
                 if _OFD:
-                    _byte_lock(self.fd, index, fcntl.F_UNLCK)
+                    _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
                 raise
-            q[self._word(index, REG_PID)] = os.getpid()
-            q[self._word(index, REG_CLAIMED)] = time.time_ns()
-            q[self._word(index, REG_GEN)] += 1
-            q[self._word(index, REG_STATE)] = _IN_USE
-            if q[_HIGH] <= index:
-                q[_HIGH] = index + 1
+            q[entry_word(index, REG_PID)] = os.getpid()
+            q[entry_word(index, REG_CLAIMED)] = time.time_ns()
+            q[entry_word(index, REG_GEN)] = gen
+            q[entry_word(index, REG_STATE)] = _IN_USE
+            if q[W_REG_HIGH] <= index:
+                q[W_REG_HIGH] = index + 1
             self._own.add(index)
             removed += self._sweep_locked()
         # A full barrier between publishing the entry and the caller's next load of HEAD.
         sem.release()
         sem.acquire(0)
         self._log_reclaimed(removed)
-        return Waiter(self, index, sem)
+        return Waiter(self, index, sem, sem_name)
 
-    def _create_sem(self, index: int) -> Any:
-        name = reader_semaphore_name(self._name, index)
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_semaphore(name)  # a dead owner's, possibly with a stale post
+    def _create_sem(self, index: int, previous_gen: int) -> tuple[int, Any, str]:
+        """A fresh semaphore for the next claim of entry *index*: ``(generation, sem, name)``.
+        A name that exists already (a stale semaphore of a dead claimant that could not be
+        removed) is skipped by moving on to the next generation."""
+        gen = previous_gen
+        for _ in range(_CLAIM_TRIES):
+            gen += 1
+            name = self._sem_name(index, gen)
+            try:
+                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=self._mode, initial_value=0)
+            except posix_ipc.ExistentialError:
+                unlink_semaphore(name)
+                continue
+            except posix_ipc.Error as exc:
+                raise StateStoreError(
+                    f"store {self._name!r}: cannot create semaphore: {exc}"
+                ) from exc
+            try:
+                self._share_like_the_segment(name)
+            except BaseException:
+                sem.close()
+                unlink_semaphore(name)
+                raise
+            return gen, sem, name
+        raise StateStoreError(f"store {self._name!r}: cannot find a free semaphore name")
+
+    def _share_like_the_segment(self, name: str) -> None:
+        """Give the semaphore the segment's mode and group: ``sem_open`` applies the umask, and
+        a writer of another user that cannot open a reader's semaphore cannot wake it."""
+        path = os.path.join(_SEM_DIR, "sem." + name.lstrip("/"))
+        if not os.path.exists(path):
+            return  # not Linux: semaphores are not files here
         try:
-            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=self._mode, initial_value=0)
-        except posix_ipc.Error as exc:
-            raise StateStoreError(f"store {self._name!r}: cannot create semaphore: {exc}") from exc
-        return sem
+            if os.stat(path).st_gid != self._gid:
+                os.chown(path, -1, self._gid)
+            os.chmod(path, self._mode)
+        except OSError as exc:
+            raise StateStoreError(
+                f"store {self._name!r}: cannot give semaphore {name} the store's mode "
+                f"{self._mode:#o}: {exc}"
+            ) from exc
 
     def unregister(self, waiter: Waiter) -> None:
+        """Give the entry back. No lock: while we hold its liveness byte nobody else touches it,
+        and we let go of that byte last."""
         index = waiter.index
         if index not in self._own:
             return
-        with self._lock:
-            self._q[self._word(index, REG_STATE)] = _FREE
-            self._own.discard(index)
-            waiter.sem.close()
-            self._unlink_sem(index)
-            if _OFD:
-                _byte_lock(self.fd, index, fcntl.F_UNLCK)
+        waiter.sem.close()
+        unlink_semaphore(waiter.sem_name)
+        self._q[entry_word(index, REG_STATE)] = _FREE
+        self._own.discard(index)
+        if _OFD:
+            _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
 
     # ------------------------------------------------------------------ tools and lifecycle
 
@@ -325,16 +443,16 @@ class Registry:
         """``(index, pid, alive)`` of every entry in use (a snapshot, for tools and tests)."""
         out = []
         q = self._q
-        for index in range(min(q[_HIGH], self._capacity)):
-            if q[self._word(index, REG_STATE)] != _IN_USE:
+        for index in range(min(q[W_REG_HIGH], self._capacity)):
+            if q[entry_word(index, REG_STATE)] != _IN_USE:
                 continue
-            pid = q[self._word(index, REG_PID)]
+            pid = q[entry_word(index, REG_PID)]
             if index in self._own:
                 alive = True
             elif _OFD:
-                alive = not _byte_lock(self.fd, index, fcntl.F_WRLCK)
+                alive = not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
                 if not alive:
-                    _byte_lock(self.fd, index, fcntl.F_UNLCK)
+                    _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
             else:
                 alive = _pid_alive(pid)
             out.append((index, pid, alive))
@@ -351,15 +469,4 @@ class Registry:
         self.fd = fd
         self._own.clear()
         self._sems.clear()
-
-
-def unlink_all_semaphores(name: str, capacity: int) -> int:
-    """Remove every semaphore store *name* could have; returns how many existed."""
-    removed = 0
-    for index in range(capacity):
-        try:
-            posix_ipc.unlink_semaphore(reader_semaphore_name(name, index))
-            removed += 1
-        except posix_ipc.ExistentialError:
-            pass
-    return removed
+        self._thread_lock = threading.Lock()

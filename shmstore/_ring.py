@@ -69,13 +69,13 @@ from typing import Final
 
 from ._errors import CorruptStoreError
 from ._layout import (
-    OFF_BASE_VERSION,
-    OFF_CONFLICTS,
-    OFF_HEAD,
     SLOT_CRC_I,
     SLOT_HEADER_SIZE,
     SLOT_LEN_I,
     SLOT_TS_Q,
+    W_BASE_VERSION,
+    W_CONFLICTS,
+    W_HEAD,
     Geometry,
 )
 
@@ -86,9 +86,9 @@ LARGE_PAYLOAD: Final = 256 * 1024  # copies at least this big go to a reusable p
 _scratch = threading.local()
 _SPINS_BEFORE_YIELD: Final = 64
 
-_HEAD: Final = OFF_HEAD // 8
-_BASE: Final = OFF_BASE_VERSION // 8
-_CONFLICTS: Final = OFF_CONFLICTS // 8
+_HEAD: Final = W_HEAD
+_BASE: Final = W_BASE_VERSION
+_CONFLICTS: Final = W_CONFLICTS
 
 
 class Ring:
@@ -102,10 +102,10 @@ class Ring:
         "_bytes",
         "_capacity",
         "_crc",
-        "_geometry",
         "_i",
         "_nslots",
         "_q",
+        "_reuse",
         "_slots_at",
         "_stride",
         "reads",
@@ -113,14 +113,22 @@ class Ring:
         "verify",
     )
 
-    def __init__(self, buf: bytearray | mmap.mmap, geometry: Geometry, *, crc: bool) -> None:
+    def __init__(
+        self,
+        buf: bytearray | mmap.mmap,
+        geometry: Geometry,
+        *,
+        crc: bool,
+        reuse_buffer: bool = True,
+    ) -> None:
         view = memoryview(buf)
         self._buf = buf
         self._q = view.cast("Q")
         self._i = view.cast("I")
         self._bytes = view
-        self._geometry = geometry
         self._crc = crc
+        # False for value types that decode as views of their input (see _copy_large).
+        self._reuse = reuse_buffer
         # Plain ints: the hot paths compute a slot offset per call, and properties cost ~250 ns.
         self._slots_at = geometry.slots_at
         self._stride = geometry.stride
@@ -131,14 +139,6 @@ class Ring:
         # This handle's slot copies and the attempts it had to repeat (cached reads not counted).
         self.reads = 0
         self.retries = 0
-
-    @property
-    def geometry(self) -> Geometry:
-        return self._geometry
-
-    @property
-    def crc(self) -> bool:
-        return self._crc
 
     @property
     def words(self) -> memoryview:
@@ -168,6 +168,20 @@ class Ring:
             if self._q[seq] == 2 * version:
                 return int(ts_ns)
         return 0  # lapped every time: a writer far faster than us; the time is moot
+
+    def consistent_counters(self) -> tuple[int, int, int]:
+        """``(version, commits, last_update_ns)`` belonging to one version of the store (each
+        read separately could mix two versions while a writer is busy)."""
+        for _ in range(_SPINS_BEFORE_YIELD):
+            version = self.head()
+            commits = int(version - self._q[_BASE])
+            if version == 0:
+                return 0, commits, 0
+            seq = (self._slots_at + (version % self._nslots) * self._stride) >> 3
+            ts_ns = self._q[seq + SLOT_TS_Q]
+            if self._q[seq] == 2 * version and self.head() == version:
+                return version, commits, int(ts_ns)
+        return version, commits, 0  # lapped every time: the time is moot
 
     def count_conflict(self) -> None:
         """Count a refused compare-and-set. Callers hold the writer lock."""
@@ -223,7 +237,7 @@ class Ring:
         crc = self._i[word + SLOT_CRC_I]
         ts_ns = q[seq + SLOT_TS_Q]
         start = base + SLOT_HEADER_SIZE
-        if length < LARGE_PAYLOAD:
+        if length < LARGE_PAYLOAD or not self._reuse:
             data: bytes | memoryview = bytes(self._buf[start : start + length])
         else:
             data = self._copy_large(start, length)
@@ -239,7 +253,10 @@ class Ring:
         A fresh ``bytes`` per read of a 1 MB value made glibc grow and trim its heap on every
         read while the previous decoded value was still cached: ~230 page faults, ~390 us per
         read. The copy is still private to this thread, and callers decode it before their
-        next read on this thread, so the reuse is safe.
+        next read on this thread. That is safe only for value types whose decoded objects
+        never point into the buffer: ``memoryview`` and ``msgspec.Raw`` fields do (msgspec
+        decodes them without copying), so stores of such types pass ``reuse_buffer=False``
+        and every read gets fresh bytes -- a value once returned never changes.
         """
         scratch: bytearray | None = getattr(_scratch, "buf", None)
         if scratch is None or len(scratch) < length:

@@ -112,6 +112,9 @@ class Segment:
     def mode(self) -> int:
         return os.fstat(self.fd).st_mode & 0o777
 
+    def group(self) -> int:
+        return os.fstat(self.fd).st_gid
+
     def close(self) -> None:
         try:
             self.map.close()
@@ -141,6 +144,10 @@ def _unlink_quietly(os_name: str) -> bool:
         posix_ipc.unlink_shared_memory(os_name)
     except posix_ipc.ExistentialError:
         return False
+    except posix_ipc.PermissionsError as exc:
+        raise StorePermissionError(
+            errno.EPERM, f"cannot remove {os_name}: it belongs to another user ({exc})"
+        ) from exc
     return True
 
 

@@ -1,121 +1,135 @@
 """``Store[T]``: a typed, versioned value shared by processes through one shared-memory segment.
 
-This module ties the pieces together: the segment (``_segment``), the layout (``_layout``), the
-seqlock ring (``_ring``), the writer lock (``_writelock``) and the codec (``_codec``). Reads never
-block and never take a lock; writes encode and validate outside the lock and hold it only for the
+This module holds the operations on an attached store: read, wait, write, checkpoint, count.
+Making, finding and removing segments is ``_provision``'s job; the seqlock is ``_ring``'s, the
+writer lock ``_writelock``'s, waiting ``_waiting``'s and the codec ``_codec``'s. Reads never block
+and never take a lock; writes encode and validate outside the lock and hold it only for the
 compare-and-set and one memcpy.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import os
-import platform
 import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
-import msgspec
-
-from ._checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from ._codec import ANY_FINGERPRINT, Codec
+from . import _provision
+from ._checkpoint import write_checkpoint
+from ._codec import Codec
 from ._errors import (
     CheckpointError,
     CorruptStoreError,
-    SchemaMismatchError,
     SnapshotTooLargeError,
     StateStoreError,
     StateVersionError,
+    StoreExistsError,
     StoreNotFoundError,
-    StorePermissionError,
 )
 from ._layout import (
+    APP_COUNTERS,
     FLAG_CRC,
     FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
-    MAGIC,
-    MAX_REGISTRY,
     MIRROR_BUCKET_FIELD,
     MIRROR_CONNECTED,
     MIRROR_ORIGIN_FIELD,
     MIRROR_ROLE_MASK,
     MIRROR_ROLE_ORIGIN,
     MIRROR_ROLE_REPLICA,
-    OFF_APP_COUNTERS,
-    OFF_HEAD,
-    OFF_MIRROR_BEHIND,
     OFF_MIRROR_BUCKET,
     OFF_MIRROR_ORIGIN,
-    OFF_MIRROR_PID,
-    OFF_MIRROR_STATE,
-    OFF_MIRROR_SYNC,
     OFF_MUTEX,
-    OFF_REG_HIGH,
-    OFF_STORE_NAME,
-    OFF_TYPE_NAME,
+    W_HEAD,
+    W_MIRROR_BEHIND,
+    W_MIRROR_PID,
+    W_MIRROR_STATE,
+    W_MIRROR_SYNC,
+    W_REG_HIGH,
     Geometry,
-    HeaderInfo,
-    name_field,
-    pack_header,
-    read_header,
+    app_counter_word,
     read_text_field,
     text_field,
 )
-from ._names import validate_name
-from ._registry import Registry, unlink_all_semaphores
+from ._provision import (
+    DEFAULT_MAX_READERS,
+    DEFAULT_SLOT_SIZE,
+    DEFAULT_SLOTS,
+    Attached,
+    CreateOptions,
+)
+from ._registry import Registry
 from ._ring import Ring
-from ._segment import Segment, UnsizedSegmentError, unlink_segment
 from ._stats import MirrorStatus, StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
-from ._writelock import FlockLock, RobustMutexLock, WriteLock, robust_mutex_supported
+from ._writelock import FlockLock, RobustMutexLock, WriteLock
 
-__all__ = ["Store"]
+__all__ = ["AppCounters", "MirrorHooks", "Store", "remove"]
 
 T = TypeVar("T")
 WriterLockKind = Literal["auto", "mutex", "flock"]
 
-log = logging.getLogger("shmstore")
-
-DEFAULT_SLOTS: Final = 8
-DEFAULT_SLOT_SIZE: Final = 65536
-DEFAULT_MAX_READERS: Final = 64
-OPEN_WAIT: Final = 1.0  # how long open() waits for a concurrent create to finish
-
-_HEAD: Final = OFF_HEAD // 8
-_REG_HIGH: Final = OFF_REG_HIGH // 8
-_WEAKLY_ORDERED_SAFE = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+# A version the writer would not reach in centuries; past it the header is damaged, and the
+# slot sequence 2v would no longer fit its u64.
+MAX_VERSION: Final = 1 << 62
+_OPEN_OR_CREATE_TRIES: Final = 5
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
 
-def _default_crc() -> bool:
-    # x86 keeps load->load and store->store order; elsewhere the CRC catches what the
-    # hardware may reorder (see _ring).
-    return platform.machine().lower() not in _WEAKLY_ORDERED_SAFE
+class AppCounters:
+    """Four shared u64 counters in the store header for layers above the store (the FSM layer
+    keeps its ``version_conflicts`` here): every process attached to the store sees the same
+    values. ``counters[i]`` reads one; :meth:`increment` adds one under the writer lock."""
+
+    __slots__ = ("_increment", "_read")
+
+    def __init__(self, read: Callable[[int], int], increment: Callable[[int], int]) -> None:
+        self._read = read
+        self._increment = increment
+
+    def __len__(self) -> int:
+        return APP_COUNTERS
+
+    def __getitem__(self, index: int) -> int:
+        """Counter *index* (0-3); ``IndexError`` outside that range."""
+        return self._read(index)
+
+    def increment(self, index: int) -> int:
+        """Add one to counter *index* for every process; returns the new value."""
+        return self._increment(index)
 
 
 class Store(Generic[T]):
     """A typed value in shared memory: one writer at a time, any number of lock-free readers.
 
-    Make one with :meth:`create` or :meth:`open`; ``close()`` detaches this process, ``unlink()``
-    removes the store for everyone. A handle may be shared by the threads of one process.
+    Make one with :meth:`create`, :meth:`open`, :meth:`open_or_create` or :meth:`private`;
+    ``close()`` detaches this process, ``unlink()`` removes the store for everyone. A handle may
+    be shared by the threads of one process.
     """
 
     # ---------------------------------------------------------------- construction
 
-    def __init__(self, segment: Segment, info: HeaderInfo, codec: Codec[T], writable: bool) -> None:
+    def __init__(self, attached: Attached) -> None:
+        segment, info = attached.segment, attached.info
         self._segment = segment
         self._info = info
-        self._codec = codec
+        self._codec: Codec[T] = attached.codec
         # A replica (shmstore.mirror) takes commits only from its follower: see the class end.
-        self._writable = writable and not info.flags & FLAG_REPLICA
-        self._ring = Ring(segment.map, info.geometry, crc=bool(info.flags & FLAG_CRC))
-        # The hot paths read HEAD through this view directly: one indexed load, no method call.
+        self._writable = attached.writable and not info.flags & FLAG_REPLICA
+        self._ring = Ring(
+            segment.map,
+            info.geometry,
+            crc=bool(info.flags & FLAG_CRC),
+            reuse_buffer=not self._codec.aliases_input,
+        )
+        # The hot paths read HEAD through this bound load directly: no property, no frame.
+        self._head = self._ring.head
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
         self._lock: WriteLock
@@ -124,15 +138,24 @@ class Store(Generic[T]):
         else:
             self._lock = FlockLock(segment.fd)
         self._registry = Registry(
-            self._words, info.geometry, segment.name, self._lock, fd=segment.fd, mode=segment.mode()
+            self._words,
+            info.geometry,
+            segment.name,
+            self._lock,
+            created_ns=info.created_ns,
+            fd=segment.fd,
+            mode=segment.mode(),
+            gid=segment.group(),
         )
-        self._gate = WaitGate(lambda: self.version, self._registry)
+        self._gate = WaitGate(self._version_or_closed, self._registry, segment.name)
         self._closed = False
-        # Held by set() from its lock to its notifications, and by close(): the writer mutex
-        # lives in the mapping, so close() must not unmap it under a thread that is using it.
+        # Held by set() from its lock to its notifications, by close() and by everything that
+        # touches the mapping in more than one step: the writer mutex lives in the mapping, so
+        # close() must not unmap it under a thread that is using it.
         self._in_use = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         self._pid = os.getpid()
+        self._app_counters = AppCounters(self._app_counter, self._increment_app_counter)
         _live_handles.add(self)
 
     @overload
@@ -197,82 +220,24 @@ class Store(Generic[T]):
         :class:`CheckpointError` / :class:`SchemaMismatchError` for a checkpoint that cannot be
         restored (checked before anything is created).
         """
-        validate_name(name)
-        geometry, codec, flags, restore = _plan(
-            type,
-            slots=slots,
-            slot_size=slot_size,
-            max_readers=max_readers,
-            crc=crc,
-            mode=mode,
-            writer_lock=writer_lock,
-            restore_from=restore_from,
-        )
-        segment = Segment.create(name, geometry.total_size, mode)
-        return cls._initialize(
-            segment, geometry, codec, flags, unlink_on_error=True, restore=restore
-        )
+        options = CreateOptions(slots, slot_size, max_readers, crc, mode, writer_lock, restore_from)
+        return cls(_provision.create(name, type, options))
+
+    @overload
+    @classmethod
+    def private(cls, type: type[T], **create_options: Any) -> Store[T]: ...
+
+    @overload
+    @classmethod
+    def private(cls, type: Any = ..., **create_options: Any) -> Store[Any]: ...
 
     @classmethod
-    def _private(
-        cls,
-        type: Any,
-        *,
-        slots: int = DEFAULT_SLOTS,
-        slot_size: int = DEFAULT_SLOT_SIZE,
-        writer_lock: WriterLockKind = "auto",
-        restore_from: str | os.PathLike[str] | None = None,
-    ) -> Store[Any]:
-        """A store no other process can open (see ``Segment.anonymous``)."""
-        geometry, codec, flags, restore = _plan(
-            type,
-            slots=slots,
-            slot_size=slot_size,
-            max_readers=1,
-            crc=None,
-            mode=0o600,
-            writer_lock=writer_lock,
-            restore_from=restore_from,
-        )
-        label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
-        segment = Segment.anonymous(label, geometry.total_size)
-        return cls._initialize(
-            segment, geometry, codec, flags, unlink_on_error=False, restore=restore
-        )
-
-    @classmethod
-    def _initialize(
-        cls,
-        segment: Segment,
-        geometry: Geometry,
-        codec: Codec[Any],
-        flags: int,
-        *,
-        unlink_on_error: bool,
-        restore: Checkpoint | None = None,
-    ) -> Store[Any]:
-        try:
-            created = time.time_ns()
-            m = segment.map
-            m[OFF_TYPE_NAME : OFF_TYPE_NAME + 64] = name_field(codec.type_name)
-            m[OFF_STORE_NAME : OFF_STORE_NAME + 64] = name_field(segment.name)
-            header = pack_header(geometry, flags, created, codec.fingerprint, magic=b"\0" * 8)
-            m[0 : len(header)] = header
-            if flags & FLAG_ROBUST_MUTEX:
-                RobustMutexLock.initialize(m, OFF_MUTEX)
-            if restore is not None:
-                ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
-                ring.restore(restore.version, restore.payload, time.time_ns())
-                ring.release()
-            # The magic goes in last: until it is there, open() treats the segment as unborn.
-            m[0 : len(MAGIC)] = MAGIC
-            info = read_header(m, segment.size)
-        except BaseException:
-            segment.close()
-            if unlink_on_error:
-                unlink_segment(segment.name)
-            raise
-        return cls(segment, info, codec, writable=True)
+    def private(cls, type: Any = Any, **create_options: Any) -> Store[Any]:
+        """A store that only this process (and its forked children) can open: an anonymous
+        segment (``memfd`` on Linux) that has no name in ``/dev/shm``, ever, and is gone when
+        the last handle closes. Takes :meth:`create`'s options but ``mode``."""
+        options = CreateOptions(**{"max_readers": 1, **create_options})
+        return cls(_provision.create_private(type, options))
 
     @overload
     @classmethod
@@ -296,31 +261,39 @@ class Store(Generic[T]):
         Raises :class:`StoreNotFoundError` if there is no such store and
         :class:`CorruptStoreError` if the segment is not a valid store.
         """
-        validate_name(name)
-        segment, info = _attach(name)
-        try:
-            owner = segment.owner_uid()
-            if owner != os.geteuid() and not allow_other_owner:
-                raise StorePermissionError(
-                    errno.EPERM,
-                    f"store {name!r} is owned by uid {owner}, not by this process's uid "
-                    f"{os.geteuid()}; pass allow_other_owner=True to open it anyway",
-                )
-            if type is None:
-                codec: Codec[Any] = Codec(Any)
-                writable = info.fingerprint == ANY_FINGERPRINT
-            else:
-                codec = Codec(type)
-                if codec.fingerprint != info.fingerprint:
-                    raise SchemaMismatchError(
-                        f"store {name!r} holds {info.type_name}, "
-                        f"which does not match the requested type {codec.type_name}"
-                    )
-                writable = True
-        except BaseException:
-            segment.close()
-            raise
-        return cls(segment, info, codec, writable)
+        return cls(_provision.attach(name, type, allow_other_owner=allow_other_owner))
+
+    @overload
+    @classmethod
+    def open_or_create(
+        cls, name: str, type: type[T], *, allow_other_owner: bool = ..., **create_options: Any
+    ) -> Store[T]: ...
+
+    @overload
+    @classmethod
+    def open_or_create(
+        cls, name: str, type: Any = ..., *, allow_other_owner: bool = ..., **create_options: Any
+    ) -> Store[Any]: ...
+
+    @classmethod
+    def open_or_create(
+        cls, name: str, type: Any = Any, *, allow_other_owner: bool = False, **create_options: Any
+    ) -> Store[Any]:
+        """Open store *name*, creating it with *create_options* (those of :meth:`create`) if it
+        does not exist. Race-free: of many processes starting at once exactly one creates the
+        store, and the others open that store (waiting for its creation to finish). An existing
+        store keeps its own geometry; its type must match (:class:`SchemaMismatchError`)."""
+        last: StateStoreError | None = None
+        for _ in range(_OPEN_OR_CREATE_TRIES):
+            try:
+                return cls.create(name, type, **create_options)
+            except StoreExistsError as exc:
+                last = exc
+            try:
+                return cls.open(name, type, allow_other_owner=allow_other_owner)
+            except StoreNotFoundError as exc:
+                last = exc  # removed between our create and our open: try again
+        raise StateStoreError(f"could not create or open store {name!r}: {last}") from last
 
     # ---------------------------------------------------------------- reading
 
@@ -334,14 +307,28 @@ class Store(Generic[T]):
         return self._codec.type
 
     @property
+    def type_name(self) -> str:
+        """The name of the type the store was created for, as recorded in its header."""
+        return self._info.type_name
+
+    @property
+    def writable(self) -> bool:
+        """Whether this handle may write: ``False`` for an untyped handle of a typed store (it
+        could publish values the store's readers cannot decode)."""
+        return self._writable
+
+    @property
     def geometry(self) -> Geometry:
         return self._info.geometry
 
     @property
     def version(self) -> int:
         """The newest committed version: 0 while empty, +1 per commit. One shared-memory load."""
+        return self._version_or_closed()
+
+    def _version_or_closed(self) -> int:
         try:
-            return int(self._words[_HEAD])
+            return self._head()
         except ValueError:
             raise self._closed_error() from None
 
@@ -353,7 +340,7 @@ class Store(Generic[T]):
         """
         version, value = self._cache
         try:
-            head = self._words[_HEAD]
+            head = self._words[W_HEAD]
         except ValueError:
             raise self._closed_error() from None
         if head == version:
@@ -364,7 +351,7 @@ class Store(Generic[T]):
         """The newest value together with its version, read as one consistent pair."""
         cached = self._cache
         try:
-            head = self._words[_HEAD]
+            head = self._words[W_HEAD]
         except ValueError:
             raise self._closed_error() from None
         if head == cached[0]:
@@ -383,7 +370,9 @@ class Store(Generic[T]):
     def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
             return self._codec.decode(payload)
-        except msgspec.DecodeError as exc:
+        except Exception as exc:
+            # Not only msgspec.DecodeError: damaged bytes can also raise UnicodeDecodeError,
+            # RecursionError (deep nesting) or ValueError; none may escape untranslated.
             raise CorruptStoreError(
                 f"store {self.name!r}: version {version} does not decode as "
                 f"{self._codec.type_name}: {exc}"
@@ -405,26 +394,40 @@ class Store(Generic[T]):
         """Block until the store's version is greater than *after_version*; return it.
 
         Sleeps on a semaphore the writer posts after each commit (no CPU while asleep).
-        ``timeout`` is in seconds: ``TimeoutError`` when it passes, and ``timeout=0`` is a
-        non-blocking check. While recent waits were short (< 0.1 ms), it first re-reads the
-        version for up to 0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us;
-        ``spin=False`` never spins. The first blocking call registers this handle as a reader
-        of the store (see ``max_readers``); the registration lasts until :meth:`close`.
+        ``timeout`` is in seconds (``None`` or ``math.inf``: no limit; ``nan``:
+        ``ValueError``): ``TimeoutError`` when it passes, and ``timeout=0`` is a non-blocking
+        check. A timeout holds whatever writers do: registering never waits for the writer lock.
+        While recent waits were short (< 0.1 ms), it first re-reads the version for up to
+        0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us; ``spin=False`` never
+        spins. The first blocking call registers this handle as a reader of the store (see
+        ``max_readers``); the registration lasts until :meth:`close`.
         """
         return self._gate.wait(after_version, timeout, spin=spin)
+
+    async def wait_async(self, after_version: int, timeout: float | None = None) -> int:
+        """:meth:`wait` for asyncio: never blocks the loop. This handle's coroutines and threads
+        share its one registry entry; cancelling leaves nothing behind."""
+        return await self._gate.wait_async(after_version, timeout)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None
     ) -> Subscription[T]:
         """Iterate over every committed ``(version, value)`` in order, blocking for the next.
 
-        Starts with the current value (or, with *after_version*, just after that version).
+        Starts with the current value (or, with *after_version* >= 0, just after that version).
         A subscriber that falls more than ``slots`` versions behind gets
         :class:`SubscriberLaggedError` with the exact number missed, and continues with the
         newest version when iterated again. *timeout* bounds each wait for the next version.
         """
         self._check_open()
-        return Subscription(self, after_version, timeout)
+        return Subscription(
+            head=self._version_or_closed,
+            read=self._read_version,
+            newest=self.get_with_version,
+            wait=self.wait,
+            after_version=after_version,
+            timeout=timeout,
+        )
 
     # ---------------------------------------------------------------- writing
 
@@ -433,13 +436,44 @@ class Store(Generic[T]):
 
         With *expected_version*, commit only if the store is still at that version, else raise
         :class:`StateVersionError` (optimistic concurrency: read, compute, set, retry on
-        conflict). Raises :class:`SnapshotTooLargeError` if the encoded value does not fit a
-        slot and :class:`InvalidSnapshotError` if readers could not decode it; in every error
-        case nothing is written.
+        conflict), counted in ``conflicts`` and not logged: the caller decides. Raises
+        :class:`SnapshotTooLargeError` if the encoded value does not fit a slot and
+        :class:`InvalidSnapshotError` if readers could not decode it; in every error case
+        nothing is written.
         """
-        return self._set(value, expected_version, log_conflict=True)
+        return self._commit(value, expected_version, count_conflict=True)
 
-    def _set(self, value: T, expected_version: int | None, *, log_conflict: bool) -> int:
+    def try_set(self, value: T, expected_version: int) -> int | None:
+        """Compare-and-set without an exception: commit *value* only if the store is at
+        *expected_version* and return the new version, else return ``None`` (nothing written,
+        nothing counted or logged). Other errors as :meth:`set`."""
+        try:
+            return self._commit(value, expected_version, count_conflict=False)
+        except StateVersionError:
+            return None
+
+    def update(self, fn: Callable[[T | None], T], *, retries: int | None = None) -> int:
+        """Read-modify-write: commit ``fn(current value)`` (``None`` while empty) if nobody
+        committed in between, else call *fn* again on the newer value. Returns the new version.
+        *fn* may run several times, so it must not have side effects. With *retries*, gives up
+        after that many conflicts with the last :class:`StateVersionError`."""
+        conflicts = 0
+        while True:
+            current, version = self.get_with_version()
+            committed = self.try_set(fn(current), version)
+            if committed is not None:
+                return committed
+            conflicts += 1
+            if retries is not None and conflicts > retries:
+                raise StateVersionError(
+                    version,
+                    self.version,
+                    f"update gave up after {retries} retr{'y' if retries == 1 else 'ies'}: "
+                    f"the store kept moving (last conflict at version {version})",
+                )
+
+    def _commit(self, value: T, expected_version: int | None, *, count_conflict: bool) -> int:
+        """The commit; returns the new version. ``StateVersionError`` on a conflict."""
         if not self._writable:
             self._check_open()
             if self._info.flags & FLAG_REPLICA:
@@ -462,41 +496,45 @@ class Store(Generic[T]):
         with self._in_use:
             if self._closed:
                 raise self._closed_error()
-            rc = lock.acquire()
-            if rc:
-                lock.recover(rc)
             try:
+                # Inside the try: an interrupt right after the lock call returns must still
+                # release it (release() is a no-op for a lock this thread does not hold).
+                rc = lock.acquire()
+                if rc:
+                    lock.recover(rc)
                 head = ring.head()
+                if head >= MAX_VERSION:
+                    raise CorruptStoreError(
+                        f"store {self.name!r}: header says version {head}: the header is damaged"
+                    )
                 if expected_version is not None and head != expected_version:
-                    ring.count_conflict()
-                    conflict = StateVersionError(expected_version, head)
-                else:
-                    conflict = None
-                    version = ring.commit(data, time.time_ns())
+                    if count_conflict:
+                        ring.count_conflict()
+                    raise StateVersionError(expected_version, head)
+                version = ring.commit(data, time.time_ns())
             finally:
                 lock.release()  # also the barrier between publishing HEAD and notify()
-            if conflict is None:
-                self._cache = (version, checked)
-                if self._words[_REG_HIGH]:
-                    self._registry.notify()
-                return version
-        if log_conflict:
-            log.warning("store %r: %s", self.name, conflict)
-        raise conflict
+            self._cache = (version, checked)
+            if self._words[W_REG_HIGH]:
+                self._registry.notify()
+            return version
 
     # ---------------------------------------------------------------- checkpoints
 
     def checkpoint(self, path: str | os.PathLike[str]) -> int:
         """Save the newest value, its version and the schema fingerprint to *path*, atomically
         (temporary file, ``fsync``, rename). Returns the version saved. Raises
-        :class:`StateStoreError` while the store is empty."""
-        self._check_open()
+        :class:`StateStoreError` while the store is empty and :class:`CheckpointError` if the
+        file cannot be written (missing directory, no permission, disk full)."""
         # Serialized per handle, with the value read inside: of two checkpoints racing to the
         # same path, the one renamed last is always the newer.
-        with self._checkpoint_lock:
+        with self._checkpoint_lock, self._in_use:
+            self._check_open()
             payload, version, _ts = self._ring.read_newest()
             if payload is None:
                 raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
+            payload = bytes(payload)  # out of the mapping (and any shared buffer) before I/O
+        try:
             write_checkpoint(
                 path,
                 fingerprint=self._info.fingerprint,
@@ -504,32 +542,40 @@ class Store(Generic[T]):
                 version=version,
                 payload=payload,
             )
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
         return version
 
     # ---------------------------------------------------------------- statistics
 
     def statistics(self) -> StoreStatistics:
-        """A frozen snapshot of the store's counters and of this handle's."""
-        self._check_open()
-        entries = self._registry.entries()
-        geometry = self._info.geometry
-        version = self.version
+        """A frozen snapshot of the store's counters and of this handle's, read at one moment:
+        ``commits`` and ``last_update_ns`` belong to the same ``version``."""
+        with self._in_use:
+            self._check_open()
+            entries = self._registry.entries()
+            writer_lock_held = self._lock.held_elsewhere()
+            geometry = self._info.geometry
+            version, commits, last_update_ns = self._ring.consistent_counters()
+            conflicts = self._ring.conflicts()
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
             fingerprint=self._info.fingerprint.hex(),
             version=version,
-            commits=self._ring.commits(),
-            conflicts=self._ring.conflicts(),
-            last_update_ns=self._ring.last_update_ns(),
+            commits=commits,
+            conflicts=conflicts,
+            last_update_ns=last_update_ns,
             created_ns=self._info.created_ns,
             slots=geometry.slots,
             slot_size=geometry.slot_size,
             max_readers=geometry.registry_capacity,
             readers_registered=len(entries),
             readers_alive=sum(alive for _i, _pid, alive in entries),
-            writer_lock_held=self._lock.held_elsewhere(),
-            lag=version - self._cache[0],
+            writer_lock_held=writer_lock_held,
+            lag=max(0, version - self._cache[0]),
             reads=self._ring.reads,
             retries=self._ring.retries,
             **self._mirror_statistics(),
@@ -559,16 +605,30 @@ class Store(Generic[T]):
     def created_ns(self) -> int:
         return self._info.created_ns
 
-    def _app_counter(self, index: int) -> int:
-        """One of the header's counters reserved for layers above the store (``shmstore.fsm``)."""
-        self._check_open()
-        return int(self._words[OFF_APP_COUNTERS // 8 + index])
+    @property
+    def app_counters(self) -> AppCounters:
+        """Shared counters for layers above the store; see :class:`AppCounters`."""
+        return self._app_counters
 
-    def _bump_app_counter(self, index: int) -> None:
+    def _app_counter(self, index: int) -> int:
+        word = app_counter_word(index)
+        self._check_open()
+        return int(self._words[word])
+
+    def _increment_app_counter(self, index: int) -> int:
+        word = app_counter_word(index)
         with self._in_use:
             self._check_open()
             with self._lock:  # a read-modify-write of a shared word: under the writer lock
-                self._words[OFF_APP_COUNTERS // 8 + index] += 1
+                self._words[word] += 1
+                return int(self._words[word])
+
+    def reclaim_dead_readers(self) -> int:
+        """Free the registry entries (and semaphores) of readers whose process died; returns
+        how many. Happens by itself on registrations and commits; this is for tools."""
+        with self._in_use:
+            self._check_open()
+            return self._registry.sweep()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -577,10 +637,11 @@ class Store(Generic[T]):
         return self._closed
 
     def close(self) -> None:
-        """Detach this process from the store. The store itself stays; see :meth:`unlink`."""
+        """Detach this process from the store. The store itself stays; see :meth:`unlink`.
+        Threads and coroutines waiting on this handle get :class:`StateStoreError`."""
         if self._closed:
             return
-        self._gate.close()  # wakes this handle's sleeping threads first
+        self._gate.close()  # wakes this handle's sleeping threads and its coroutines first
         with self._in_use:
             if self._closed:
                 return
@@ -627,6 +688,7 @@ class Store(Generic[T]):
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
         self._in_use = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
         try:
             self._segment.reopen()
             self._lock.after_fork_in_child(self._segment.fd)
@@ -637,188 +699,35 @@ class Store(Generic[T]):
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
 
-    # ---------------------------------------------------------------- mirror hooks
+    # ---------------------------------------------------------------- mirror (shmstore.mirror)
     #
-    # Used by shmstore.mirror (its publisher and follower processes); nothing above depends on
-    # them except the replica refusal in _set() and the mirror fields of statistics(). The words
-    # live in the header's mirror block (see the end of _layout).
-
-    @classmethod
-    def create_replica(
-        cls,
-        name: str,
-        *,
-        fingerprint: bytes,
-        type_name: str,
-        origin: str,
-        bucket: str,
-        slots: int = DEFAULT_SLOTS,
-        slot_size: int = DEFAULT_SLOT_SIZE,
-        max_readers: int = DEFAULT_MAX_READERS,
-        mode: int = 0o600,
-    ) -> Store[Any]:
-        """Create the store *name* as a replica of the store *origin* mirrored through NATS
-        bucket *bucket*: it records the origin's schema *fingerprint* and *type_name*, so that
-        readers open it with the origin's type and the usual schema check, and it refuses
-        ``set()`` in every process. Only :meth:`commit_replicated` writes to it. The returned
-        handle decodes to builtins.
-
-        Raises like :meth:`create` (:class:`StoreExistsError`, ``ValueError``, ...).
-        """
-        validate_name(name)
-        if len(fingerprint) != 16:
-            raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
-        geometry, codec, flags, _restore = _plan(
-            Any,
-            slots=slots,
-            slot_size=slot_size,
-            max_readers=max_readers,
-            crc=None,
-            mode=mode,
-            writer_lock="auto",
-            restore_from=None,
-        )
-        # The replica's handles decode like an untyped handle, but the header must carry the
-        # origin's schema: that is what typed readers are checked against.
-        codec.fingerprint = fingerprint
-        codec.type_name = type_name
-        segment = Segment.create(name, geometry.total_size, mode)
-        m = segment.map
-        try:
-            m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
-                bucket, MIRROR_BUCKET_FIELD
-            )
-            m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
-                origin, MIRROR_ORIGIN_FIELD
-            )
-            memoryview(m).cast("Q")[OFF_MIRROR_STATE // 8] = MIRROR_ROLE_REPLICA
-        except BaseException:
-            segment.close()
-            unlink_segment(segment.name)
-            raise
-        return cls._initialize(segment, geometry, codec, flags | FLAG_REPLICA, unlink_on_error=True)
-
-    @property
-    def is_replica(self) -> bool:
-        """True if this store is a replica kept by ``shmstore mirror follow``."""
-        return bool(self._info.flags & FLAG_REPLICA)
-
-    @property
-    def fingerprint(self) -> bytes:
-        """The 16-byte schema fingerprint recorded in the header."""
-        return self._info.fingerprint
-
-    def get_encoded(self) -> tuple[bytes, int, int]:
-        """The newest value as the encoded bytes stored in the ring, with its version and commit
-        time (ns since the epoch): ``(b"", 0, 0)`` while empty. For mirroring without a decode
-        and re-encode round trip. Raises :class:`StateStoreError` if the handle is closed."""
-        self._check_open()
-        payload, version, ts_ns = self._ring.read_newest()
-        if payload is None:
-            return b"", 0, 0
-        return bytes(payload), version, ts_ns
-
-    def commit_replicated(self, payload: bytes, version: int, commit_ns: int) -> int:
-        """Commit the origin's encoded *payload* as the origin's *version* (with its commit time
-        *commit_ns*) into this replica; return *version*.
-
-        *version* must be greater than the replica's version; versions in between may be
-        skipped (the replica has latest-value semantics): subscribers then get
-        :class:`SubscriberLaggedError` with the exact number skipped, as for a lap of the ring.
-        Raises :class:`StateStoreError` if this store is not a replica,
-        :class:`StateVersionError` (nothing written) if *version* is not newer,
-        :class:`SnapshotTooLargeError` if the payload does not fit a slot and
-        :class:`InvalidSnapshotError` if it is not a value this handle can decode.
-        """
-        if not self._info.flags & FLAG_REPLICA:
-            self._check_open()
-            raise StateStoreError(f"store {self.name!r} is not a replica")
-        capacity = self._info.geometry.slot_size
-        if len(payload) > capacity:
-            raise SnapshotTooLargeError(
-                f"replicated value is {len(payload)} bytes; replica {self.name!r} holds at most "
-                f"{capacity} bytes per slot"
-            )
-        checked = self._codec.validate(bytes(payload))
-        ring = self._ring
-        lock = self._lock
-        with self._in_use:
-            if self._closed:
-                raise self._closed_error()
-            rc = lock.acquire()
-            if rc:
-                lock.recover(rc)
-            try:
-                head = ring.head()
-                if version > head:
-                    ring.commit_at(version, bytes(payload), commit_ns)
-            finally:
-                lock.release()  # also the barrier between publishing HEAD and notify()
-            if version <= head:
-                raise StateVersionError(
-                    version - 1,
-                    head,
-                    f"replicated version {version} is not newer than replica {self.name!r} "
-                    f"at version {head}",
-                )
-            self._cache = (version, checked)
-            if self._words[_REG_HIGH]:
-                self._registry.notify()
-            return version
+    # Nothing above depends on the mirror except the replica refusal in _commit() and the mirror
+    # fields of statistics(); the hooks the publisher and follower use are MirrorHooks, below.
 
     @property
     def mirror_status(self) -> MirrorStatus:
-        """The mirror block of the header: role, connection, last sync, lag, bucket, origin."""
+        """The header's mirror block: role (``"origin"``, ``"replica"`` or ``""``), whether the
+        mirror is connected, its last sync, how far behind it is, its bucket and origin."""
         self._check_open()
         words = self._words
-        state = int(words[OFF_MIRROR_STATE // 8])
-        pid = int(words[OFF_MIRROR_PID // 8])
-        role = {MIRROR_ROLE_ORIGIN: "origin", MIRROR_ROLE_REPLICA: "replica"}.get(
-            state & MIRROR_ROLE_MASK, ""
-        )
+        state = int(words[W_MIRROR_STATE])
+        pid = int(words[W_MIRROR_PID])
+        if self._info.flags & FLAG_REPLICA:
+            role = "replica"
+        elif state & MIRROR_ROLE_MASK == MIRROR_ROLE_ORIGIN:
+            role = "origin"
+        else:
+            role = ""
         m = self._segment.map
         return MirrorStatus(
             role=role,
             connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_pid_alive(pid),
             pid=pid,
-            last_sync_ns=int(words[OFF_MIRROR_SYNC // 8]),
-            behind=int(words[OFF_MIRROR_BEHIND // 8]),
+            last_sync_ns=int(words[W_MIRROR_SYNC]),
+            behind=int(words[W_MIRROR_BEHIND]),
             bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
             origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
         )
-
-    def claim_mirror(self, bucket: str) -> None:
-        """Mark this store as the origin of a mirror through NATS bucket *bucket* and this
-        process as its mirroring process (the publisher). A replica keeps its replica role."""
-        self._check_open()
-        m = self._segment.map
-        if not self._info.flags & FLAG_REPLICA:
-            m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
-                bucket, MIRROR_BUCKET_FIELD
-            )
-            m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
-                self.name, MIRROR_ORIGIN_FIELD
-            )
-        self._words[OFF_MIRROR_PID // 8] = os.getpid()
-        self.set_mirror_status(connected=False)
-
-    def set_mirror_status(
-        self,
-        *,
-        connected: bool,
-        last_sync_ns: int | None = None,
-        behind: int | None = None,
-    ) -> None:
-        """Record the mirror's state in the header (by the one mirroring process of the store).
-        *last_sync_ns* and *behind* are left as they are when ``None``."""
-        self._check_open()
-        words = self._words
-        role = MIRROR_ROLE_REPLICA if self._info.flags & FLAG_REPLICA else MIRROR_ROLE_ORIGIN
-        if last_sync_ns is not None:
-            words[OFF_MIRROR_SYNC // 8] = last_sync_ns
-        if behind is not None:
-            words[OFF_MIRROR_BEHIND // 8] = max(0, behind)
-        words[OFF_MIRROR_STATE // 8] = role | (MIRROR_CONNECTED if connected else 0)
 
     def _mirror_statistics(self) -> dict[str, Any]:
         status = self.mirror_status
@@ -841,105 +750,159 @@ class Store(Generic[T]):
         )
 
 
-def _load_checkpoint(
-    path: str | os.PathLike[str], codec: Codec[Any], geometry: Geometry
-) -> Checkpoint:
-    checkpoint = read_checkpoint(path)
-    if checkpoint.fingerprint != codec.fingerprint:
-        raise SchemaMismatchError(
-            f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
-            f"store's type {codec.type_name}"
+class MirrorHooks:
+    """What ``shmstore.mirror``'s publisher and follower do to a store beyond the public API:
+    create a replica, read the newest value's encoded bytes, commit the origin's bytes at the
+    origin's version, and keep the header's mirror block. One mirroring process per store
+    writes the mirror block; commits to a replica are serialized by the writer lock as usual.
+    Raises :class:`StateStoreError` on a closed handle."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store[Any]) -> None:
+        self.store = store
+
+    @staticmethod
+    def create_replica(
+        name: str,
+        *,
+        fingerprint: bytes,
+        type_name: str,
+        origin: str,
+        bucket: str,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        mode: int = 0o600,
+    ) -> Store[Any]:
+        """Create the store *name* as a replica of the store *origin* mirrored through NATS
+        bucket *bucket*. It records the origin's schema *fingerprint* and *type_name*, so that
+        readers open it with the origin's type and the usual schema check, and it refuses
+        ``set()`` in every process: only :meth:`commit_replicated` writes to it. The returned
+        handle decodes to builtins. Raises like :meth:`Store.create`."""
+        options = CreateOptions(slots, slot_size, max_readers, None, mode, "auto", None)
+        return Store(
+            _provision.create_replica(
+                name,
+                fingerprint=fingerprint,
+                type_name=type_name,
+                origin=origin,
+                bucket=bucket,
+                options=options,
+            )
         )
-    if len(checkpoint.payload) > geometry.slot_size:
-        raise SnapshotTooLargeError(
-            f"checkpoint value is {len(checkpoint.payload)} bytes; the store's slot_size is "
-            f"{geometry.slot_size}"
-        )
-    try:
-        codec.decode(checkpoint.payload)
-    except msgspec.DecodeError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not decode as {codec.type_name}: {exc}"
-        ) from exc
-    return checkpoint
 
+    @property
+    def fingerprint(self) -> bytes:
+        """The 16-byte schema fingerprint recorded in the store's header."""
+        return self.store._info.fingerprint
 
-def _plan(
-    tp: Any,
-    *,
-    slots: int,
-    slot_size: int,
-    max_readers: int,
-    crc: bool | None,
-    mode: int,
-    writer_lock: str,
-    restore_from: str | os.PathLike[str] | None,
-) -> tuple[Geometry, Codec[Any], int, Checkpoint | None]:
-    """Validate the create options (and any checkpoint to restore) before anything is created;
-    return the geometry, codec, header flags and checkpoint."""
-    geometry = Geometry(slots, slot_size, max_readers)
-    codec: Codec[Any] = Codec(tp)
-    if mode & ~0o777:
-        raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
-    flags = FLAG_CRC if (_default_crc() if crc is None else crc) else 0
-    if writer_lock == "auto":
-        writer_lock = "mutex" if robust_mutex_supported() else "flock"
-    if writer_lock == "mutex":
-        if not robust_mutex_supported():
-            raise ValueError("writer_lock='mutex' needs robust mutexes, which this platform lacks")
-        flags |= FLAG_ROBUST_MUTEX
-    elif writer_lock != "flock":
-        raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
-    restore = None if restore_from is None else _load_checkpoint(restore_from, codec, geometry)
-    return geometry, codec, flags, restore
+    def get_encoded(self) -> tuple[bytes, int, int]:
+        """The newest value as the encoded bytes in the ring, with its version and commit time
+        (ns since the epoch); ``(b"", 0, 0)`` while empty. Mirroring needs no decode and
+        re-encode round trip."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            payload, version, ts_ns = store._ring.read_newest()
+            if payload is None:
+                return b"", 0, 0
+            return bytes(payload), version, ts_ns
 
+    def commit_replicated(self, payload: bytes, version: int, commit_ns: int) -> int:
+        """Commit the origin's encoded *payload* as the origin's *version* (with the origin's
+        commit time *commit_ns*) into this replica; return *version*.
 
-def _attach(name: str, wait: float = OPEN_WAIT) -> tuple[Segment, HeaderInfo]:
-    """Open and validate the segment, waiting up to *wait* seconds for a concurrent create."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            segment = Segment.open(name)
-        except UnsizedSegmentError:
-            if time.monotonic() > deadline:
-                raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
-            time.sleep(0.001)
-            continue
-        try:
-            unborn = segment.map[0 : len(MAGIC)] == b"\0" * len(MAGIC)
-            if unborn and time.monotonic() < deadline:
-                segment.close()
-                time.sleep(0.001)
-                continue
-            info = read_header(segment.map, segment.size)
-            if info.store_name != name:
-                raise CorruptStoreError(
-                    f"segment for {name!r} names itself {info.store_name!r}: not this store"
+        *version* must be greater than the replica's version; versions in between may be
+        skipped (latest-value semantics): subscribers then get :class:`SubscriberLaggedError`
+        with the exact number skipped, as for a lap of the ring, because the slots of skipped
+        versions never held them. Raises :class:`StateStoreError` if the store is not a
+        replica, :class:`StateVersionError` (nothing written) if *version* is not newer,
+        ``ValueError`` for an impossible version, :class:`SnapshotTooLargeError` if the payload
+        does not fit a slot and :class:`InvalidSnapshotError` if it does not decode.
+        """
+        store = self.store
+        if not store._info.flags & FLAG_REPLICA:
+            store._check_open()
+            raise StateStoreError(f"store {store.name!r} is not a replica")
+        if not 0 < version < MAX_VERSION:
+            raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
+        capacity = store._info.geometry.slot_size
+        if len(payload) > capacity:
+            raise SnapshotTooLargeError(
+                f"replicated value is {len(payload)} bytes; replica {store.name!r} holds at "
+                f"most {capacity} bytes per slot"
+            )
+        data = bytes(payload)
+        checked = store._codec.validate(data)
+        ring = store._ring
+        lock = store._lock
+        with store._in_use:
+            if store._closed:
+                raise store._closed_error()
+            try:
+                # Inside the try, as in _commit: an interrupt right after the lock call returns
+                # must still release it.
+                rc = lock.acquire()
+                if rc:
+                    lock.recover(rc)
+                head = ring.head()
+                if version > head:
+                    ring.commit_at(version, data, commit_ns)
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
+            if version <= head:
+                raise StateVersionError(
+                    version - 1,
+                    head,
+                    f"replicated version {version} is not newer than replica {store.name!r} "
+                    f"at version {head}",
                 )
-        except BaseException:
-            if not segment.map.closed:
-                segment.close()
-            raise
-        return segment, info
+            store._cache = (version, checked)
+            if store._words[W_REG_HIGH]:
+                store._registry.notify()
+            return version
+
+    def claim(self, bucket: str) -> None:
+        """Record this process as the store's mirroring process; on an origin, also mark the
+        store as the origin mirrored through NATS bucket *bucket*. Starts "disconnected"."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            m = store._segment.map
+            if not store._info.flags & FLAG_REPLICA:
+                m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                    bucket, MIRROR_BUCKET_FIELD
+                )
+                m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                    store.name, MIRROR_ORIGIN_FIELD
+                )
+            store._words[W_MIRROR_PID] = os.getpid()
+        self.set_status(connected=False)
+
+    def set_status(
+        self, *, connected: bool, last_sync_ns: int | None = None, behind: int | None = None
+    ) -> None:
+        """Record the mirror's state in the header; *last_sync_ns* and *behind* stay as they
+        are when ``None``. Each word is one aligned store: readers never see half of one."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            words = store._words
+            replica = store._info.flags & FLAG_REPLICA
+            role = MIRROR_ROLE_REPLICA if replica else MIRROR_ROLE_ORIGIN
+            if last_sync_ns is not None:
+                words[W_MIRROR_SYNC] = last_sync_ns
+            if behind is not None:
+                words[W_MIRROR_BEHIND] = max(0, behind)
+            words[W_MIRROR_STATE] = role | (MIRROR_CONNECTED if connected else 0)
 
 
 def remove(name: str) -> bool:
     """Remove every OS object of store *name* (segment and reader semaphores) for everyone.
-    ``False`` if there was no segment. Attached handles keep working until they close."""
-    validate_name(name)
-    capacity = MAX_REGISTRY
-    try:
-        segment, info = _attach(name, wait=0.0)
-    except StoreNotFoundError:
-        pass
-    except StateStoreError:
-        pass  # damaged: still remove it, and every semaphore name it could have
-    else:
-        capacity = info.geometry.registry_capacity
-        segment.close()
-    existed = unlink_segment(name)
-    unlink_all_semaphores(name, capacity)
-    return existed
+    ``False`` if there was no segment. Attached handles keep working until they close.
+    Raises :class:`StorePermissionError` for another user's store."""
+    return _provision.remove(name)
 
 
 def _after_fork_in_child() -> None:

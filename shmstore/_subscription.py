@@ -18,13 +18,11 @@ subscription: iterate again and the newest version comes next::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from ._errors import SubscriberLaggedError
-
-if TYPE_CHECKING:
-    from ._store import Store
 
 __all__ = ["Subscription"]
 
@@ -38,10 +36,27 @@ class Subscription(Generic[T]):
     seconds, if given). :meth:`poll` is the non-blocking form.
     """
 
-    def __init__(self, store: Store[T], after_version: int | None, timeout: float | None) -> None:
-        self._store = store
+    def __init__(
+        self,
+        *,
+        head: Callable[[], int],
+        read: Callable[[int], tuple[T] | None],
+        newest: Callable[[], tuple[T | None, int]],
+        wait: Callable[[int, float | None], int],
+        after_version: int | None,
+        timeout: float | None,
+    ) -> None:
+        """Made by ``Store.subscribe``: *head* is the store's version, *read(v)* version *v* as a
+        1-tuple if the ring still holds it, *newest()* the newest value and its version, and
+        *wait(after, timeout)* blocks until the version passes *after*."""
+        if after_version is not None and after_version < 0:
+            raise ValueError(f"after_version must be >= 0, got {after_version}")
+        self._head = head
+        self._read = read
+        self._newest = newest
+        self._wait = wait
         self._timeout = timeout
-        current = store.version
+        current = head()
         # Default: start with the current value, so a subscriber always has a starting state.
         start = max(current, 1) if after_version is None else after_version + 1
         self._next = start
@@ -62,7 +77,7 @@ class Subscription(Generic[T]):
             item = self.poll()
             if item is not None:
                 return item
-            self._store.wait(self._next - 1, self._timeout)
+            self._wait(self._next - 1, self._timeout)
 
     def poll(self) -> tuple[int, T] | None:
         """The next ``(version, value)`` if it is committed already, else ``None``.
@@ -73,13 +88,13 @@ class Subscription(Generic[T]):
             item, self._pending = self._pending, None
             return item
         wanted = self._next
-        if wanted > self._store.version:
+        if wanted > self._head():
             return None
-        value = self._store._read_version(wanted)
+        value = self._read(wanted)
         if value is not None:
             self._next = wanted + 1
             return wanted, value[0]
-        newest, version = self._store.get_with_version()
+        newest, version = self._newest()
         missed = version - wanted
         self.missed += missed
         self._next = version + 1

@@ -16,15 +16,31 @@ spins, and a sleeping reader costs no CPU. The spin is bounded per call, so the 
 commits arriving just after every spin ends -- costs at most ``SPIN_NS`` of CPU per wait.
 Spinning holds the GIL, so the asyncio thread does not spin (``spin=False``).
 
+Coroutines use the same gate (there is one wait engine): ``wait_async`` parks a future in the
+gate, and one background thread per handle, alive only while some coroutine waits, waits in the
+gate like any other thread -- for the smallest ``after`` of the pending coroutines -- and resolves
+each satisfied future through its loop. A coroutine that arrives, is cancelled or times out
+interrupts that thread (posting the semaphore if it is the sleeper) so that it re-plans. The
+handle still owns at most one registry entry. An event loop that closes while one of its
+coroutines waits is skipped; the other loops' coroutines are still served.
+
+Timeouts: ``None`` and ``inf`` wait forever, ``nan`` is a ``ValueError``; a single semaphore
+sleep is capped at an hour so that a huge "forever" timeout cannot overflow ``sem_timedwait``'s
+absolute deadline.
+
 Where timed semaphore waits do not exist (macOS: ``posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED`` is
 false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Final
 
 import posix_ipc
@@ -32,28 +48,79 @@ import posix_ipc
 from ._errors import StateStoreError
 from ._registry import Registry, Waiter
 
-__all__ = ["WaitGate"]
+__all__ = ["WaitGate", "check_timeout"]
 
 TIMED_WAIT = posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED  # tests force the polling path
 _POLL_MIN: Final = 50e-6
 _POLL_MAX: Final = 5e-3
 SPIN_NS: Final = 100_000
 _EWMA_SEED: Final = 10 * SPIN_NS  # start out assuming waits are long: no spinning
+# The longest single semaphore sleep: a "forever" such as sys.float_info.max must not overflow
+# the absolute deadline sem_timedwait takes (it then fails at once, and the loop would spin).
+_MAX_SLEEP: Final = 3600.0
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """Normalize a user's timeout: ``None`` or ``inf`` wait forever, ``nan`` is refused."""
+    if timeout is None:
+        return None
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    if math.isinf(timeout) and timeout > 0:
+        return None
+    return float(timeout)
+
+
+@dataclass(eq=False)
+class _AsyncWaiter:
+    after: int
+    future: asyncio.Future[int]
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+
+    def settle(self, version: int | None, error: BaseException | None = None) -> None:
+        """Hand the outcome to the waiter's loop; a loop that has closed meanwhile is skipped
+        (its coroutine is gone with it)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, version, error)
+
+
+def _settle(future: asyncio.Future[int], version: int | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert version is not None
+        future.set_result(version)
 
 
 class WaitGate:
-    """Sleep until ``head() > after``, sharing one registry entry among this handle's threads."""
+    """Sleep until ``head() > after``, sharing one registry entry among this handle's threads
+    and coroutines."""
 
-    def __init__(self, head: Callable[[], int], registry: Registry) -> None:
+    def __init__(self, head: Callable[[], int], registry: Registry, name: str) -> None:
         self._head = head
         self._registry = registry
+        self._name = name
+        self._typical_ns = _EWMA_SEED
+        self._reset()
+
+    def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._sleeper = False
         self._closing = False
-        self._typical_ns = _EWMA_SEED
+        # A thread's wait keeps the registration until close(); the coroutines' server gives it
+        # back when they are all done, so an idle asyncio handle holds no entry.
+        self._sticky = False
+        self._pending: set[_AsyncWaiter] = set()
+        self._server: threading.Thread | None = None
+        self._changed = False  # the pending set changed: the server must re-evaluate
         self.waiter: Waiter | None = None
 
+    # ---------------------------------------------------------------- threads
+
     def wait(self, after: int, timeout: float | None, *, spin: bool = True) -> int:
+        timeout = check_timeout(timeout)
         head = self._head()
         if head > after:
             return head
@@ -71,71 +138,163 @@ class WaitGate:
                     head = head_of()
                     if head > after:
                         return head
-            return self._block(after, timeout, started)
+            deadline = (
+                None if timeout is None else time.monotonic() + timeout - (clock() - started) / 1e9
+            )
+            if not TIMED_WAIT:
+                return self._poll(after, deadline, timeout)
+            with self._cond:
+                self._sticky = True
+                got = self._wait_locked(after, deadline, None)
+            assert got is not None
+            return got
+        except TimeoutError:
+            raise TimeoutError(f"no version after {after} within {timeout} s") from None
         finally:
             took = clock() - started
             self._typical_ns += (took - self._typical_ns) >> 2
 
-    def _block(self, after: int, timeout: float | None, started_ns: int) -> int:
-        deadline = None if timeout is None else started_ns / 1e9 + timeout
-        if not TIMED_WAIT:
-            return self._poll(after, deadline, timeout)
-        with self._cond:
-            if self.waiter is None:
-                self.waiter = self._registry.register()
-            while True:
-                if self._closing:
-                    raise StateStoreError("the store was closed while waiting")
-                head = self._head()
-                if head > after:
-                    return head
-                remaining = None if deadline is None else deadline - time.perf_counter()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no version after {after} within {timeout} s")
-                if self._sleeper:
-                    self._cond.wait(remaining)
-                    continue
-                self._sleeper = True
-                waiter = self.waiter
-                self._cond.release()
-                try:
-                    waiter.sleep(remaining)
-                finally:
-                    self._cond.acquire()
-                    self._sleeper = False
-                    self._cond.notify_all()
+    def _wait_locked(
+        self, after: int, deadline: float | None, interrupted: Callable[[], bool] | None
+    ) -> int | None:
+        """With the condition held: the version once it is past *after*, or ``None`` as soon as
+        *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
+        the handle closes."""
+        if self.waiter is None:
+            self.waiter = self._registry.register(deadline)
+        while True:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            head = self._head()
+            if head > after:
+                return head
+            if interrupted is not None and interrupted():
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            if self._sleeper:
+                self._cond.wait(remaining)
+                continue
+            self._sleeper = True
+            waiter = self.waiter
+            self._cond.release()
+            try:
+                waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
+            finally:
+                self._cond.acquire()
+                self._sleeper = False
+                self._cond.notify_all()
 
     def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
         pause = _POLL_MIN
         while True:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
             head = self._head()
             if head > after:
                 return head
             if deadline is not None:
-                remaining = deadline - time.perf_counter()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"no version after {after} within {timeout} s")
+                    raise TimeoutError
                 pause = min(pause, remaining)
             time.sleep(pause)
             pause = min(pause * 2, _POLL_MAX)
 
+    # ---------------------------------------------------------------- coroutines
+
+    async def wait_async(self, after: int, timeout: float | None) -> int:
+        """``wait()`` for coroutines: one background thread sleeps in the gate on behalf of all
+        the handle's coroutines (as one more waiter of the same entry) and hands each its
+        version through its loop, only while some coroutine waits."""
+        timeout = check_timeout(timeout)
+        head = self._head()
+        if head > after:
+            return head
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError(f"no version after {after} (timeout=0)")
+        loop = asyncio.get_running_loop()
+        entry = _AsyncWaiter(after, loop.create_future(), loop)
+        with self._cond:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} is closed")
+            self._pending.add(entry)
+            if self._server is None:
+                self._server = threading.Thread(
+                    target=self._serve, name=f"shmstore-wait-{self._name}", daemon=True
+                )
+                self._server.start()
+            else:
+                self._interrupt_server()
+        try:
+            async with asyncio.timeout(timeout):
+                return await entry.future
+        except TimeoutError:
+            raise TimeoutError(f"no version after {after} within {timeout} s") from None
+        finally:
+            if not entry.future.done() or entry.future.cancelled():
+                with self._cond:
+                    if entry in self._pending:  # cancelled or timed out: let the server re-plan
+                        self._pending.discard(entry)
+                        self._interrupt_server()
+
+    def _interrupt_server(self) -> None:
+        """With the condition held: make the server re-evaluate the pending coroutines."""
+        self._changed = True
+        if self._sleeper and self.waiter is not None:
+            self.waiter.kick()  # whoever sleeps on the semaphore wakes and notifies everyone
+        self._cond.notify_all()
+
+    def _serve(self) -> None:
+        with self._cond:
+            try:
+                self._serve_locked()
+            except BaseException as exc:  # registry full, semaphore trouble: fail them all
+                failed, self._pending = self._pending, set()
+                for entry in failed:
+                    entry.settle(None, exc)
+            finally:
+                self._server = None
+                if not self._sticky and not self._sleeper and self.waiter is not None:
+                    waiter, self.waiter = self.waiter, None
+                    waiter.close()
+                self._cond.notify_all()
+
+    def _serve_locked(self) -> None:
+        while True:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            head = self._head()
+            ready = {entry for entry in self._pending if head > entry.after}
+            self._pending -= ready
+            for entry in ready:
+                entry.settle(head)
+            if not self._pending:
+                return
+            self._changed = False
+            after = min(entry.after for entry in self._pending)
+            self._wait_locked(after, None, lambda: self._changed)
+
+    # ---------------------------------------------------------------- lifecycle
+
     def close(self) -> None:
-        """Give the registry entry back. Threads still waiting wake and raise StateStoreError;
-        the semaphore is closed only once nobody sleeps on it."""
+        """Give the registry entry back. Threads and coroutines still waiting get
+        StateStoreError; the semaphore is closed only once nobody sleeps on it and the
+        coroutines' server thread is gone (it touches the mapping)."""
         with self._cond:
             self._closing = True
-            waiter = self.waiter
-            while self._sleeper and waiter is not None:
-                waiter.kick()
+            while self._sleeper or self._server is not None:
+                if self.waiter is not None:
+                    self.waiter.kick()
+                self._cond.notify_all()
                 self._cond.wait(0.1)
-            self.waiter = None
+            waiter, self.waiter = self.waiter, None
             self._cond.notify_all()
         if waiter is not None:
             waiter.close()
 
     def after_fork_in_child(self) -> None:
-        # The parent's entry and semaphore stay the parent's; the child registers anew.
-        self._cond = threading.Condition(threading.Lock())
-        self._sleeper = False
-        self._closing = False
-        self.waiter = None
+        # The parent's entry, semaphore and server thread stay the parent's; the child
+        # registers anew when it first waits.
+        self._reset()

@@ -27,6 +27,15 @@ Both are full memory barriers on release (a locked instruction in userspace, or 
 kernel), which the wake-up protocol relies on between publishing HEAD and reading the readers'
 semaphores; see ``_registry``.
 
+Interrupts. ``KeyboardInterrupt`` (any signal handler's exception) can be raised between any two
+bytecodes, including right after the lock call returned and before the caller's ``try`` began:
+the lock would then stay held for the life of the process. So callers put the acquire *inside*
+``try``/``finally`` and always release, and ``release()`` is safe when this thread does not hold
+the lock: glibc's unlock of a robust mutex checks the owner and returns ``EPERM`` (a no-op)
+otherwise; ``FlockLock`` records its owning thread and ignores others. (Open question: the
+``FlockLock`` fallback still has a window of two bytecodes between its thread lock and recording
+the owner.)
+
 Caveat of the mutex: its layout is the C library's. Processes sharing one store must use the same
 C library (not a musl container against a glibc host on a shared ``/dev/shm``).
 """
@@ -157,9 +166,13 @@ class RobustMutexLock:
             del anchor
 
     def __enter__(self) -> None:
-        rc = self._lock(self.addr)
-        if rc != 0:
-            self.recover(rc)
+        try:
+            rc = self._lock(self.addr)
+            if rc != 0:
+                self.recover(rc)
+        except BaseException:
+            self._unlock(self.addr)  # EPERM unless the interrupt came after we got it
+            raise
 
     def __exit__(
         self,
@@ -201,22 +214,28 @@ class RobustMutexLock:
 class FlockLock:
     """``threading.Lock`` for threads plus ``flock`` on this handle's descriptor for processes."""
 
-    __slots__ = ("_thread_lock", "fd")
+    __slots__ = ("_owner", "_thread_lock", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._thread_lock = threading.Lock()
+        self._owner: int | None = None
 
     def acquire(self) -> int:
         self._thread_lock.acquire()
+        self._owner = threading.get_ident()
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except BaseException:
+            self._owner = None
             self._thread_lock.release()
             raise
         return 0
 
     def release(self) -> None:
+        if self._owner != threading.get_ident():
+            return  # not ours: an interrupt came before we had it
+        self._owner = None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
@@ -250,6 +269,7 @@ class FlockLock:
         of them held would never be released."""
         self.fd = fd
         self._thread_lock = threading.Lock()
+        self._owner = None
 
     def close(self) -> None:
         pass

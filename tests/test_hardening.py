@@ -21,8 +21,8 @@ from shmstore import (
     Store,
     StorePermissionError,
     SubscriberLaggedError,
+    _provision,
     _ring,
-    _store,
 )
 from shmstore._names import segment_name
 
@@ -151,7 +151,7 @@ def test_forked_child_can_use_an_inherited_handle(store_name: str, writer_lock: 
 
 def _fuzz_cases(store_name: str, examples: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_ring, "READ_DEADLINE", 0.02)
-    monkeypatch.setattr(_store, "OPEN_WAIT", 0.02)
+    monkeypatch.setattr(_provision, "OPEN_WAIT", 0.02)
     writer = Store.create(store_name, Reading, slots=4, slot_size=512, max_readers=4)
     try:
         for i in range(6):

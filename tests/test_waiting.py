@@ -21,7 +21,7 @@ from workers import (
 
 import shmstore
 from shmstore import RegistryFullError, StateStoreError, Store, SubscriberLaggedError, _waiting
-from shmstore._names import reader_semaphore_name
+from shmstore._names import semaphore_prefix
 
 ctx = mp.get_context("spawn")
 
@@ -35,7 +35,7 @@ def wait_for_registrations(st: Store[int], count: int) -> None:
 
 
 def semaphores_of(name: str) -> set[str]:
-    prefix = "sem." + reader_semaphore_name(name, 0).lstrip("/").rsplit(".", 1)[0] + "."
+    prefix = "sem." + semaphore_prefix(name).lstrip("/")
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)}
 
 

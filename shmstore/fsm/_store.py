@@ -45,7 +45,6 @@ from .._errors import (
     SubscriberLaggedError,
 )
 from .._store import Store
-from .._subscription import Subscription
 from ._types import FsmSnapshotDTO, initial_snapshot
 
 __all__ = ["AsyncStateStore", "create_initialized_store", "create_store"]
@@ -109,7 +108,7 @@ class AsyncStateStore:
             else None
         )
         if name is None:
-            store = Store._private(
+            store = Store.private(
                 FsmSnapshotDTO, slots=slots, slot_size=slot_size, restore_from=restore
             )
         else:
@@ -175,7 +174,7 @@ class AsyncStateStore:
             stored = snap
             if current is not None and snap.version <= current.version:
                 if enforce_version:
-                    self._store._bump_app_counter(_CONFLICTS)
+                    self._store.app_counters.increment(_CONFLICTS)
                     error = StateVersionError(
                         current.version + 1,
                         snap.version,
@@ -185,9 +184,7 @@ class AsyncStateStore:
                     log.warning("%s", error)
                     raise error
                 stored = msgspec.structs.replace(snap, version=current.version + 1)
-            try:
-                self._store._set(stored, store_version, log_conflict=False)
-            except StateVersionError:
+            if self._store.try_set(stored, store_version) is None:
                 continue  # another process committed in between: decide again on its snapshot
             break
         self._after_local_commit()
@@ -199,9 +196,7 @@ class AsyncStateStore:
         return self._commit_if_empty(initial_snapshot())
 
     def _commit_if_empty(self, snapshot: FsmSnapshotDTO) -> FsmSnapshotDTO:
-        try:
-            self._store._set(self._trimmed(snapshot), 0, log_conflict=False)
-        except StateVersionError:
+        if self._store.try_set(self._trimmed(snapshot), 0) is None:
             current = self._store.get()
             assert current is not None
             return current
@@ -284,7 +279,7 @@ class AsyncStateStore:
 
     async def _follow(self, after_version: int) -> None:
         """Deliver every version after *after_version* to every local subscriber, in order."""
-        sub = Subscription(self._store, after_version, None)
+        sub = self._store.subscribe(after_version)
         while self._subscribers:
             try:
                 item = sub.poll()
@@ -376,7 +371,7 @@ class AsyncStateStore:
         return {
             "total_sets": st.commits,
             "total_gets": self._total_gets,
-            "version_conflicts": st._app_counter(_CONFLICTS),
+            "version_conflicts": st.app_counters[_CONFLICTS],
             "subscriber_count": len(self._subscribers),
             "last_update_ts": last / 1e9 if last else None,
             "creation_ts": created,

@@ -7,7 +7,7 @@ schema check, because the replica records the origin's fingerprint and type name
 
 Following is latest-value: the follower watches the bucket's key (JetStream delivers the newest
 entry first, then each new one) and commits each record's value bytes at the record's version
-(``Store.commit_replicated``), skipping any version it already has, so restarts and
+(``MirrorHooks.commit_replicated``), skipping any version it already has, so restarts and
 re-deliveries never regress or duplicate. Versions the follower never saw (it was slow, or
 away) are jumped over; subscribers of the replica get ``SubscriberLaggedError`` with the exact
 number. A watch can go quiet without an error when the server restarts under it, so the
@@ -28,7 +28,7 @@ import time
 from typing import Any, Final
 
 from .._errors import StateStoreError, StoreExistsError, StoreNotFoundError
-from .._store import Store
+from .._store import MirrorHooks, Store
 from ._connect import ConnectOptions, connect, describe_error
 from ._wire import KEY, Record, decode_record, default_bucket, validate_bucket
 
@@ -101,7 +101,7 @@ class Follower:
                     await nc.close()
             if self._replica is not None:
                 with contextlib.suppress(StateStoreError):
-                    self._replica.set_mirror_status(connected=False)
+                    MirrorHooks(self._replica).set_status(connected=False)
                 self._replica.close()
                 self._replica = None
 
@@ -111,13 +111,13 @@ class Follower:
         except StoreNotFoundError:
             return None
         status = replica.mirror_status
-        if not replica.is_replica or status.origin != self.name:
+        if status.role != "replica" or status.origin != self.name:
             replica.close()
             raise StateStoreError(
                 f"store {self.local_name!r} exists and is not a replica of {self.name!r}; "
                 "remove it or follow into another local name (--as)"
             )
-        replica.claim_mirror(self.bucket)
+        MirrorHooks(replica).claim(self.bucket)
         return replica
 
     def _on_connected(self, up: bool) -> None:
@@ -129,7 +129,7 @@ class Follower:
     def _status(self, *, connected: bool, sync: bool = False, behind: int | None = None) -> None:
         replica = self._replica
         if replica is not None and not replica.closed:
-            replica.set_mirror_status(
+            MirrorHooks(replica).set_status(
                 connected=connected, last_sync_ns=time.time_ns() if sync else None, behind=behind
             )
 
@@ -176,7 +176,7 @@ class Follower:
         replica = self._replica
         if replica is None:
             replica = self._replica = self._create(record)
-        if record.fingerprint != replica.fingerprint:
+        if record.fingerprint != MirrorHooks(replica).fingerprint:
             self._refuse(
                 record.version,
                 f"origin {self.name!r} now holds {record.type_name}, which does not match "
@@ -185,7 +185,9 @@ class Follower:
             return
         if record.version > replica.version:
             try:
-                replica.commit_replicated(record.value, record.version, record.commit_ns)
+                MirrorHooks(replica).commit_replicated(
+                    record.value, record.version, record.commit_ns
+                )
             except StateStoreError as exc:
                 self._refuse(record.version, str(exc))
                 return
@@ -203,7 +205,7 @@ class Follower:
 
     def _create(self, record: Record) -> Store[Any]:
         try:
-            replica = Store.create_replica(
+            replica = MirrorHooks.create_replica(
                 self.local_name,
                 fingerprint=record.fingerprint,
                 type_name=record.type_name,
@@ -218,5 +220,5 @@ class Follower:
             existing = self._open_existing()
             assert existing is not None
             return existing
-        replica.claim_mirror(self.bucket)
+        MirrorHooks(replica).claim(self.bucket)
         return replica

@@ -34,7 +34,7 @@ import msgspec
 from .. import __version__
 from .._codec import ANY_FINGERPRINT
 from .._errors import StateStoreError, StateVersionError
-from .._store import Store
+from .._store import MirrorHooks, Store
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._wire import (
@@ -113,7 +113,7 @@ class Publisher:
         self._store = store
         self._origin = f"{socket.gethostname()}/{self.name}/{store.created_ns}"
         self._type_name = store.statistics().type_name
-        store.claim_mirror(self.bucket)
+        MirrorHooks(store).claim(self.bucket)
         nc = None
         try:
             nc = await connect(self.options, on_connected=self._on_connected, stop=self._stop)
@@ -127,7 +127,7 @@ class Publisher:
             await self._loop(kv, store)
         finally:
             with contextlib.suppress(StateStoreError):
-                store.set_mirror_status(connected=False)
+                MirrorHooks(store).set_status(connected=False)
             if nc is not None:
                 with contextlib.suppress(Exception):
                     await nc.close()
@@ -138,7 +138,7 @@ class Publisher:
         self._connected = up
         store = self._store
         if store is not None and not store.closed:
-            store.set_mirror_status(connected=up and self.active)
+            MirrorHooks(store).set_status(connected=up and self.active)
         if not up:
             self._revision = None  # a put may have landed or not: ask the bucket again
 
@@ -185,7 +185,7 @@ class Publisher:
                     await self._publish_newest(kv, store)
                 except Exception as exc:  # NATS down, leader election, timeouts: retry
                     self._revision = None
-                    store.set_mirror_status(connected=False, behind=head - self.published)
+                    MirrorHooks(store).set_status(connected=False, behind=head - self.published)
                     log.debug("put failed: %s", describe_error(exc, self.options))
                     await self._pause(RETRY_WAIT)
                     continue
@@ -195,7 +195,7 @@ class Publisher:
             now = time.monotonic()
             if now - last_heartbeat >= HEARTBEAT and self._connected:
                 last_heartbeat = now
-                store.set_mirror_status(
+                MirrorHooks(store).set_status(
                     connected=True,
                     last_sync_ns=time.time_ns(),
                     behind=store.version - self.published,
@@ -224,7 +224,7 @@ class Publisher:
                         return
                     self._set_active(True, None)
                     self.published = max(self.published, current.version)
-            value, version, commit_ns = store.get_encoded()
+            value, version, commit_ns = MirrorHooks(store).get_encoded()
             if version <= self.published:
                 return  # already in the bucket: never put a version twice, never go back
             record = Record(
@@ -233,7 +233,7 @@ class Publisher:
                 store=self.name,
                 version=version,
                 commit_ns=commit_ns,
-                fingerprint=store.fingerprint,
+                fingerprint=MirrorHooks(store).fingerprint,
                 type_name=self._type_name,
                 slots=store.geometry.slots,
                 slot_size=store.geometry.slot_size,
@@ -245,7 +245,7 @@ class Publisher:
                 self._revision = None  # someone else put: look at what is there now
                 continue
             self.published = version
-            store.set_mirror_status(
+            MirrorHooks(store).set_status(
                 connected=True, last_sync_ns=time.time_ns(), behind=store.version - version
             )
             return
@@ -264,7 +264,7 @@ class Publisher:
                 )
         self.active = active
         if self._store is not None:
-            self._store.set_mirror_status(connected=self._connected and active)
+            MirrorHooks(self._store).set_status(connected=self._connected and active)
 
     # ------------------------------------------------------------------ remote writes
 
@@ -289,7 +289,7 @@ class Publisher:
         except StateVersionError as exc:
             return SetReply(conflict=True, actual=exc.actual)
         except StateStoreError as exc:
-            if self.value_type is None and store.fingerprint != ANY_FINGERPRINT:
+            if self.value_type is None and MirrorHooks(store).fingerprint != ANY_FINGERPRINT:
                 return SetReply(
                     error=f"the publisher of {self.name!r} was started without the store's type "
                     f"({self._type_name}): start it with --type to accept remote writes"

@@ -1,0 +1,363 @@
+"""Provisioning: making, finding and removing the segment of a store.
+
+Everything that happens before a :class:`~shmstore.Store` handle exists, and after the last one
+is gone, lives here: validating create options, restoring a checkpoint into a fresh ring,
+initializing the header (magic last), attaching to an existing segment (waiting out a
+concurrent create, validating the header), and removing a store's OS objects.
+
+The handle itself (``_store``) only ever gets a finished, validated :class:`Attached` segment.
+Nothing here imports ``_store``: provisioning is below the operations.
+
+Create protocol: ``shm_open(O_CREAT | O_EXCL)`` decides the one creator; the segment is sized
+(``posix_fallocate``), the header written, the writer mutex initialized, any checkpoint restored,
+and the magic stored *last*. A process that opens the name meanwhile sees no magic ("unborn") and
+waits up to :data:`OPEN_WAIT` for it, so concurrent starters see one complete store or a clear
+error, never a half-made one. A creator that fails (or is interrupted) unlinks what it made.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from ._checkpoint import Checkpoint, read_checkpoint
+from ._codec import ANY_FINGERPRINT, Codec
+from ._errors import (
+    CheckpointError,
+    CorruptStoreError,
+    SchemaMismatchError,
+    SnapshotTooLargeError,
+    StateStoreError,
+    StorePermissionError,
+)
+from ._layout import (
+    FLAG_CRC,
+    FLAG_REPLICA,
+    FLAG_ROBUST_MUTEX,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
+    OFF_MUTEX,
+    W_MIRROR_STATE,
+    Geometry,
+    HeaderInfo,
+    is_unborn,
+    read_header,
+    text_field,
+    write_header,
+    write_magic,
+)
+from ._names import semaphore_prefix, validate_name
+from ._registry import registered_semaphore_names, unlink_semaphore
+from ._ring import Ring
+from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._writelock import RobustMutexLock, robust_mutex_supported
+
+__all__ = [
+    "DEFAULT_MAX_READERS",
+    "DEFAULT_SLOTS",
+    "DEFAULT_SLOT_SIZE",
+    "OPEN_WAIT",
+    "Attached",
+    "CreateOptions",
+    "attach",
+    "create",
+    "create_private",
+    "remove",
+]
+
+DEFAULT_SLOTS: Final = 8
+DEFAULT_SLOT_SIZE: Final = 65536
+DEFAULT_MAX_READERS: Final = 64
+OPEN_WAIT: Final = 1.0  # how long open() waits for a concurrent create to finish
+
+# CPUs that keep load->load and store->store order (TSO): the seqlock needs no CRC there.
+_STRONGLY_ORDERED = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """A mapped, validated segment and how this process may use it."""
+
+    segment: Segment
+    info: HeaderInfo
+    codec: Codec[Any]
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOptions:
+    """The create options of a store, as the user gave them (validated by :func:`create`)."""
+
+    slots: int = DEFAULT_SLOTS
+    slot_size: int = DEFAULT_SLOT_SIZE
+    max_readers: int = DEFAULT_MAX_READERS
+    crc: bool | None = None
+    mode: int = 0o600
+    writer_lock: str = "auto"
+    restore_from: str | os.PathLike[str] | None = None
+
+
+def _default_crc() -> bool:
+    # Elsewhere the CRC catches what the hardware may reorder (see _ring).
+    return platform.machine().lower() not in _STRONGLY_ORDERED
+
+
+def _plan(tp: Any, options: CreateOptions) -> tuple[Geometry, Codec[Any], int, Checkpoint | None]:
+    """Validate the create options (and any checkpoint to restore) before anything is created;
+    return the geometry, codec, header flags and checkpoint."""
+    for label, value in (
+        ("slots", options.slots),
+        ("slot_size", options.slot_size),
+        ("max_readers", options.max_readers),
+        ("mode", options.mode),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{label} must be an int, got {type(value).__name__}")
+    geometry = Geometry(options.slots, options.slot_size, options.max_readers)
+    codec: Codec[Any] = Codec(tp)
+    if options.mode & ~0o777 or options.mode < 0:
+        raise ValueError(f"mode must be permission bits (0o000-0o777), got {options.mode:#o}")
+    crc = _default_crc() if options.crc is None else options.crc
+    flags = FLAG_CRC if crc else 0
+    writer_lock = options.writer_lock
+    if writer_lock == "auto":
+        writer_lock = "mutex" if robust_mutex_supported() else "flock"
+    if writer_lock == "mutex":
+        if not robust_mutex_supported():
+            raise ValueError("writer_lock='mutex' needs robust mutexes, which this platform lacks")
+        flags |= FLAG_ROBUST_MUTEX
+    elif writer_lock != "flock":
+        raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
+    restore = (
+        None
+        if options.restore_from is None
+        else _load_checkpoint(options.restore_from, codec, geometry)
+    )
+    return geometry, codec, flags, restore
+
+
+def _load_checkpoint(
+    path: str | os.PathLike[str], codec: Codec[Any], geometry: Geometry
+) -> Checkpoint:
+    checkpoint = read_checkpoint(path)
+    if checkpoint.fingerprint != codec.fingerprint:
+        raise SchemaMismatchError(
+            f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
+            f"store's type {codec.type_name}"
+        )
+    if len(checkpoint.payload) > geometry.slot_size:
+        raise SnapshotTooLargeError(
+            f"checkpoint value is {len(checkpoint.payload)} bytes; the store's slot_size is "
+            f"{geometry.slot_size}"
+        )
+    try:
+        codec.decode(checkpoint.payload)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not decode as {codec.type_name}: {exc}"
+        ) from exc
+    return checkpoint
+
+
+def create(name: str, tp: Any, options: CreateOptions) -> Attached:
+    """Create store *name*: a new segment, fully initialized before its magic appears."""
+    validate_name(name)
+    geometry, codec, flags, restore = _plan(tp, options)
+    segment = Segment.create(name, geometry.total_size, options.mode)
+    return _initialize(segment, geometry, codec, flags, unlink_on_error=True, restore=restore)
+
+
+def create_private(tp: Any, options: CreateOptions) -> Attached:
+    """A store no other process can open (see ``Segment.anonymous``)."""
+    geometry, codec, flags, restore = _plan(tp, options)
+    label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
+    segment = Segment.anonymous(label, geometry.total_size)
+    return _initialize(segment, geometry, codec, flags, unlink_on_error=False, restore=restore)
+
+
+def _initialize(
+    segment: Segment,
+    geometry: Geometry,
+    codec: Codec[Any],
+    flags: int,
+    *,
+    unlink_on_error: bool,
+    restore: Checkpoint | None,
+) -> Attached:
+    try:
+        m = segment.map
+        write_header(
+            m,
+            geometry,
+            flags=flags,
+            created_ns=time.time_ns(),
+            fingerprint=codec.fingerprint,
+            type_name=codec.type_name,
+            store_name=segment.name,
+        )
+        if flags & FLAG_ROBUST_MUTEX:
+            RobustMutexLock.initialize(m, OFF_MUTEX)
+        if restore is not None:
+            ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
+            ring.restore(restore.version, restore.payload, time.time_ns())
+            ring.release()
+        write_magic(m)  # last: until now, open() treats the segment as unborn
+        info = read_header(m, segment.size)
+    except BaseException:
+        segment.close()
+        if unlink_on_error:
+            unlink_segment(segment.name)
+        raise
+    return Attached(segment, info, codec, writable=True)
+
+
+def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
+    """Open store *name* for values of *tp* (``None``: untyped, for tools)."""
+    validate_name(name)
+    segment, info = _attach(name)
+    try:
+        owner = segment.owner_uid()
+        if owner != os.geteuid() and not allow_other_owner:
+            raise StorePermissionError(
+                errno.EPERM,
+                f"store {name!r} is owned by uid {owner}, not by this process's uid "
+                f"{os.geteuid()}; pass allow_other_owner=True to open it anyway",
+            )
+        if tp is None:
+            codec: Codec[Any] = Codec(Any)
+            writable = info.fingerprint == ANY_FINGERPRINT
+        else:
+            codec = Codec(tp)
+            if codec.fingerprint != info.fingerprint:
+                raise SchemaMismatchError(
+                    f"store {name!r} holds {info.type_name}, "
+                    f"which does not match the requested type {codec.type_name}"
+                )
+            writable = True
+    except BaseException:
+        segment.close()
+        raise
+    return Attached(segment, info, codec, writable)
+
+
+def _attach(name: str, wait: float | None = None) -> tuple[Segment, HeaderInfo]:
+    """Open and validate the segment, waiting up to *wait* seconds (default
+    :data:`OPEN_WAIT`) for a concurrent create."""
+    deadline = time.monotonic() + (OPEN_WAIT if wait is None else wait)
+    while True:
+        try:
+            segment = Segment.open(name)
+        except UnsizedSegmentError:
+            if time.monotonic() > deadline:
+                raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
+            time.sleep(0.001)
+            continue
+        try:
+            if is_unborn(segment.map) and time.monotonic() < deadline:
+                segment.close()
+                time.sleep(0.001)
+                continue
+            info = read_header(segment.map, segment.size)
+            if info.store_name != name:
+                raise CorruptStoreError(
+                    f"segment for {name!r} names itself {info.store_name!r}: not this store"
+                )
+        except BaseException:
+            if not segment.map.closed:
+                segment.close()
+            raise
+        return segment, info
+
+
+def remove(name: str) -> bool:
+    """Remove every OS object of store *name* (segment and reader semaphores) for everyone.
+    ``False`` if there was no segment. Raises :class:`StorePermissionError` for a store this
+    user may not remove."""
+    validate_name(name)
+    semaphores: list[str] = []
+    try:
+        segment, info = _attach(name, wait=0.0)
+    except StateStoreError:
+        pass  # missing or damaged: still remove the name, and every semaphore we can find
+    else:
+        words = memoryview(segment.map).cast("Q")
+        try:
+            semaphores = registered_semaphore_names(
+                words, info.geometry.registry_capacity, name, info.created_ns
+            )
+        finally:
+            words.release()
+            segment.close()
+    existed = unlink_segment(name)
+    for sem in semaphores:
+        unlink_semaphore(sem)
+    _remove_listed_semaphores(name)
+    return existed
+
+
+def _remove_listed_semaphores(name: str) -> None:
+    """On Linux, semaphores are files in /dev/shm: remove every one of the store's, including
+    stale ones of dead readers that nobody could remove."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        return
+    prefix = "sem." + semaphore_prefix(name).lstrip("/")
+    try:
+        listing = os.listdir(shm)
+    except OSError:
+        return
+    for entry in listing:
+        if entry.startswith(prefix):
+            unlink_semaphore("/" + entry[len("sem.") :])
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def create_replica(
+    name: str,
+    *,
+    fingerprint: bytes,
+    type_name: str,
+    origin: str,
+    bucket: str,
+    options: CreateOptions,
+) -> Attached:
+    """Create store *name* as a replica (``shmstore.mirror``): the header records the origin's
+    schema *fingerprint* and *type_name* (typed readers are checked against them), the replica
+    flag, and the mirror block's origin and bucket, all before the magic appears. The handle
+    decodes to builtins."""
+    validate_name(name)
+    if len(fingerprint) != 16:
+        raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
+    geometry, codec, flags, _restore = _plan(Any, options)
+    codec.fingerprint = fingerprint
+    codec.type_name = type_name
+    segment = Segment.create(name, geometry.total_size, options.mode)
+    m = segment.map
+    try:
+        m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+            bucket, MIRROR_BUCKET_FIELD
+        )
+        m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+            origin, MIRROR_ORIGIN_FIELD
+        )
+        words = memoryview(m).cast("Q")
+        words[W_MIRROR_STATE] = MIRROR_ROLE_REPLICA
+        words.release()
+    except BaseException:
+        segment.close()
+        unlink_segment(segment.name)
+        raise
+    return _initialize(
+        segment, geometry, codec, flags | FLAG_REPLICA, unlink_on_error=True, restore=None
+    )
