@@ -204,3 +204,85 @@ def test_a_dead_mirroring_process_reads_as_disconnected(store_name: str) -> None
         status = origin.mirror_status
         assert status.role == "origin"
         assert not status.connected  # the bit is set, but its pid is gone
+
+
+# ---------------------------------------------------------------------------- wire and options
+
+
+def test_default_buckets_are_valid_distinct_and_fit_the_header() -> None:
+    from shmstore.mirror import default_bucket  # noqa: PLC0415
+    from shmstore.mirror._wire import validate_bucket  # noqa: PLC0415
+
+    assert default_bucket("robot") == "shmstore_robot"
+    names = ["a.b", "a_b", "a:b", "é", "x" * 64, "x" * 63 + "y"]
+    buckets = [default_bucket(n) for n in names]
+    assert len(set(buckets)) == len(names)
+    for bucket in buckets:
+        assert validate_bucket(bucket) == bucket
+        assert len(bucket) <= L.MIRROR_BUCKET_FIELD
+    for bad in ("a.b", "", "x" * 33):
+        with pytest.raises(ValueError, match="bucket name"):
+            validate_bucket(bad)
+
+
+def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
+    from shmstore.mirror._wire import Record, decode_record, encode_record  # noqa: PLC0415
+
+    record = Record(
+        shmstore="0.1.0",
+        origin="host/robot/1",
+        store="robot",
+        version=7,
+        commit_ns=123,
+        fingerprint=b"f" * 16,
+        type_name="m:T",
+        slots=8,
+        slot_size=64,
+        value=b"\x93\x01\x02\x03",
+    )
+    assert decode_record(encode_record(record)) == record
+    with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
+        decode_record(b"hello")
+
+
+def test_secrets_never_show() -> None:
+    from shmstore.mirror import ConnectOptions  # noqa: PLC0415
+    from shmstore.mirror._connect import describe_error, redact  # noqa: PLC0415
+
+    assert redact("nats://u:pw@host:4222") == "nats://***@host:4222"
+    assert redact("nats://host:4222") == "nats://host:4222"
+    options = ConnectOptions(
+        servers=("nats://u:urlsecret@host:4222",), user="u", password="pw-secret", token="tk"
+    )
+    shown = repr(options)
+    for secret in ("urlsecret", "pw-secret", "'tk'"):
+        assert secret not in shown
+    error = describe_error(
+        OSError("cannot reach nats://u:urlsecret@host:4222 with pw-secret"), options
+    )
+    assert "urlsecret" not in error
+    assert "pw-secret" not in error
+    assert error.startswith("OSError: ")
+
+
+def test_mirror_set_without_a_server_is_one_clear_line() -> None:
+    import socket  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = f"nats://u:hush@127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "shmstore", "mirror", "set", "x", "1", "--server", server],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("shmstore: cannot connect to NATS at nats://***@127.0.0.1:")
+    assert "hush" not in result.stderr

@@ -39,7 +39,7 @@ def _nats() -> Any:
     return nats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConnectOptions:
     """How to reach NATS. *servers* are URLs (``nats://host:4222``, ``tls://...``); the other
     fields are passed to the client as they are. Secrets are excluded from ``repr``."""
@@ -89,6 +89,13 @@ class ConnectOptions:
         if tls is not None:
             kwargs["tls"] = tls
         return kwargs
+
+    def __repr__(self) -> str:
+        return (
+            f"ConnectOptions(servers={self.shown()!r}, user={self.user!r}, "
+            f"password={'***' if self.password else None}, token={'***' if self.token else None}, "
+            f"creds_file={self.creds_file!r}, tls_ca_file={self.tls_ca_file!r})"
+        )
 
     def shown(self) -> str:
         """The servers, with any user information removed: safe for logs."""

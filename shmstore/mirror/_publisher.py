@@ -32,7 +32,6 @@ from typing import Any, Final
 import msgspec
 
 from .. import __version__
-from .._codec import ANY_FINGERPRINT
 from .._errors import StateStoreError, StateVersionError
 from .._store import MirrorHooks, Store
 from ._connect import ConnectOptions, connect, describe_error
@@ -98,7 +97,6 @@ class Publisher:
         self._store: Store[Any] | None = None
         self._revision: int | None = None  # the key's revision, None when unknown
         self._origin = ""
-        self._type_name = ""
         self._connected = False
         self._last_sync = 0
 
@@ -112,7 +110,6 @@ class Publisher:
         store = Store.open(self.name, self.value_type)
         self._store = store
         self._origin = f"{socket.gethostname()}/{self.name}/{store.created_ns}"
-        self._type_name = store.statistics().type_name
         MirrorHooks(store).claim(self.bucket)
         nc = None
         try:
@@ -234,7 +231,7 @@ class Publisher:
                 version=version,
                 commit_ns=commit_ns,
                 fingerprint=MirrorHooks(store).fingerprint,
-                type_name=self._type_name,
+                type_name=store.type_name,
                 slots=store.geometry.slots,
                 slot_size=store.geometry.slot_size,
                 value=value,
@@ -263,8 +260,9 @@ class Publisher:
                     owner.version,
                 )
         self.active = active
-        if self._store is not None:
-            MirrorHooks(self._store).set_status(connected=self._connected and active)
+        store = self._store
+        if store is not None and not store.closed:
+            MirrorHooks(store).set_status(connected=self._connected and active)
 
     # ------------------------------------------------------------------ remote writes
 
@@ -279,21 +277,21 @@ class Publisher:
             return SetReply(error="the publisher is stopping")
         if not self.active:
             return SetReply(error=f"this publisher is a standby for bucket {self.bucket!r}")
+        if not store.writable:
+            return SetReply(
+                error=f"the publisher of {self.name!r} was started without the store's type "
+                f"({store.type_name}): start it with --type to accept remote writes"
+            )
         try:
             request = msgspec.json.decode(data, type=SetRequest)
             value = msgspec.json.decode(request.value, type=store.value_type)
         except msgspec.DecodeError as exc:
-            return SetReply(error=f"value is not valid for {self._type_name}: {exc}")
+            return SetReply(error=f"value is not valid for {store.type_name}: {exc}")
         try:
             version = await asyncio.to_thread(self._set, store, value, request.expect)
         except StateVersionError as exc:
             return SetReply(conflict=True, actual=exc.actual)
         except StateStoreError as exc:
-            if self.value_type is None and MirrorHooks(store).fingerprint != ANY_FINGERPRINT:
-                return SetReply(
-                    error=f"the publisher of {self.name!r} was started without the store's type "
-                    f"({self._type_name}): start it with --type to accept remote writes"
-                )
             return SetReply(error=str(exc))
         return SetReply(version=version)
 
