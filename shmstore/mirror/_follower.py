@@ -96,6 +96,7 @@ class Follower:
                     log.debug("follow: %s", describe_error(exc, self.options))
                     await self._pause(RETRY_WAIT)
         finally:
+            self._stop.set()  # closing on purpose: the client's disconnect is no news
             if nc is not None:
                 with contextlib.suppress(Exception):
                     await nc.close()

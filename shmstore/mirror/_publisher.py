@@ -123,6 +123,7 @@ class Publisher:
             await nc.subscribe(set_subject(self.bucket), queue=QUEUE_GROUP, cb=self._on_request)
             await self._loop(kv, store)
         finally:
+            self._stop.set()  # closing on purpose: the client's disconnect is no news
             with contextlib.suppress(StateStoreError):
                 MirrorHooks(store).set_status(connected=False)
             if nc is not None:
@@ -141,9 +142,14 @@ class Publisher:
 
     async def _bucket(self, js: Any, store: Store[Any]) -> Any:
         """The bucket, created (history 1) if absent; retried while NATS is unavailable."""
-        from nats.js.errors import BucketNotFoundError  # noqa: PLC0415
+        from nats.js.errors import (  # noqa: PLC0415
+            APIError,
+            BucketNotFoundError,
+            ServiceUnavailableError,
+        )
 
         geometry = store.geometry
+        logged = -60.0
         while not self._stop.is_set():
             try:
                 try:
@@ -156,17 +162,23 @@ class Publisher:
                         max_value_size=geometry.slot_size + RECORD_OVERHEAD,
                         description=f"shmstore mirror of {self.name}",
                     )
-            except Exception as exc:
-                if "BadRequest" in exc.__class__.__name__ or "InvalidBucket" in repr(exc):
-                    raise MirrorError(
-                        f"cannot use bucket {self.bucket!r}: {describe_error(exc, self.options)}"
-                    ) from None
+            except ServiceUnavailableError as exc:  # no JetStream yet, or electing a leader
+                error: Exception = exc
+            except APIError as exc:  # the server refuses the bucket: retrying cannot help
+                raise MirrorError(
+                    f"cannot use bucket {self.bucket!r}: {describe_error(exc, self.options)}"
+                ) from None
+            except Exception as exc:  # timeouts, reconnections
+                error = exc
+            now = time.monotonic()
+            if now - logged >= 30:
+                logged = now
                 log.warning(
                     "bucket %r not available yet: %s",
                     self.bucket,
-                    describe_error(exc, self.options),
+                    describe_error(error, self.options),
                 )
-                await self._pause(RETRY_WAIT * 4)
+            await self._pause(RETRY_WAIT * 4)
         return None
 
     async def _pause(self, seconds: float) -> None:
@@ -198,7 +210,7 @@ class Publisher:
                     behind=store.version - self.published,
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.to_thread(store.wait, self.published, LOCAL_WAIT, spin=False)
+                await store.wait_async(self.published, LOCAL_WAIT)
 
     async def _publish_newest(self, kv: Any, store: Store[Any]) -> None:
         """Put the store's newest version unless the bucket already has it (or a newer one, or
