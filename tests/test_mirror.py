@@ -30,6 +30,7 @@ from mirror_helpers import (
 
 import shmstore
 from shmstore import (
+    AsyncStore,
     SchemaMismatchError,
     StateStoreError,
     StateVersionError,
@@ -196,6 +197,16 @@ def test_a_late_follower_gets_the_current_value_at_once(names: tuple[str, str]) 
                 assert lag.value.missed == 19  # versions 1..19 were never here: the exact lag
                 assert sub.poll() == (20, Reading.make(20))
 
+            async def asyncio_reader() -> tuple[int, Reading | None, str]:
+                async with AsyncStore.open(replica_name, Reading) as st:
+                    waiting = asyncio.ensure_future(st.wait(20, timeout=HANG))
+                    await asyncio.sleep(0)
+                    origin.set(Reading.make(21))
+                    version = await waiting
+                    return version, st.get(), st.mirror_status.role
+
+            assert asyncio.run(asyncio_reader()) == (21, Reading.make(21), "replica")
+
 
 # ---------------------------------------------------------------------------- remote writes
 
@@ -211,6 +222,7 @@ def test_remote_compare_and_set(names: tuple[str, str]) -> None:
         start("publish", origin_name, "--server", server.url, "--type", TYPE)
         start("follow", origin_name, "--server", server.url, "--as", replica_name)
         replica = open_replica(replica_name)
+        wait_until(lambda: origin.mirror_status.connected, "the publisher answering")
         with replica:
             value = json.dumps({"seq": 2, "origin": "a", "payload": "a-2-xx"})
             ok = cli("mirror", "set", origin_name, value, "--server", server.url, "--expect", "1")
@@ -399,6 +411,15 @@ def test_two_publishers_for_one_bucket_never_interleave(
                 wait_until(lambda: a.mirror_status.last_sync_ns > 0, "a synced")
                 assert bucket_record([server.url], bucket).origin.split("/")[1] == origin_name
                 assert replica.get_with_version() == (Reading.make(100, "a"), 100)
+                # Remote writes reach the active publisher only, never the standby.
+                wait_until(lambda: a.mirror_status.connected, "a answering")
+                options = ConnectOptions(servers=(server.url,))
+                with RemoteStore(origin_name, options=options, bucket=bucket) as remote:
+                    for seq in range(101, 111):
+                        assert remote.set(Reading.make(seq, "a"), expected_version=seq - 1) == seq
+                assert a.version == 110
+                assert b.version == 120
+                wait_version(replica, 110)
                 seen = recorder.close()
                 assert_monotonic_and_true(seen, "a")
     finally:

@@ -98,7 +98,7 @@ class Publisher:
         self._revision: int | None = None  # the key's revision, None when unknown
         self._origin = ""
         self._connected = False
-        self._last_sync = 0
+        self._serving = False
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -120,8 +120,7 @@ class Publisher:
             kv = await self._bucket(js, store)
             if kv is None:
                 return
-            await nc.subscribe(set_subject(self.bucket), queue=QUEUE_GROUP, cb=self._on_request)
-            await self._loop(kv, store)
+            await self._loop(nc, kv, store)
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
             with contextlib.suppress(StateStoreError):
@@ -136,7 +135,7 @@ class Publisher:
         self._connected = up
         store = self._store
         if store is not None and not store.closed:
-            MirrorHooks(store).set_status(connected=up and self.active)
+            MirrorHooks(store).set_status(connected=self._live())
         if not up:
             self._revision = None  # a put may have landed or not: ask the bucket again
 
@@ -185,13 +184,25 @@ class Publisher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _loop(self, kv: Any, store: Store[Any]) -> None:
+    async def _loop(self, nc: Any, kv: Any, store: Store[Any]) -> None:
         last_heartbeat = 0.0
+        requests = None  # the remote-write subscription: held only while active
+        self._serving = False
         while not self._stop.is_set():
             head = store.version
             if head > self.published or not self.active:
                 try:
                     await self._publish_newest(kv, store)
+                    if self.active and requests is None:
+                        requests = await nc.subscribe(
+                            set_subject(self.bucket), queue=QUEUE_GROUP, cb=self._on_request
+                        )
+                        await nc.flush()  # the server has the subscription: we can answer
+                    elif not self.active and requests is not None:
+                        await requests.unsubscribe()
+                        requests = None
+                    self._serving = requests is not None
+                    MirrorHooks(store).set_status(connected=self._live())
                 except Exception as exc:  # NATS down, leader election, timeouts: retry
                     self._revision = None
                     MirrorHooks(store).set_status(connected=False, behind=head - self.published)
@@ -205,7 +216,7 @@ class Publisher:
             if now - last_heartbeat >= HEARTBEAT and self._connected:
                 last_heartbeat = now
                 MirrorHooks(store).set_status(
-                    connected=True,
+                    connected=self._live(),
                     last_sync_ns=time.time_ns(),
                     behind=store.version - self.published,
                 )
@@ -255,9 +266,14 @@ class Publisher:
                 continue
             self.published = version
             MirrorHooks(store).set_status(
-                connected=True, last_sync_ns=time.time_ns(), behind=store.version - version
+                connected=self._live(), last_sync_ns=time.time_ns(), behind=store.version - version
             )
             return
+
+    def _live(self) -> bool:
+        """What the header's "connected" bit says: connected, active, and answering remote
+        writes (so that a client that sees it can write at once)."""
+        return self._connected and self.active and self._serving
 
     def _set_active(self, active: bool, owner: Record | None) -> None:
         if active != self.active:
@@ -274,7 +290,7 @@ class Publisher:
         self.active = active
         store = self._store
         if store is not None and not store.closed:
-            MirrorHooks(store).set_status(connected=self._connected and active)
+            MirrorHooks(store).set_status(connected=self._live())
 
     # ------------------------------------------------------------------ remote writes
 
