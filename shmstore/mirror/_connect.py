@@ -21,12 +21,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import MirrorError
 
-__all__ = ["ConnectOptions", "connect", "describe_error", "redact"]
+__all__ = ["ConnectOptions", "connect", "describe_error", "redact", "require_nats"]
 
 log = logging.getLogger("shmstore.mirror")
 
 RECONNECT_WAIT: Final = 0.5  # between reconnect attempts; NATS itself is fast to come back
 PING_INTERVAL: Final = 2  # a dead server is noticed within about three pings
+
+
+def require_nats() -> Any:
+    """The ``nats`` package; :class:`MirrorError` saying how to install it if it is missing."""
+    return _nats()
 
 
 def _nats() -> Any:

@@ -203,6 +203,8 @@ class Publisher:
                         requests = None
                     self._serving = requests is not None
                     MirrorHooks(store).set_status(connected=self._live())
+                except MirrorError:
+                    raise
                 except Exception as exc:  # NATS down, leader election, timeouts: retry
                     self._revision = None
                     MirrorHooks(store).set_status(connected=False, behind=head - self.published)
@@ -237,7 +239,13 @@ class Publisher:
                     self._set_active(True, None)
                 else:
                     self._revision = entry.revision
-                    current = decode_record(entry.value)
+                    try:
+                        current = decode_record(entry.value)
+                    except StateStoreError as exc:
+                        raise MirrorError(
+                            f"bucket {self.bucket!r} holds something else ({exc}); "
+                            "mirror into another --bucket"
+                        ) from None
                     if current.origin != self._origin:
                         self._set_active(False, current)
                         self._revision = None

@@ -23,7 +23,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from .._errors import StateVersionError
-from ._connect import ConnectOptions, connect, describe_error
+from ._connect import ConnectOptions, connect, describe_error, require_nats
 from ._errors import MirrorError, NoPublisherError
 from ._wire import SetReply, default_bucket, set_subject, validate_bucket
 
@@ -75,7 +75,7 @@ class AsyncRemoteStore:
 
     async def set(self, value: Any, expected_version: int | None = None) -> int:
         """Commit *value* on the origin (only at *expected_version*, if given); the new version."""
-        import nats.errors  # noqa: PLC0415
+        nats = require_nats()
 
         try:
             payload = b'{"value":%s,"expect":%s}' % (
