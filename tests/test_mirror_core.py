@@ -108,6 +108,11 @@ def test_every_process_refuses_local_writes_to_a_replica(store_name: str) -> Non
             typed.set(Point(3, 4))
         assert "shmstore mirror set robot" in str(err.value)
         assert "shmstore_robot" in str(err.value)
+        with pytest.raises(StateStoreError, match="replica of store 'robot'"):
+            typed.try_set(Point(3, 4), 0)
+        with pytest.raises(StateStoreError, match="replica of store 'robot'"):
+            typed.update(lambda _old: Point(3, 4))
+        assert not typed.writable
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         child = ctx.Process(target=_try_set, args=(store_name, queue))

@@ -96,7 +96,11 @@ def cmd_follow(args: argparse.Namespace) -> int:
     from ._follower import Follower  # noqa: PLC0415
 
     follower = Follower(
-        args.name, options=_options(args), bucket=args.bucket, local_name=args.local
+        args.name,
+        options=_options(args),
+        bucket=args.bucket,
+        local_name=args.local,
+        max_readers=args.max_readers,
     )
     return _run_until_signalled(follower)
 
@@ -137,6 +141,13 @@ def _replicas(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 5:
         raise argparse.ArgumentTypeError(f"must be between 1 and 5, got {value}")
+    return value
+
+
+def _readers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 4096, got {value}")
     return value
 
 
@@ -196,6 +207,12 @@ def add_mirror_parser(subparsers: Any) -> None:
     p.add_argument("name")
     _connection_arguments(p)
     p.add_argument("--as", dest="local", metavar="LOCAL", help="local replica name (NAME)")
+    p.add_argument(
+        "--max-readers",
+        type=_readers,
+        default=64,
+        help="processes that may wait on the replica at once, when it is created (64)",
+    )
 
     text = "commit a JSON value on the origin store NAME through its publisher"
     p = verbs.add_parser("set", help=text, description=text)
