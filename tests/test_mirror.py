@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from mirror_helpers import (
     Reading,
     bucket_record,
     cli,
+    make_tls_files,
     mirror_processes,
     nats_servers,
     wait_until,
@@ -298,6 +300,30 @@ def test_credentials_pass_through_and_never_show(names: tuple[str, str]) -> None
         assert secret not in wrong.stderr + wrong.stdout
         assert "Traceback" not in wrong.stderr
         assert len(wrong.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+def test_tls_options_pass_through(names: tuple[str, str], tmp_path: Path) -> None:
+    origin_name, _replica_name = names
+    ca, cert, key = make_tls_files(tmp_path)
+    with (
+        nats_servers(tls=(cert, key)) as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name) as origin,
+    ):
+        assert server.url.startswith("tls://")
+        start("publish", origin_name, "--server", server.url, "--tls-ca", str(ca))
+        wait_until(lambda: origin.mirror_status.connected, "the publisher over TLS")
+        good = cli("mirror", "set", origin_name, "[1]", "--server", server.url, "--tls-ca", str(ca))
+        assert good.returncode == 0, good.stderr
+        assert good.stderr == ""
+        assert origin.get() == [1]
+        # Without the CA the server's certificate cannot be verified: one clear line.
+        bad = cli("mirror", "set", origin_name, "[2]", "--server", server.url, "--timeout", "2")
+        assert bad.returncode == 1
+        assert bad.stderr.startswith("shmstore: cannot connect to NATS")
+        assert len(bad.stderr.strip().splitlines()) == 1
+        assert origin.get() == [1]
 
 
 # ---------------------------------------------------------------------------- faults

@@ -34,6 +34,8 @@ EXIT_CONFLICT = 3
 
 
 def _options(args: argparse.Namespace) -> ConnectOptions:
+    # asyncio's own chatter about TLS connections closing is no news to an operator.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     servers = [s.strip() for spec in args.server for s in spec.split(",") if s.strip()]
     return ConnectOptions(
         servers=tuple(servers),

@@ -167,34 +167,61 @@ async def connect(
             last_logged[text] = now
             log.warning("NATS: %s", text)
 
-    attempts = -1 if stop is not None else 2
-    connecting = asyncio.ensure_future(
-        nats.connect(
-            **kwargs,
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            error_cb=error,
-            allow_reconnect=True,
-            max_reconnect_attempts=attempts,
-            reconnect_time_wait=RECONNECT_WAIT,
-            ping_interval=PING_INTERVAL,
-            max_outstanding_pings=3,
+    # Each attempt is bounded: nats-py (2.16) connect() never returns after a failed TLS handshake
+    # (an untrusted certificate), so a bounded attempt is the only way to report or retry it.
+    budget = 3 * options.connect_timeout + 2
+    last_error: list[BaseException] = []
+
+    hopeless = asyncio.Event()  # a one-shot caller need not wait out a bad certificate
+
+    async def error_and_remember(exc: Exception) -> None:
+        last_error[:] = [exc]
+        if isinstance(exc, ssl.SSLError) or "Authorization" in exc.__class__.__name__:
+            hopeless.set()
+        await error(exc)
+
+    while True:
+        nc = nats.NATS()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                **kwargs,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error_and_remember,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1 if stop is not None else 2,
+                reconnect_time_wait=RECONNECT_WAIT,
+                ping_interval=PING_INTERVAL,
+                max_outstanding_pings=3,
+            )
         )
-    )
-    if stop is not None:
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        waiting = {connecting}
+        if stop is None:
+            stopping = asyncio.ensure_future(hopeless.wait())
+        else:
+            stopping = asyncio.ensure_future(stop.wait())
+        waiting.add(stopping)
+        await asyncio.wait(waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        if connecting.done() and connecting.exception() is None:
+            break
         if not connecting.done():
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connecting
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), options.connect_timeout)
+        if stop is not None and not stop.is_set():
+            # The long-running caller waits for NATS as long as it takes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RECONNECT_WAIT)
+            continue
+        if stop is not None:
             return None
-    try:
-        nc = await connecting
-    except Exception as exc:  # the client raises many unrelated classes for one failure
+        failure = connecting.exception() if not connecting.cancelled() else None
+        cause = last_error[0] if last_error else (failure or TimeoutError("no answer"))
         raise MirrorError(
-            f"cannot connect to NATS at {options.shown()}: {describe_error(exc, options)}"
+            f"cannot connect to NATS at {options.shown()}: {describe_error(cause, options)}"
         ) from None
     notify(True)
     return nc
