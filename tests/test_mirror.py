@@ -400,6 +400,44 @@ def test_publisher_and_follower_restarts_never_regress(names: tuple[str, str]) -
             assert_monotonic_and_true(recorder.close())
 
 
+def test_a_recreated_origin_carries_on_and_never_regresses(
+    names: tuple[str, str], tmp_path: Path
+) -> None:
+    origin_name, replica_name = names
+    saved = tmp_path / "origin.ckpt"
+    with nats_servers() as (server,), mirror_processes() as start:
+        with Store.create(origin_name, Reading) as origin:
+            for seq in range(1, 11):
+                origin.set(Reading.make(seq))
+            publisher = start("publish", origin_name, "--server", server.url)
+            start("follow", origin_name, "--server", server.url, "--as", replica_name)
+            replica = open_replica(replica_name)
+            wait_version(replica, 10)
+            origin.checkpoint(saved)
+            publisher.signal(signal.SIGKILL)
+        # The host "reboots": the store comes back from its checkpoint, same name, same host.
+        shmstore.remove(origin_name)
+        with replica, Store.create(origin_name, Reading, restore_from=saved) as origin:
+            origin.set(Reading.make(11))
+            publisher = start("publish", origin_name, "--server", server.url)
+            wait_version(replica, 11)
+            assert replica.get() == Reading.make(11)
+            publisher.signal(signal.SIGKILL)
+            origin.close()
+            # Re-created from nothing: below the bucket, so nothing is put until it passes 11.
+            shmstore.remove(origin_name)
+            with Store.create(origin_name, Reading) as fresh:
+                for seq in range(1, 4):
+                    fresh.set(Reading.make(seq))
+                publisher = start("publish", origin_name, "--server", server.url)
+                wait_until(lambda: "behind bucket" in publisher.log(), "the publisher's warning")
+                assert replica.get_with_version() == (Reading.make(11), 11)
+                for seq in range(4, 13):
+                    fresh.set(Reading.make(seq))
+                wait_version(replica, 12)
+                assert replica.get_with_version() == (Reading.make(12), 12)
+
+
 def test_two_publishers_for_one_bucket_never_interleave(
     names: tuple[str, str], store_name: str
 ) -> None:

@@ -7,13 +7,18 @@ Every put is a compare-and-set on the key's revision (``update(key, value, last=
 and a put happens only if the bucket's newest record is older than the version being put. So the
 bucket's versions only grow, whatever restarts, and a version is put at most once.
 
-A bucket belongs to one origin, the store *instance* whose record is in it: ``host/name/
-created_ns``. A publisher that finds another origin's record in the bucket is a **standby**: it
-puts nothing and answers no remote writes; it checks again every ``STANDBY_CHECK`` seconds and
-becomes active only when the key is gone (an operator deleted it, to move the origin). Two
-publishers of the *same* store (a restart overlapping the old process, or a duplicate by mistake)
-are both active: the compare-and-set lets only one of them put each version, and they share the
-remote writes (a NATS queue group), which the store's own compare-and-set keeps correct.
+A bucket belongs to one origin, the store whose record is in it, named ``host/store-name``. A
+publisher that finds another origin's record in the bucket is a **standby**: it puts nothing and
+answers no remote writes; it checks again every ``STANDBY_CHECK`` seconds and becomes active only
+when the key is gone (an operator deleted it, to move the origin). Two publishers of the *same*
+origin (a restart overlapping the old process, or a duplicate by mistake) are both active: the
+compare-and-set lets only one of them put each version, and they share the remote writes (a
+NATS queue group), which the store's own compare-and-set keeps correct.
+
+The identity is the host and the name, not the store's creation time, so that a store
+re-created on the same host -- after a reboot, from a checkpoint -- carries on with the same
+bucket. If it restarts *below* the bucket's version, nothing is put until it passes that
+version (the bucket never goes back); a warning says so.
 
 While NATS is away the local store is untouched: commits go on, the header's mirror block says
 "disconnected" and how many versions are not yet in the bucket, and on reconnection the newest
@@ -99,6 +104,7 @@ class Publisher:
         self._origin = ""
         self._connected = False
         self._serving = False
+        self._warned_behind = False
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -109,7 +115,7 @@ class Publisher:
     async def run(self) -> None:
         store = Store.open(self.name, self.value_type)
         self._store = store
-        self._origin = f"{socket.gethostname()}/{self.name}/{store.created_ns}"
+        self._origin = f"{socket.gethostname()}/{self.name}"
         MirrorHooks(store).claim(self.bucket)
         nc = None
         try:
@@ -252,6 +258,16 @@ class Publisher:
                         return
                     self._set_active(True, None)
                     self.published = max(self.published, current.version)
+                    if store.version < current.version and not self._warned_behind:
+                        self._warned_behind = True
+                        log.warning(
+                            "store %r is at version %d, behind bucket %r at %d: nothing is put "
+                            "until it passes that version (delete the key to start over)",
+                            self.name,
+                            store.version,
+                            self.bucket,
+                            current.version,
+                        )
             value, version, commit_ns = MirrorHooks(store).get_encoded()
             if version <= self.published:
                 return  # already in the bucket: never put a version twice, never go back

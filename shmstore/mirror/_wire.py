@@ -44,7 +44,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
     format: int = RECORD_FORMAT
     shmstore: str  # the publisher's shmstore version
-    origin: str  # the origin's identity: host/name/created_ns (see Publisher)
+    origin: str  # the origin's identity: host/store-name (see _publisher)
     store: str  # the origin store's name
     version: int
     commit_ns: int  # the origin's commit time
