@@ -291,3 +291,23 @@ def test_mirror_set_without_a_server_is_one_clear_line() -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("shmstore: cannot connect to NATS at nats://***@127.0.0.1:")
     assert "hush" not in result.stderr
+
+
+def test_a_replica_cannot_be_published(store_name: str) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with _replica(store_name):
+        command = ["mirror", "publish", store_name, "--server", "nats://127.0.0.1:9"]
+        result = subprocess.run(
+            [sys.executable, "-m", "shmstore", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"shmstore: store {store_name!r} is a replica of 'robot': publish the origin on its own "
+        "host instead"
+    )

@@ -114,6 +114,13 @@ class Publisher:
 
     async def run(self) -> None:
         store = Store.open(self.name, self.value_type)
+        status = store.mirror_status
+        if status.role == "replica":
+            store.close()
+            raise MirrorError(
+                f"store {self.name!r} is a replica of {status.origin!r}: publish the origin on "
+                "its own host instead"
+            )
         self._store = store
         self._origin = f"{socket.gethostname()}/{self.name}"
         MirrorHooks(store).claim(self.bucket)
