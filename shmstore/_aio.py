@@ -47,6 +47,8 @@ SYNC_PROPERTIES: Final = (
     "type_name",
     "writable",
     "geometry",
+    "capacity",
+    "max_value_size",
     "commits",
     "conflicts",
     "last_update_ns",
@@ -90,6 +92,10 @@ class AsyncStore(Generic[T]):
         def writable(self) -> bool: ...
         @property
         def geometry(self) -> Geometry: ...
+        @property
+        def capacity(self) -> int: ...
+        @property
+        def max_value_size(self) -> int: ...
         @property
         def commits(self) -> int: ...
         @property

@@ -160,6 +160,8 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
+        if self._closing:
+            raise StateStoreError(f"store {self._name!r} was closed while waiting")
         if self.waiter is None:
             self.waiter = self._registry.register(deadline)
         while True:

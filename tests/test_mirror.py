@@ -515,6 +515,34 @@ def test_cluster_loses_the_publishers_node(names: tuple[str, str]) -> None:
             assert_monotonic_and_true(recorder.close())
 
 
+def test_growing_values_and_values_nats_cannot_carry(names: tuple[str, str]) -> None:
+    origin_name, replica_name = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, slot_size=256) as origin,
+    ):
+        origin.set("small")
+        publisher = start("publish", origin_name, "--server", server.url)
+        start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name, None) as replica:
+            grown = "g" * 20_000  # the origin's ring grows; the replica's follows
+            origin.set(grown)
+            wait_version(replica, 2)
+            assert replica.get() == grown
+            assert replica.statistics().growths >= 1
+            # Over NATS's max_payload (1 MiB by default): skipped and said, never a hang.
+            origin.set("h" * (1 << 20))
+            wait_until(lambda: "max_payload" in publisher.log(), "the publisher's error")
+            assert replica.version == 2
+            origin.set("after")
+            wait_version(replica, 4)
+            with pytest.raises(SubscriberLaggedError) as lag, replica.subscribe(2) as sub:
+                sub.poll()
+            assert lag.value.missed == 1  # exactly the version that could not travel
+            assert replica.get() == "after"
+
+
 # ---------------------------------------------------------------------------- typed stores
 
 

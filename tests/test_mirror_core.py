@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from shmstore import (
+    InvalidSnapshotError,
     SchemaMismatchError,
     SnapshotTooLargeError,
     StateStoreError,
@@ -29,7 +30,9 @@ class Point(msgspec.Struct):
     y: int
 
 
-def _replica(name: str, tp: Any = Point, slots: int = 4) -> Store[Any]:
+def _replica(
+    name: str, tp: Any = Point, slots: int = 4, max_value_size: int | None = 1024
+) -> Store[Any]:
     return MirrorHooks.create_replica(
         name,
         fingerprint=fingerprint_of(tp),
@@ -38,6 +41,7 @@ def _replica(name: str, tp: Any = Point, slots: int = 4) -> Store[Any]:
         bucket="shmstore_robot",
         slots=slots,
         slot_size=256,
+        max_value_size=max_value_size,
     )
 
 
@@ -131,8 +135,29 @@ def test_commit_replicated_never_goes_back(store_name: str) -> None:
                 MirrorHooks(rep).commit_replicated(_encode(Point(9, 9)), stale, 1)
         assert rep.get() == {"x": 1, "y": 1}
         with pytest.raises(SnapshotTooLargeError):
-            MirrorHooks(rep).commit_replicated(b"\x00" * 300, 6, 1)
+            MirrorHooks(rep).commit_replicated(b"\x00" * 1025, 6, 1)
+        with pytest.raises(InvalidSnapshotError):
+            MirrorHooks(rep).commit_replicated(b"\xc1", 6, 1)  # not MessagePack
         assert rep.version == 5
+
+
+class Blob(msgspec.Struct):
+    data: bytes
+
+
+def test_a_replica_grows_with_the_origins_values(store_name: str) -> None:
+    """The origin's values may grow past the first slot size: the replica's slots follow, and
+    readers in other handles follow the move."""
+    with (
+        _replica(store_name, Blob, max_value_size=1 << 16) as rep,
+        Store.open(store_name, Blob) as reader,
+    ):
+        MirrorHooks(rep).commit_replicated(_encode(Blob(b"a" * 10)), 1, 1)
+        assert reader.get() == Blob(b"a" * 10)
+        big = Blob(b"b" * 5000)
+        MirrorHooks(rep).commit_replicated(_encode(big), 9, 2)
+        assert reader.get_with_version() == (big, 9)
+        assert rep.statistics().growths >= 1
 
 
 def test_an_ordinary_store_is_not_a_replica(store_name: str) -> None:

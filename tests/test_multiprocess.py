@@ -163,23 +163,27 @@ def test_writer_killed_at_random_moments_loses_nothing(store_name: str, writer_l
 
 
 @pytest.mark.parametrize(
-    "marker",
+    ("function", "marker"),
     [
-        "q = self._q",  # lock held, nothing written
-        "start = base + SLOT_HEADER_SIZE",  # slot odd, payload not yet written
-        "self._i[word + SLOT_LEN_I]",  # payload half done: length not yet written
-        "q[_HEAD] = version",  # slot complete and even, HEAD not yet published
-        "return version",  # published, not yet returned
+        ("commit", "self.write_slot(version, payload, ts_ns)"),  # lock held, nothing written
+        ("write_slot", "start = base + SLOT_HEADER_SIZE"),  # slot odd, payload not yet written
+        ("write_slot", "self._i[word + SLOT_LEN_I]"),  # payload done, length not yet written
+        ("commit", "self._q[_HEAD] = version"),  # slot complete and even, HEAD not yet published
+        ("commit", "return version"),  # published, not yet returned
     ],
 )
 def test_writer_killed_at_dangerous_points_loses_nothing(
-    store_name: str, marker: str, writer_lock: str, caplog: pytest.LogCaptureFixture
+    store_name: str,
+    function: str,
+    marker: str,
+    writer_lock: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with Store.create(store_name, Rec, slots=2, slot_size=4096, writer_lock=writer_lock) as st:
         st.set(make_rec(1))
         st.set(make_rec(2))
         reached = ctx.Event()
-        p = ctx.Process(target=writer_stopped_at, args=(store_name, marker, reached))
+        p = ctx.Process(target=writer_stopped_at, args=(store_name, function, marker, reached))
         p.start()
         assert reached.wait(JOIN)
         assert st._lock.held_elsewhere()  # it really is frozen inside the critical section

@@ -163,11 +163,11 @@ def freeze_at(function: Any, marker: str, reached: Event) -> None:
     sys.settrace(tracer)
 
 
-def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
-    """Commit once, but freeze inside Ring.commit at *marker*."""
+def writer_stopped_at(name: str, function: str, marker: str, reached: Event) -> None:
+    """Commit once, but freeze inside ``Ring.<function>`` at *marker*."""
     st = Store.open(name, Rec)
     version = st.version
-    freeze_at(Ring.commit, marker, reached)
+    freeze_at(getattr(Ring, function), marker, reached)
     st.set(make_rec(version + 1))
 
 

@@ -216,6 +216,7 @@ class Follower:
                 slot_size=record.slot_size,
                 max_readers=self.max_readers,
                 mode=self.mode,
+                max_value_size=record.max_value_size or None,
             )
         except StoreExistsError:  # another follower of the same replica created it first
             existing = self._open_existing()

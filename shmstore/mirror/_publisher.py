@@ -62,7 +62,7 @@ LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is 
 RETRY_WAIT: Final = 0.25
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
-RECORD_OVERHEAD: Final = 4096
+HEADROOM: Final = 512  # the compare-and-set header and the subject travel with the record
 
 
 class Publisher:
@@ -105,6 +105,8 @@ class Publisher:
         self._connected = False
         self._serving = False
         self._warned_behind = False
+        self._too_large_version = 0
+        self._nc: Any = None
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -129,6 +131,7 @@ class Publisher:
             nc = await connect(self.options, on_connected=self._on_connected, stop=self._stop)
             if nc is None:
                 return
+            self._nc = nc
             js = nc.jetstream(timeout=5.0)
             kv = await self._bucket(js, store)
             if kv is None:
@@ -160,7 +163,6 @@ class Publisher:
             ServiceUnavailableError,
         )
 
-        geometry = store.geometry
         logged = -60.0
         while not self._stop.is_set():
             try:
@@ -171,7 +173,6 @@ class Publisher:
                         bucket=self.bucket,
                         history=1,
                         replicas=self.replicas,
-                        max_value_size=geometry.slot_size + RECORD_OVERHEAD,
                         description=f"shmstore mirror of {self.name}",
                     )
             except ServiceUnavailableError as exc:  # no JetStream yet, or electing a leader
@@ -203,7 +204,7 @@ class Publisher:
         self._serving = False
         while not self._stop.is_set():
             head = store.version
-            if head > self.published or not self.active:
+            if head > self._done() or not self.active:
                 try:
                     await self._publish_newest(kv, store)
                     if self.active and requests is None:
@@ -236,7 +237,7 @@ class Publisher:
                     behind=store.version - self.published,
                 )
             with contextlib.suppress(TimeoutError):
-                await store.wait_async(self.published, LOCAL_WAIT)
+                await store.wait_async(self._done(), LOCAL_WAIT)
 
     async def _publish_newest(self, kv: Any, store: Store[Any]) -> None:
         """Put the store's newest version unless the bucket already has it (or a newer one, or
@@ -289,9 +290,15 @@ class Publisher:
                 slots=store.geometry.slots,
                 slot_size=store.geometry.slot_size,
                 value=value,
+                max_value_size=store.max_value_size,
             )
+            data = encode_record(record)
+            limit = self._max_payload()
+            if limit and len(data) + HEADROOM > limit:
+                self._too_large(version, len(data), limit)
+                return
             try:
-                self._revision = await kv.update(KEY, encode_record(record), last=self._revision)
+                self._revision = await kv.update(KEY, data, last=self._revision)
             except KeyWrongLastSequenceError:
                 self._revision = None  # someone else put: look at what is there now
                 continue
@@ -300,6 +307,33 @@ class Publisher:
                 connected=self._live(), last_sync_ns=time.time_ns(), behind=store.version - version
             )
             return
+
+    def _done(self) -> int:
+        """The newest version dealt with: put, or found too large to put."""
+        return max(self.published, self._too_large_version)
+
+    def _max_payload(self) -> int:
+        """The server's largest message (``max_payload``, 1 MiB by default); 0 if unknown."""
+        nc = self._nc
+        return int(getattr(nc, "max_payload", 0) or 0) if nc is not None else 0
+
+    def _too_large(self, version: int, size: int, limit: int) -> None:
+        """A version NATS cannot carry: skipped (the next smaller one goes out), said once."""
+        if version != self._too_large_version:
+            self._too_large_version = version
+            log.error(
+                "version %d of %r is %d bytes as a record, more than the NATS server's "
+                "max_payload (%d): not mirrored; raise max_payload in the server configuration",
+                version,
+                self.name,
+                size,
+                limit,
+            )
+        store = self._store
+        if store is not None and not store.closed:
+            MirrorHooks(store).set_status(
+                connected=self._live(), behind=store.version - self.published
+            )
 
     def _live(self) -> bool:
         """What the header's "connected" bit says: connected, active, and answering remote

@@ -53,6 +53,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     slots: int  # the origin's geometry, for a replica created from this record
     slot_size: int
     value: bytes  # the value exactly as encoded in the origin's ring
+    max_value_size: int = 0  # how far the origin's values may grow (0: not said)
 
 
 class SetRequest(msgspec.Struct, frozen=True, kw_only=True):
