@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
+from ._projection import Projection
 from ._stats import MirrorStatus, StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["SYNC_METHODS", "SYNC_PROPERTIES", "AsyncStore", "AsyncSubscription"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 # Store members that AsyncStore offers unchanged (they never block).
 SYNC_METHODS: Final = (
@@ -38,6 +40,8 @@ SYNC_METHODS: Final = (
     "statistics",
     "checkpoint",
     "reclaim_dead_readers",
+    "projection",
+    "keep_writer_lock",
     "unlink",
 )
 SYNC_PROPERTIES: Final = (
@@ -55,6 +59,7 @@ SYNC_PROPERTIES: Final = (
     "created_ns",
     "closed",
     "app_counters",
+    "keeps_writer_lock",
     "mirror_status",
 )
 
@@ -78,6 +83,8 @@ class AsyncStore(Generic[T]):
         statistics: Callable[[], StoreStatistics]
         checkpoint: Callable[[str | os.PathLike[str]], int]
         reclaim_dead_readers: Callable[[], int]
+        projection: Callable[[type[P]], Projection[P]]
+        keep_writer_lock: Callable[[], Store[T]]
         unlink: Callable[[], None]
 
         @property
@@ -108,6 +115,8 @@ class AsyncStore(Generic[T]):
         def closed(self) -> bool: ...
         @property
         def app_counters(self) -> AppCounters: ...
+        @property
+        def keeps_writer_lock(self) -> bool: ...
         @property
         def mirror_status(self) -> MirrorStatus: ...
 

@@ -104,6 +104,27 @@ def _create(
         return Segment.create(name, size, mode, os_name=os_name)
 
 
+def _ring_over(
+    root: mmap.mmap,
+    geometry: Geometry,
+    segment: Segment,
+    generation: int,
+    capacity: int,
+    *,
+    crc: bool,
+    reuse_buffer: bool,
+) -> Ring:
+    """The ring of generation *generation*: HEAD and counters in *root*, slots in *segment*."""
+    return Ring(
+        root,
+        geometry,
+        crc=crc,
+        reuse_buffer=reuse_buffer,
+        generation=generation,
+        slots=(segment.map, GEN_HEADER_SIZE, capacity),
+    )
+
+
 def grow(
     root: mmap.mmap,
     geometry: Geometry,
@@ -124,13 +145,8 @@ def grow(
     ring = None
     try:
         write_generation_header(segment.map, generation, geometry.slots, capacity)
-        ring = Ring(
-            root,
-            geometry,
-            crc=crc,
-            reuse_buffer=reuse_buffer,
-            generation=generation,
-            slots=(segment.map, GEN_HEADER_SIZE, capacity),
+        ring = _ring_over(
+            root, geometry, segment, generation, capacity, crc=crc, reuse_buffer=reuse_buffer
         )
         head = old.head()
         for version in range(max(1, head - geometry.slots + 1), head + 1):
@@ -165,13 +181,8 @@ def open_generation(
     segment = Segment.open(name, os_name=generation_segment_name(name, generation))
     try:
         capacity = read_generation_header(segment.map, segment.size, generation, geometry.slots)
-        ring = Ring(
-            root,
-            geometry,
-            crc=crc,
-            reuse_buffer=reuse_buffer,
-            generation=generation,
-            slots=(segment.map, GEN_HEADER_SIZE, capacity),
+        ring = _ring_over(
+            root, geometry, segment, generation, capacity, crc=crc, reuse_buffer=reuse_buffer
         )
     except BaseException:
         segment.close()

@@ -31,7 +31,9 @@ Header::
      32     8  total segment size (u64)
      40     8  created, ns since the epoch (u64)
      48    16  schema fingerprint (blake2b-128 of the type's JSON schema)
-     64     8  HEAD = version of the newest committed value, 0 while empty (u64, own cache line)
+     64     8  HEAD = version of the newest committed value, 0 while empty (u64)
+     72     8  pid of the exclusive writer that keeps the writer lock, 0 if none (u64; written
+               only when such a writer comes and goes, so HEAD's cache line stays quiet)
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
     144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
@@ -86,6 +88,7 @@ __all__ = [
     "MAGIC",
     "W_BASE_VERSION",
     "W_CONFLICTS",
+    "W_EXCLUSIVE",
     "W_GENERATION",
     "W_HEAD",
     "W_REG_HIGH",
@@ -119,6 +122,7 @@ NAME_FIELD = 64
 
 # Byte offsets of the live u64 words.
 OFF_HEAD = 64
+OFF_EXCLUSIVE = 72
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
 OFF_GENERATION = 144
@@ -129,6 +133,7 @@ APP_COUNTERS = 4
 # The same words as indexes into the segment viewed as u64s (``memoryview.cast("Q")``): every
 # module that loads or stores a live word takes its index from here.
 W_HEAD = OFF_HEAD // 8
+W_EXCLUSIVE = OFF_EXCLUSIVE // 8
 W_BASE_VERSION = OFF_BASE_VERSION // 8
 W_CONFLICTS = OFF_CONFLICTS // 8
 W_GENERATION = OFF_GENERATION // 8

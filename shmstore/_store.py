@@ -9,12 +9,14 @@ compare-and-set and one memcpy.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
@@ -45,6 +47,7 @@ from ._layout import (
     OFF_MIRROR_BUCKET,
     OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
+    W_EXCLUSIVE,
     W_GENERATION,
     W_HEAD,
     W_MIRROR_BEHIND,
@@ -57,6 +60,7 @@ from ._layout import (
     read_text_field,
     text_field,
 )
+from ._projection import Projection, check_projection
 from ._provision import (
     DEFAULT_MAX_READERS,
     DEFAULT_SLOT_SIZE,
@@ -75,6 +79,7 @@ from ._writelock import FlockLock, RobustMutexLock, WriteLock
 __all__ = ["AppCounters", "MirrorHooks", "Store", "remove"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 WriterLockKind = Literal["auto", "mutex", "flock"]
 
 # A version the writer would not reach in centuries; past it the header is damaged, and the
@@ -82,6 +87,7 @@ WriterLockKind = Literal["auto", "mutex", "flock"]
 MAX_VERSION: Final = 1 << 62
 _OPEN_OR_CREATE_TRIES: Final = 5
 _FOLLOW_TRIES: Final = 100
+_CONTENDED_SLICE: Final = 0.05  # a contended writer looks for an exclusive writer this often
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
@@ -139,6 +145,9 @@ class Store(Generic[T]):
         self._ring_segment: Segment | None = None
         self._move_lock = threading.Lock()
         self._mode = segment.mode()
+        self._exclusive = False
+        self._keeper: tuple[threading.Thread, threading.Event] | None = None
+        self._fence = threading.Lock()
         self._raw_decode = self._codec.raw_decode
         self._raw_encode = self._codec.raw_encode
         self._max_value_size = info.max_value_size
@@ -416,9 +425,17 @@ class Store(Generic[T]):
                 self._follow_move()
 
     def _refresh(self) -> tuple[T | None, int]:
+        value, version = self._read_decoded(self._raw_decode)
+        if version:
+            self._cache = (version, value)
+        return value, version
+
+    def _read_decoded(self, decode: Callable[[Any], Any]) -> tuple[Any, int]:
+        """The newest value decoded by *decode* (the store's own decoder, or a projection's),
+        following moves and translating a stable slot that does not decode."""
         while True:
             try:
-                value, version = self._ring.read_newest_value(self._raw_decode, self._in_place)
+                return self._ring.read_newest_value(decode, self._in_place)
             except RingMoved:
                 self._follow_move()
                 continue
@@ -429,9 +446,15 @@ class Store(Generic[T]):
                     f"store {self.name!r}: version {failed.version} does not decode as "
                     f"{self._codec.type_name}: {failed.cause}"
                 ) from failed.cause
-            if version:
-                self._cache = (version, value)
-            return value, version
+
+    def projection(self, projected: type[P]) -> Projection[P]:
+        """A view of a few fields of this store's values: *projected* is a ``msgspec.Struct``
+        whose fields are a subset of the store's type's (same names and types, checked now:
+        :class:`SchemaMismatchError` otherwise). Its ``get()`` decodes only those fields --
+        for a big value a fraction of a full ``get()`` -- and never returns a torn value."""
+        self._check_open()
+        check_projection(self._codec.type, projected)
+        return Projection(projected, self._version_or_closed, self._read_decoded)
 
     def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
@@ -619,35 +642,151 @@ class Store(Generic[T]):
         with self._in_use:
             if self._closed:
                 raise self._closed_error()
+            if self._exclusive:
+                return self._commit_exclusively(data, checked, expected_version, count_conflict)
             try:
                 # Inside the try: an interrupt right after the lock call returns must still
                 # release it (release() is a no-op for a lock this thread does not hold).
-                rc = lock.acquire()
+                rc = lock.try_acquire()
                 if rc:
-                    lock.recover(rc)
-                ring = self._ring
-                if words[W_GENERATION] != ring.generation:
-                    self._follow_move()  # another process grew the store
-                    ring = self._ring
-                head = words[W_HEAD]
-                if head >= MAX_VERSION:
-                    raise CorruptStoreError(
-                        f"store {self.name!r}: header says version {head}: the header is damaged"
-                    )
-                if expected_version is not None and head != expected_version:
-                    if count_conflict:
-                        ring.count_conflict()
-                    raise StateVersionError(expected_version, head)
-                if len(data) > ring.capacity:
-                    self._grow(len(data))
-                    ring = self._ring
-                version = ring.commit(data, time.time_ns())
+                    self._acquire_contended(rc)
+                version = self._publish(data, expected_version, count_conflict)
             finally:
                 lock.release()  # also the barrier between publishing HEAD and notify()
             self._cache = (version, checked)
-            if self._words[W_REG_HIGH]:
+            if words[W_REG_HIGH]:
                 self._registry.notify()
             return version
+
+    def _publish(self, data: bytes, expected_version: int | None, count_conflict: bool) -> int:
+        """Steps of a commit after the writer lock is held: follow or make a move, check the
+        version, write the slot, publish HEAD. Returns the new version."""
+        words = self._words
+        ring = self._ring
+        if words[W_GENERATION] != ring.generation:
+            self._follow_move()  # another process grew the store
+            ring = self._ring
+        head = words[W_HEAD]
+        if head >= MAX_VERSION:
+            raise CorruptStoreError(
+                f"store {self.name!r}: header says version {head}: the header is damaged"
+            )
+        if expected_version is not None and head != expected_version:
+            if count_conflict:
+                ring.count_conflict()
+            raise StateVersionError(expected_version, head)
+        if len(data) > ring.capacity:
+            self._grow(len(data))
+            ring = self._ring
+        return ring.commit(data, time.time_ns())
+
+    def _commit_exclusively(
+        self, data: bytes, checked: T, expected_version: int | None, count_conflict: bool
+    ) -> int:
+        """A commit of the exclusive writer: its keeper thread holds the writer lock already,
+        and ``_in_use`` (held by the caller) serializes this handle's threads."""
+        version = self._publish(data, expected_version, count_conflict)
+        # The full barrier between publishing HEAD and reading the registry, which releasing
+        # the writer lock gives other writers (see _registry): an uncontended lock round trip
+        # is a locked read-modify-write.
+        self._fence.acquire()
+        self._fence.release()
+        self._cache = (version, checked)
+        if self._words[W_REG_HIGH]:
+            self._registry.notify()
+        return version
+
+    def _acquire_contended(self, rc: int) -> None:
+        """The writer lock was not free at once (``rc`` from ``try_acquire``): wait for it, or
+        raise if an exclusive writer keeps it. Returns holding it."""
+        lock = self._lock
+        words = self._words
+        while rc in (errno.EBUSY, errno.ETIMEDOUT):
+            holder = int(words[W_EXCLUSIVE])
+            if holder:
+                rc = lock.try_acquire()  # free now only if that writer is gone
+                if rc == errno.EBUSY:
+                    raise StateStoreError(
+                        f"store {self.name!r} has an exclusive writer (pid {holder}), which "
+                        "keeps the writer lock for as long as it has the store open"
+                    )
+            else:
+                rc = lock.acquire_for(_CONTENDED_SLICE)
+        if rc:
+            lock.recover(rc)
+        if words[W_EXCLUSIVE]:
+            words[W_EXCLUSIVE] = 0  # we hold the lock: the exclusive writer is gone
+
+    @contextlib.contextmanager
+    def _writer_locked(self) -> Iterator[None]:
+        """The writer lock for the slow paths (counters); the exclusive writer has it."""
+        if self._exclusive:
+            yield
+            return
+        try:
+            rc = self._lock.try_acquire()
+            if rc:
+                self._acquire_contended(rc)
+            yield
+        finally:
+            self._lock.release()
+
+    def keep_writer_lock(self) -> Store[T]:
+        """Make this handle the store's exclusive writer: it takes the writer lock now and keeps
+        it until :meth:`close`, so its commits skip the lock (the largest fixed cost of
+        ``set()``). Other handles' ``set()`` then raise :class:`StateStoreError` naming this
+        process; if it dies, even by SIGKILL, the kernel releases the lock and the next writer
+        carries on. Raises :class:`StateStoreError` if another handle keeps the lock already.
+        Returns the handle, for ``Store.open(...).keep_writer_lock()``.
+
+        A keeper thread holds the lock, because the robust mutex belongs to the thread that
+        locked it: the keeper lives as long as the handle, whichever thread opened it, and any
+        thread of this handle may commit (``_in_use`` serializes them)."""
+        with self._in_use:
+            self._check_open()
+            if not self._writable:
+                raise StateStoreError(f"store {self.name!r}: this handle may not write")
+            if self._keeper is None:
+                self._start_keeper()
+        return self
+
+    @property
+    def keeps_writer_lock(self) -> bool:
+        """Whether this handle is the store's exclusive writer (:meth:`keep_writer_lock`)."""
+        return self._exclusive
+
+    def _start_keeper(self) -> None:
+        taken = threading.Event()
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def keep() -> None:
+            try:
+                with self._writer_locked():
+                    self._words[W_EXCLUSIVE] = os.getpid()
+                    taken.set()
+                    done.wait()
+                    self._words[W_EXCLUSIVE] = 0
+            except BaseException as exc:
+                failure.append(exc)
+                taken.set()
+
+        keeper = threading.Thread(target=keep, name=f"shmstore-writer-{self.name}", daemon=True)
+        keeper.start()
+        taken.wait()
+        if failure:
+            keeper.join()
+            raise failure[0]
+        self._exclusive = True
+        self._keeper = (keeper, done)
+
+    def _let_go_of_writer_lock(self) -> None:
+        if self._keeper is not None:
+            keeper, done = self._keeper
+            self._keeper = None
+            self._exclusive = False
+            done.set()
+            keeper.join()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -751,7 +890,7 @@ class Store(Generic[T]):
         word = app_counter_word(index)
         with self._in_use:
             self._check_open()
-            with self._lock:  # a read-modify-write of a shared word: under the writer lock
+            with self._writer_locked():  # a read-modify-write of a shared word
                 self._words[word] += 1
                 return int(self._words[word])
 
@@ -777,6 +916,7 @@ class Store(Generic[T]):
         with self._in_use:
             if self._closed:
                 return
+            self._let_go_of_writer_lock()
             self._closed = True
             _live_handles.discard(self)
             self._registry.close()
@@ -823,6 +963,10 @@ class Store(Generic[T]):
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
+        # The keeper thread did not come along: the parent is still the exclusive writer.
+        self._exclusive = False
+        self._keeper = None
+        self._fence = threading.Lock()
         self._in_use = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         try:

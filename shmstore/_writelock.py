@@ -50,6 +50,7 @@ import functools
 import logging
 import mmap
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
@@ -88,6 +89,15 @@ class WriteLock(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
+    def try_acquire(self) -> int:
+        """Take the lock if it is free: 0, ``EBUSY``, or an error number for ``recover()``."""
+        ...
+
+    def acquire_for(self, seconds: float) -> int:
+        """Wait at most *seconds* for the lock: 0, ``ETIMEDOUT``, or an error number for
+        ``recover()``."""
+        ...
+
     def held_elsewhere(self) -> bool:
         """Whether some other thread or process holds the lock right now (for tools, tests)."""
         ...
@@ -113,7 +123,14 @@ def _load_libc() -> ctypes.CDLL | None:
         f = getattr(libc, fn)
         f.argtypes = [ctypes.c_void_p]
         f.restype = ctypes.c_int
+    timed = libc.pthread_mutex_timedlock
+    timed.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    timed.restype = ctypes.c_int
     return libc
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
 
 
 _libc = _load_libc()
@@ -131,7 +148,18 @@ def _check(rc: int) -> None:
 class RobustMutexLock:
     """A robust, process-shared pthread mutex living in the segment at *offset*."""
 
-    __slots__ = ("_anchor", "_lock", "_name", "_trylock", "_unlock", "acquire", "addr", "release")
+    __slots__ = (
+        "_anchor",
+        "_lock",
+        "_name",
+        "_timedlock",
+        "_trylock",
+        "_unlock",
+        "acquire",
+        "addr",
+        "release",
+        "try_acquire",
+    )
 
     def __init__(self, buf: mmap.mmap, offset: int, name: str) -> None:
         if _libc is None:
@@ -147,8 +175,10 @@ class RobustMutexLock:
         self._lock = _libc.pthread_mutex_lock
         self._unlock = _libc.pthread_mutex_unlock
         self._trylock = _libc.pthread_mutex_trylock
+        self._timedlock = _libc.pthread_mutex_timedlock
         self.acquire: Callable[[], int] = functools.partial(self._lock, self.addr)
         self.release: Callable[[], object] = functools.partial(self._unlock, self.addr)
+        self.try_acquire: Callable[[], int] = functools.partial(self._trylock, self.addr)
 
     @staticmethod
     def initialize(buf: mmap.mmap, offset: int) -> None:
@@ -192,6 +222,11 @@ class RobustMutexLock:
         raise CorruptStoreError(
             f"store {self._name!r}: cannot take the writer mutex ({errno.errorcode.get(rc, rc)})"
         )
+
+    def acquire_for(self, seconds: float) -> int:
+        until = time.time() + seconds  # pthread_mutex_timedlock's deadline is CLOCK_REALTIME
+        deadline = _Timespec(int(until), int((until % 1) * 1e9))
+        return int(self._timedlock(self.addr, ctypes.byref(deadline)))
 
     def held_elsewhere(self) -> bool:
         rc = self._trylock(self.addr)
@@ -255,14 +290,42 @@ class FlockLock:
     ) -> None:
         self.release()
 
+    def try_acquire(self) -> int:
+        if not self._thread_lock.acquire(blocking=False):
+            return errno.EBUSY
+        self._owner = threading.get_ident()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner = None
+            self._thread_lock.release()
+            return errno.EBUSY
+        except BaseException:
+            self._owner = None
+            self._thread_lock.release()
+            raise
+        return 0
+
+    def acquire_for(self, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while (rc := self.try_acquire()) == errno.EBUSY:  # flock has no timed form: poll
+            if time.monotonic() >= deadline:
+                return errno.ETIMEDOUT
+            time.sleep(0.001)
+        return rc
+
     def held_elsewhere(self) -> bool:
-        with self._thread_lock:
+        if not self._thread_lock.acquire(blocking=False):
+            return True  # another thread of this handle (an exclusive writer keeps it)
+        try:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             return False
+        finally:
+            self._thread_lock.release()
 
     def after_fork_in_child(self, fd: int) -> None:
         """Use the child's own descriptor; the parent's threads are gone, and a thread lock one

@@ -112,11 +112,12 @@ def test_negative_control_detects_tearing_without_the_recheck(store_name: str) -
         start = ctx.Barrier(2)
         stop = ctx.Event()
         results = ctx.Queue()
-        # The reader stops at a version the raw writer reaches in a few seconds at most.
+        # The reader stops at its first torn read (on a loaded machine that can take many
+        # commits), or after a minute, or at a version the raw writer reaches much later.
         reader = ctx.Process(
             target=torture_reader,
-            args=(store_name, 200_000, start, results),
-            kwargs={"recheck": False, "max_blob": max_blob},
+            args=(store_name, 50_000_000, start, results),
+            kwargs={"recheck": False, "max_blob": max_blob, "until_bad": True},
         )
         writer = ctx.Process(target=raw_writer, args=(store_name, stop, start, max_blob))
         reader.start()

@@ -56,17 +56,28 @@ def rec_ok(rec: Any, max_blob: int = MAX_BLOB) -> bool:
 
 
 def torture_reader(
-    name: str, final: int, start: Barrier, results: Any, *, recheck: bool, max_blob: int
+    name: str,
+    final: int,
+    start: Barrier,
+    results: Any,
+    *,
+    recheck: bool,
+    max_blob: int,
+    until_bad: bool = False,
 ) -> None:
-    """Read until the writer's final version; report (reads, bad, regressions, distinct)."""
+    """Read until the writer's final version (or, with *until_bad*, until the first bad read
+    or a minute); report (reads, bad, regressions, distinct)."""
     st = Store.open(name, Rec)
     st._ring.verify = recheck
     reads = bad = regressions = 0
     last = 0
     seen = set()
     start.wait(BARRIER_WAIT)
+    give_up = time.monotonic() + 60
     try:
         while last < final:
+            if until_bad and (bad or time.monotonic() > give_up):
+                break
             try:
                 rec, version = st.get_with_version()
             except CorruptStoreError:
