@@ -1124,10 +1124,11 @@ class MirrorHooks:
                 raise store._closed_error()
             try:
                 # Inside the try, as in _commit: an interrupt right after the lock call returns
-                # must still release it.
-                rc = lock.acquire()
+                # must still release it. (A replica has no exclusive writer: its handles may
+                # not write, so none can keep the lock.)
+                rc = lock.try_acquire()
                 if rc:
-                    lock.recover(rc)
+                    store._acquire_contended(rc)
                 ring = store._ring
                 if words[W_GENERATION] != ring.generation:
                     store._follow_move()  # another process grew the replica
