@@ -73,6 +73,7 @@ class Follower:
         self._connected = False
         self._refused: tuple[int, str] | None = None
         self._reconnected = asyncio.Event()
+        self._said_no_bucket = False
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -93,7 +94,15 @@ class Follower:
                     raise
                 except Exception as exc:  # NATS down, bucket missing, leader election: retry
                     self._status(connected=False)
-                    log.debug("follow: %s", describe_error(exc, self.options))
+                    text = describe_error(exc, self.options)
+                    if "BucketNotFound" in text and not self._said_no_bucket:
+                        self._said_no_bucket = True
+                        log.warning(
+                            "bucket %r does not exist yet: waiting for the publisher of %r",
+                            self.bucket,
+                            self.name,
+                        )
+                    log.debug("follow: %s", text)
                     await self._pause(RETRY_WAIT)
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
