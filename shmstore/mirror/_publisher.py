@@ -231,11 +231,16 @@ class Publisher:
             now = time.monotonic()
             if now - last_heartbeat >= HEARTBEAT and self._connected:
                 last_heartbeat = now
-                MirrorHooks(store).set_status(
-                    connected=self._live(),
-                    last_sync_ns=time.time_ns(),
-                    behind=store.version - self.published,
-                )
+                try:  # a round trip to the server: "last sync" is a confirmation, not a hope
+                    await asyncio.wait_for(nc.flush(), HEARTBEAT * 2)
+                except Exception:
+                    MirrorHooks(store).set_status(connected=False)
+                else:
+                    MirrorHooks(store).set_status(
+                        connected=self._live(),
+                        last_sync_ns=time.time_ns(),
+                        behind=store.version - self.published,
+                    )
             with contextlib.suppress(TimeoutError):
                 await store.wait_async(self._done(), LOCAL_WAIT)
 
