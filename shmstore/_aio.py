@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
 from ._projection import Projection
-from ._stats import StoreStatistics
+from ._stats import MirrorStatus, StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
 
@@ -62,6 +62,7 @@ SYNC_PROPERTIES: Final = (
     "keeps_writer_lock",
     "readonly",
     "wait_mode",
+    "mirror_status",
 )
 
 
@@ -122,6 +123,8 @@ class AsyncStore(Generic[T]):
         def readonly(self) -> bool: ...
         @property
         def wait_mode(self) -> str: ...
+        @property
+        def mirror_status(self) -> MirrorStatus: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store

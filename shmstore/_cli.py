@@ -33,6 +33,7 @@ import msgspec
 from ._errors import StateStoreError, StateVersionError, SubscriberLaggedError
 from ._names import validate_name
 from ._store import Store, remove
+from .mirror._cli import add_mirror_parser
 
 __all__ = ["EXIT_CONFLICT", "build_parser", "main"]
 
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
     p.add_argument("--seconds", type=_positive_float, default=5.0, help="how long (5)")
     p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
+
+    add_mirror_parser(verbs)
     return parser
 
 

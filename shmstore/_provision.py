@@ -39,14 +39,22 @@ from ._errors import (
 from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
+    FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
     MAX_SLOT_SIZE,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
     W_GENERATION,
+    W_MIRROR_STATE,
     Geometry,
     HeaderInfo,
     is_unborn,
     read_header,
+    text_field,
     write_header,
     write_magic,
 )
@@ -346,3 +354,47 @@ def _remove_listed_semaphores(name: str) -> None:
     for entry in listing:
         if entry.startswith(prefix):
             unlink_semaphore("/" + entry[len("sem.") :])
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def create_replica(
+    name: str,
+    *,
+    fingerprint: bytes,
+    type_name: str,
+    origin: str,
+    bucket: str,
+    options: CreateOptions,
+) -> Attached:
+    """Create store *name* as a replica (``shmstore.mirror``): the header records the origin's
+    schema *fingerprint* and *type_name* (typed readers are checked against them), the replica
+    flag, and the mirror block's origin and bucket, all before the magic appears. The handle
+    decodes to builtins."""
+    validate_name(name)
+    if len(fingerprint) != 16:
+        raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
+    plan = _plan(Any, options)
+    plan.codec.fingerprint = fingerprint
+    plan.codec.type_name = type_name
+    segment = Segment.create(name, plan.geometry.total_size, options.mode)
+    m = segment.map
+    try:
+        m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+            bucket, MIRROR_BUCKET_FIELD
+        )
+        m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+            origin, MIRROR_ORIGIN_FIELD
+        )
+        words = memoryview(m).cast("Q")
+        words[W_MIRROR_STATE] = MIRROR_ROLE_REPLICA
+        words.release()
+    except BaseException:
+        segment.close()
+        unlink_segment(segment.name)
+        raise
+    replica_plan = _Plan(
+        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size
+    )
+    return _initialize(segment, replica_plan, unlink_on_error=True)

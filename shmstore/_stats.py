@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["StoreStatistics"]
+__all__ = ["MirrorStatus", "StoreStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,37 @@ class StoreStatistics:
     readonly: bool = False  # this handle maps the segment read-only
     wait_mode: str = "semaphore"  # how this handle's wait() sleeps: "semaphore" or "poll"
     removed: bool = False  # the store's name no longer points to this handle's segment
+    # shmstore.mirror: empty role and zeros for a store that is not mirrored (see MirrorStatus).
+    mirror_role: str = ""
+    mirror_connected: bool = False
+    mirror_last_sync_ns: int = 0
+    mirror_behind: int = 0
+    mirror_bucket: str = ""
+    mirror_origin: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------- mirror
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStatus:
+    """The mirror block of a store's header (``Store.mirror_status``), written by the store's
+    mirroring process (``shmstore mirror publish`` on an origin, ``follow`` on a replica).
+
+    ``role`` is ``"origin"``, ``"replica"`` or ``""`` (not mirrored). ``connected`` is false
+    when the mirroring process is not connected to NATS or is dead. ``last_sync_ns`` is the last
+    time the mirror was confirmed current (ns since the epoch, 0 never). ``behind`` is, on an
+    origin, the versions committed but not yet in the bucket; on a replica, the versions known
+    to exist at the origin but not applied here (a lower bound while disconnected).
+    """
+
+    role: str
+    connected: bool
+    pid: int
+    last_sync_ns: int
+    behind: int
+    bucket: str
+    origin: str

@@ -37,14 +37,29 @@ from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
     FLAG_CRC,
+    FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_CONNECTED,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_MASK,
+    MIRROR_ROLE_ORIGIN,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
     W_EXCLUSIVE,
     W_GENERATION,
     W_HEAD,
+    W_MIRROR_BEHIND,
+    W_MIRROR_PID,
+    W_MIRROR_STATE,
+    W_MIRROR_SYNC,
     W_REG_HIGH,
     Geometry,
     app_counter_word,
+    read_text_field,
+    text_field,
 )
 from ._projection import Projection, check_projection
 from ._provision import (
@@ -57,12 +72,12 @@ from ._provision import (
 from ._registry import Registry
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
-from ._stats import StoreStatistics
+from ._stats import MirrorStatus, StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
 from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
 
-__all__ = ["AppCounters", "Store", "remove"]
+__all__ = ["AppCounters", "MirrorHooks", "Store", "remove"]
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -116,7 +131,8 @@ class Store(Generic[T]):
         self._segment = segment
         self._info = info
         self._codec: Codec[T] = attached.codec
-        self._writable = attached.writable
+        # A replica (shmstore.mirror) takes commits only from its follower: see the class end.
+        self._writable = attached.writable and not info.flags & FLAG_REPLICA
         self._private = attached.private
         self._ring = Ring(
             segment.map,
@@ -664,6 +680,8 @@ class Store(Generic[T]):
             self._check_open()
             if self._segment.readonly:
                 raise self._readonly_error()
+            if self._info.flags & FLAG_REPLICA:
+                raise self._replica_error()
             raise StateStoreError(
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
@@ -900,6 +918,7 @@ class Store(Generic[T]):
             readonly=self._segment.readonly,
             wait_mode=self._gate.mode,
             removed=removed,
+            **self._mirror_statistics(),
         )
 
     # ---------------------------------------------------------------- counters
@@ -1043,6 +1062,214 @@ class Store(Generic[T]):
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
 
+    # ---------------------------------------------------------------- mirror (shmstore.mirror)
+    #
+    # Nothing above depends on the mirror except the replica refusal in _commit() and the mirror
+    # fields of statistics(); the hooks the publisher and follower use are MirrorHooks, below.
+
+    @property
+    def mirror_status(self) -> MirrorStatus:
+        """The header's mirror block: role (``"origin"``, ``"replica"`` or ``""``), whether the
+        mirror is connected, its last sync, how far behind it is, its bucket and origin."""
+        self._check_open()
+        words = self._words
+        state = int(words[W_MIRROR_STATE])
+        pid = int(words[W_MIRROR_PID])
+        if self._info.flags & FLAG_REPLICA:
+            role = "replica"
+        elif state & MIRROR_ROLE_MASK == MIRROR_ROLE_ORIGIN:
+            role = "origin"
+        else:
+            role = ""
+        m = self._segment.map
+        return MirrorStatus(
+            role=role,
+            connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_pid_alive(pid),
+            pid=pid,
+            last_sync_ns=int(words[W_MIRROR_SYNC]),
+            behind=int(words[W_MIRROR_BEHIND]),
+            bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
+            origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
+        )
+
+    def _mirror_statistics(self) -> dict[str, Any]:
+        status = self.mirror_status
+        return {
+            "mirror_role": status.role,
+            "mirror_connected": status.connected,
+            "mirror_last_sync_ns": status.last_sync_ns,
+            "mirror_behind": status.behind,
+            "mirror_bucket": status.bucket,
+            "mirror_origin": status.origin,
+        }
+
+    def _replica_error(self) -> StateStoreError:
+        status = self.mirror_status
+        return StateStoreError(
+            f"store {self.name!r} is a replica of store {status.origin!r} (NATS bucket "
+            f"{status.bucket!r}) and refuses local writes; write to the origin instead: "
+            f"`shmstore mirror set {status.origin} VALUE --server URL --bucket {status.bucket}` "
+            "or shmstore.mirror.RemoteStore"
+        )
+
+
+class MirrorHooks:
+    """What ``shmstore.mirror``'s publisher and follower do to a store beyond the public API:
+    create a replica, read the newest value's encoded bytes, commit the origin's bytes at the
+    origin's version, and keep the header's mirror block. One mirroring process per store
+    writes the mirror block; commits to a replica are serialized by the writer lock as usual.
+    Raises :class:`StateStoreError` on a closed handle."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store[Any]) -> None:
+        self.store = store
+
+    @staticmethod
+    def create_replica(
+        name: str,
+        *,
+        fingerprint: bytes,
+        type_name: str,
+        origin: str,
+        bucket: str,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        mode: int = 0o600,
+        max_value_size: int | None = None,
+    ) -> Store[Any]:
+        """Create the store *name* as a replica of the store *origin* mirrored through NATS
+        bucket *bucket*. It records the origin's schema *fingerprint* and *type_name*, so that
+        readers open it with the origin's type and the usual schema check, and it refuses
+        ``set()`` in every process: only :meth:`commit_replicated` writes to it. The returned
+        handle decodes to builtins. Raises like :meth:`Store.create`."""
+        options = CreateOptions(
+            slots, slot_size, max_readers, None, mode, "auto", None, max_value_size
+        )
+        return Store(
+            _provision.create_replica(
+                name,
+                fingerprint=fingerprint,
+                type_name=type_name,
+                origin=origin,
+                bucket=bucket,
+                options=options,
+            )
+        )
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The 16-byte schema fingerprint recorded in the store's header."""
+        return self.store._info.fingerprint
+
+    def get_encoded(self) -> tuple[bytes, int, int]:
+        """The newest value as the encoded bytes in the ring, with its version and commit time
+        (ns since the epoch); ``(b"", 0, 0)`` while empty. Mirroring needs no decode and
+        re-encode round trip."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            payload, version, ts_ns = store._read_newest()
+            if payload is None:
+                return b"", 0, 0
+            return bytes(payload), version, ts_ns
+
+    def commit_replicated(self, payload: bytes, version: int, commit_ns: int) -> int:
+        """Commit the origin's encoded *payload* as the origin's *version* (with the origin's
+        commit time *commit_ns*) into this replica; return *version*.
+
+        *version* must be greater than the replica's version; versions in between may be
+        skipped (latest-value semantics): subscribers then get :class:`SubscriberLaggedError`
+        with the exact number skipped, as for a lap of the ring, because the slots of skipped
+        versions never held them. Raises :class:`StateStoreError` if the store is not a
+        replica, :class:`StateVersionError` (nothing written) if *version* is not newer,
+        ``ValueError`` for an impossible version, :class:`SnapshotTooLargeError` if the payload
+        does not fit a slot and :class:`InvalidSnapshotError` if it does not decode.
+        """
+        store = self.store
+        if not store._info.flags & FLAG_REPLICA:
+            store._check_open()
+            raise StateStoreError(f"store {store.name!r} is not a replica")
+        if not 0 < version < MAX_VERSION:
+            raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
+        if len(payload) > store._max_value_size:
+            raise SnapshotTooLargeError(
+                f"replicated value is {len(payload)} bytes; replica {store.name!r} holds at "
+                f"most {store._max_value_size} bytes (its max_value_size)"
+            )
+        data = bytes(payload)
+        checked = store._codec.validate(data)
+        lock = store._lock
+        words = store._words
+        with store._in_use:
+            if store._closed:
+                raise store._closed_error()
+            try:
+                # Inside the try, as in _commit: an interrupt right after the lock call returns
+                # must still release it. (A replica has no exclusive writer: its handles may
+                # not write, so none can keep the lock.)
+                rc = lock.try_acquire()
+                if rc:
+                    store._acquire_contended(rc)
+                ring = store._ring
+                if words[W_GENERATION] != ring.generation:
+                    store._follow_move()  # another process grew the replica
+                    ring = store._ring
+                head = int(words[W_HEAD])
+                if version > head:
+                    if len(data) > ring.capacity:
+                        store._grow(len(data))  # the origin's values grew: so do the slots
+                        ring = store._ring
+                    ring.commit_at(version, data, commit_ns)
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
+            if version <= head:
+                raise StateVersionError(
+                    version - 1,
+                    head,
+                    f"replicated version {version} is not newer than replica {store.name!r} "
+                    f"at version {head}",
+                )
+            store._cache = (version, checked)
+            if store._words[W_REG_HIGH]:
+                store._registry.notify()
+            return version
+
+    def claim(self, bucket: str) -> None:
+        """Record this process as the store's mirroring process; on an origin, also mark the
+        store as the origin mirrored through NATS bucket *bucket*. Starts "disconnected"."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            m = store._segment.map
+            if not store._info.flags & FLAG_REPLICA:
+                m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                    bucket, MIRROR_BUCKET_FIELD
+                )
+                m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                    store.name, MIRROR_ORIGIN_FIELD
+                )
+            store._words[W_MIRROR_PID] = os.getpid()
+        self.set_status(connected=False)
+
+    def set_status(
+        self, *, connected: bool, last_sync_ns: int | None = None, behind: int | None = None
+    ) -> None:
+        """Record the mirror's state in the header; *last_sync_ns* and *behind* stay as they
+        are when ``None``. Each word is one aligned store: readers never see half of one."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            words = store._words
+            replica = store._info.flags & FLAG_REPLICA
+            role = MIRROR_ROLE_REPLICA if replica else MIRROR_ROLE_ORIGIN
+            if last_sync_ns is not None:
+                words[W_MIRROR_SYNC] = last_sync_ns
+            if behind is not None:
+                words[W_MIRROR_BEHIND] = max(0, behind)
+            words[W_MIRROR_STATE] = role | (MIRROR_CONNECTED if connected else 0)
+
 
 def remove(name: str) -> bool:
     """Remove every OS object of store *name* (segment and reader semaphores) for everyone.
@@ -1058,3 +1285,15 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _mirror_pid_alive(pid: int) -> bool:
+    """Whether the mirroring process *pid* still lives (a killed publisher or follower leaves
+    its "connected" bit set; the pid tells the truth)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
