@@ -233,6 +233,8 @@ def cmd_set(args: argparse.Namespace) -> int:
             value = msgspec.json.decode(text, type=st.value_type)
         except msgspec.DecodeError as exc:
             raise CliError(f"value is not valid for {args.type or 'the store'}: {exc}") from exc
+        if st.mirror_status.role == "replica":
+            st.set(value, args.expect)  # refused, with the message that names the origin
         if type_ is None and not st.writable:
             raise CliError(
                 f"store {args.name!r} holds {st.type_name}; pass --type module:Class "
@@ -328,7 +330,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
-BENCHMARKS = ("harness", "core", "wake")
+BENCHMARKS = ("harness", "core", "wake", "fsm", "mirror")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -468,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only stores whose names start with TEXT (stray semaphores are then left alone)",
     )
 
-    p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (harness, core, wake)")
+    p = verb(
+        "bench",
+        cmd_bench,
+        "run a benchmark program from benchmarks/ (harness, core, wake, fsm, mirror)",
+    )
     p.add_argument("which", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 

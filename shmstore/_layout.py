@@ -81,6 +81,7 @@ from ._errors import CorruptStoreError
 __all__ = [
     "APP_COUNTERS",
     "FLAG_CRC",
+    "FLAG_REPLICA",
     "FLAG_ROBUST_MUTEX",
     "HEADER",
     "HEADER_SIZE",
@@ -91,6 +92,10 @@ __all__ = [
     "W_EXCLUSIVE",
     "W_GENERATION",
     "W_HEAD",
+    "W_MIRROR_BEHIND",
+    "W_MIRROR_PID",
+    "W_MIRROR_STATE",
+    "W_MIRROR_SYNC",
     "W_REG_HIGH",
     "Geometry",
     "HeaderInfo",
