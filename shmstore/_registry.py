@@ -211,6 +211,8 @@ class Registry:
     ) -> None:
         self._q = words
         self._capacity = geometry.registry_capacity
+        # The writer's scan after every commit reads these words; their indexes, precomputed.
+        self._entry_at = [entry_word(index, 0) for index in range(self._capacity)]
         self._name = name
         self._created_ns = created_ns
         self._writer_lock = lock
@@ -265,8 +267,9 @@ class Registry:
             return
         stale = False
         sems = self._sems
+        entry_at = self._entry_at
         for index in range(min(high, self._capacity)):
-            w = entry_word(index, 0)
+            w = entry_at[index]
             if q[w + REG_STATE] != _IN_USE:
                 continue
             gen = q[w + REG_GEN]

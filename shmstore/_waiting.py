@@ -115,7 +115,9 @@ class WaitGate:
         self._reset()
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # the condition's lock, entered directly on hot paths
+        self._cond = threading.Condition(self._mutex)
+        self._parked = 0  # threads waiting on the condition: notify only when there are any
         self._sleeper = False
         self._closing = False
         # A thread's wait keeps the registration until close(); the coroutines' server gives it
@@ -158,7 +160,7 @@ class WaitGate:
             )
             if self._poll_only or not TIMED_WAIT:
                 return self._poll(after, deadline, timeout)
-            with self._cond:
+            with self._mutex:
                 self._sticky = True
                 got = self._wait_locked(after, deadline, None)
             assert got is not None
@@ -193,17 +195,26 @@ class WaitGate:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             if self._sleeper:
-                self._cond.wait(remaining)
+                self._park(remaining)
                 continue
             self._sleeper = True
             waiter = self.waiter
-            self._cond.release()
+            self._mutex.release()
             try:
                 waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
             finally:
-                self._cond.acquire()
+                self._mutex.acquire()
                 self._sleeper = False
-                self._cond.notify_all()
+                if self._parked:
+                    self._cond.notify_all()
+
+    def _park(self, timeout: float | None) -> None:
+        """With the condition held: wait on it (the other waiters of this handle wake us)."""
+        self._parked += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._parked -= 1
 
     def _poll_locked(
         self, after: int, deadline: float | None, interrupted: Callable[[], bool] | None
@@ -224,7 +235,7 @@ class WaitGate:
                 if remaining <= 0:
                     raise TimeoutError
                 pause = min(pause, remaining)
-            self._cond.wait(pause)
+            self._park(pause)
             pause = min(pause * 2, _POLL_MAX)
 
     def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
@@ -329,7 +340,7 @@ class WaitGate:
                 if self.waiter is not None:
                     self.waiter.kick()
                 self._cond.notify_all()
-                self._cond.wait(0.1)
+                self._park(0.1)
             waiter, self.waiter = self.waiter, None
             self._cond.notify_all()
         if waiter is not None:
