@@ -174,7 +174,8 @@ class WaitGate:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             if self._sleeper:
-                self._cond.wait(remaining)
+                # Capped like the semaphore sleep: Condition.wait overflows past TIMEOUT_MAX.
+                self._cond.wait(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
                 continue
             self._sleeper = True
             waiter = self.waiter
