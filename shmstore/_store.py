@@ -344,7 +344,10 @@ class Store(Generic[T]):
         return value, version
 
     def _refresh(self) -> tuple[T | None, int]:
-        payload, version, _ts = self._ring.read_newest()
+        try:
+            payload, version, _ts = self._ring.read_newest()
+        except ValueError:  # the mapping went away under us: close() in another thread
+            raise self._closed_error() from None
         if payload is None:
             return None, 0
         value = self._decode(payload, version)
@@ -367,7 +370,10 @@ class Store(Generic[T]):
         cached = self._cache
         if cached[0] == version:
             return (cached[1],)  # type: ignore[return-value]
-        got = self._ring.read(version)
+        try:
+            got = self._ring.read(version)
+        except ValueError:  # closed in another thread, as in _refresh
+            raise self._closed_error() from None
         if got is None:
             return None
         return (self._decode(got[0], version),)
@@ -567,20 +573,23 @@ class Store(Generic[T]):
     @property
     def commits(self) -> int:
         """Commits made by every process since the store was created."""
-        self._check_open()
-        return self._ring.commits()
+        with self._in_use:  # like every read of the mapping in more than one step
+            self._check_open()
+            return self._ring.commits()
 
     @property
     def conflicts(self) -> int:
         """``set(expected_version=...)`` calls refused, by every process."""
-        self._check_open()
-        return self._ring.conflicts()
+        with self._in_use:
+            self._check_open()
+            return self._ring.conflicts()
 
     @property
     def last_update_ns(self) -> int:
         """Wall-clock time of the newest commit (ns since the epoch), 0 while empty."""
-        self._check_open()
-        return self._ring.last_update_ns()
+        with self._in_use:
+            self._check_open()
+            return self._ring.last_update_ns()
 
     @property
     def created_ns(self) -> int:
@@ -593,8 +602,9 @@ class Store(Generic[T]):
 
     def _app_counter(self, index: int) -> int:
         word = app_counter_word(index)
-        self._check_open()
-        return int(self._words[word])
+        with self._in_use:
+            self._check_open()
+            return int(self._words[word])
 
     def _increment_app_counter(self, index: int) -> int:
         word = app_counter_word(index)
