@@ -180,7 +180,7 @@ READS_RACING_CLOSE = """
     unexpected = []
     with Store.create(NAME, bytes, slot_size=4096) as owner:
         owner.set(b"x")
-        for round in range(300):
+        for round in range(1000):
             st = Store.open(NAME, bytes)
             reads = {
                 "get": st.get,
