@@ -160,11 +160,13 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
-        if self.waiter is None:
-            self.waiter = self._registry.register(deadline)
         while True:
             if self._closing:
                 raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            if self.waiter is None:
+                # Only after the check above: a thread that reaches the gate after close() began
+                # must not register through a descriptor and a mapping that are going away.
+                self.waiter = self._registry.register(deadline)
             head = self._head()
             if head > after:
                 return head
