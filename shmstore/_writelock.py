@@ -194,13 +194,15 @@ class RobustMutexLock:
         )
 
     def held_elsewhere(self) -> bool:
-        rc = self._trylock(self.addr)
-        if rc == errno.EBUSY:
-            return True
-        if rc != 0:
-            self.recover(rc)
-        self._unlock(self.addr)
-        return False
+        rc = -1
+        try:
+            rc = self._trylock(self.addr)
+            if rc not in (0, errno.EBUSY):
+                self.recover(rc)
+            return rc == errno.EBUSY
+        finally:
+            if rc != errno.EBUSY:  # an interrupt right after trylock must not keep the lock
+                self._unlock(self.addr)  # EPERM (a no-op) if this thread did not take it
 
     def after_fork_in_child(self, fd: int) -> None:
         # The mutex is in shared memory and owned by a thread, not a descriptor: a parent thread
@@ -257,12 +259,16 @@ class FlockLock:
 
     def held_elsewhere(self) -> bool:
         with self._thread_lock:
+            busy = False
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
             except BlockingIOError:
+                busy = True
                 return True
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            return False
+            finally:
+                if not busy:  # also after an interrupt right after flock() returned
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def after_fork_in_child(self, fd: int) -> None:
         """Use the child's own descriptor; the parent's threads are gone, and a thread lock one

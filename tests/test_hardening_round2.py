@@ -10,6 +10,7 @@ and do the other user's part in a spawned child that drops to uid 65534 (``worke
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import math
 import multiprocessing as mp
@@ -275,6 +276,39 @@ def test_ctrl_c_right_after_the_contended_lock_returns_does_not_keep_the_writer_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["interrupted", "lock-free"]
+
+
+def test_ctrl_c_right_after_statistics_probes_the_writer_lock_does_not_keep_it(
+    store_name: str, writer_lock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (
+        Store.create(store_name, int, writer_lock=writer_lock) as st,
+        Store.open(store_name, int) as other,
+    ):
+        # The probe's lock call succeeds, then a Ctrl-C arrives before the next bytecode.
+        if writer_lock == "mutex":
+            trylock = st._lock._trylock
+
+            def interrupted_trylock(addr: int) -> int:
+                trylock(addr)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(st._lock, "_trylock", interrupted_trylock)
+        else:
+            flock = fcntl.flock
+
+            def interrupted_flock(fd: int, operation: int) -> None:
+                flock(fd, operation)
+                if operation & fcntl.LOCK_NB and fd == st._lock.fd:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(fcntl, "flock", interrupted_flock)
+        with pytest.raises(KeyboardInterrupt):
+            st.statistics()
+        monkeypatch.undo()
+        # Another handle (its own descriptor), in another thread (another mutex owner).
+        assert not in_thread(other._lock.held_elsewhere), "the probe kept the writer lock"
+        assert in_thread(lambda: other.set(1)) == 1
 
 
 # ------------------------------------------------------------------ 4: a stopped writer
