@@ -194,7 +194,7 @@ class RobustMutexLock:
         )
 
     def held_elsewhere(self) -> bool:
-        rc = -1
+        rc: int = -1
         try:
             rc = self._trylock(self.addr)
             if rc not in (0, errno.EBUSY):
