@@ -18,6 +18,7 @@ from ._errors import StoreExistsError as StoreExistsError
 from ._errors import StoreNotFoundError as StoreNotFoundError
 from ._errors import StorePermissionError as StorePermissionError
 from ._errors import SubscriberLaggedError as SubscriberLaggedError
+from ._projection import Projection as Projection
 from ._stats import StoreStatistics as StoreStatistics
 from ._store import Store as Store
 from ._store import remove as remove
@@ -27,6 +28,7 @@ __all__ = [
     # the store
     "Store",
     "StoreStatistics",
+    "Projection",
     "Subscription",
     "remove",
     # asyncio

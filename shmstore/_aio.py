@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
+from ._projection import Projection
 from ._stats import StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["SYNC_METHODS", "SYNC_PROPERTIES", "AsyncStore", "AsyncSubscription"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 # Store members that AsyncStore offers unchanged (they never block).
 SYNC_METHODS: Final = (
@@ -38,6 +40,7 @@ SYNC_METHODS: Final = (
     "statistics",
     "checkpoint",
     "reclaim_dead_readers",
+    "projection",
     "unlink",
 )
 SYNC_PROPERTIES: Final = (
@@ -47,6 +50,8 @@ SYNC_PROPERTIES: Final = (
     "type_name",
     "writable",
     "geometry",
+    "capacity",
+    "max_value_size",
     "commits",
     "conflicts",
     "last_update_ns",
@@ -75,6 +80,7 @@ class AsyncStore(Generic[T]):
         statistics: Callable[[], StoreStatistics]
         checkpoint: Callable[[str | os.PathLike[str]], int]
         reclaim_dead_readers: Callable[[], int]
+        projection: Callable[[type[P]], Projection[P]]
         unlink: Callable[[], None]
 
         @property
@@ -89,6 +95,10 @@ class AsyncStore(Generic[T]):
         def writable(self) -> bool: ...
         @property
         def geometry(self) -> Geometry: ...
+        @property
+        def capacity(self) -> int: ...
+        @property
+        def max_value_size(self) -> int: ...
         @property
         def commits(self) -> int: ...
         @property

@@ -1,4 +1,4 @@
-"""What stores exist on this machine, and who uses them (Linux: ``/dev/shm`` and ``/proc``).
+"""What stores exist on this machine, who uses them, and which ``gc`` may remove (Linux).
 
 POSIX has no call that lists shared-memory objects; on Linux they are the files of ``/dev/shm``,
 which is what ``shmstore ls`` and ``shmstore gc`` read. A store's segment is
@@ -8,18 +8,50 @@ itself comes from the segment header.
 Whether anyone still uses a store is read from ``/proc/<pid>/maps``: every process attached to
 a store maps its segment. A process whose maps cannot be read (another user's, without root) makes
 the answer unknown, and ``gc`` then removes nothing.
+
+What ``gc`` may remove
+----------------------
+A store that no process has open is not garbage by itself: stores outlive their processes on
+purpose (a configuration published once, a state kept across a restart). So "unused" is
+necessary, never sufficient. ``gc`` removes an unused store only when one more thing is true:
+
+* it was **abandoned by a crash** (the default): its registry still lists a reader whose process
+  died without closing its handle. A process that meant to leave the store behind closes its
+  handles; one that was killed cannot. Or
+* it has been **idle longer than** ``--older-than`` (no commit, and created before that); or
+* the operator said ``--all``: every unused store.
+
+Semaphores whose store segment no longer exists, and that no live process has open, are always
+garbage: nothing can use them.
+
+What the default cannot see: a store whose only users were writers, or readers that never waited
+(only waiting registers a reader), leaves no trace of how its processes ended. Such a store is
+kept until ``--older-than`` or ``--all`` says otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._layout import HEADER_SIZE, MAGIC, NAME_FIELD, OFF_STORE_NAME
 from ._names import OS_PREFIX, segment_name
+from ._stats import StoreStatistics
 
-__all__ = ["SHM_DIR", "Orphans", "find_orphans", "list_store_names", "listing_supported"]
+__all__ = [
+    "SHM_DIR",
+    "Orphans",
+    "Verdict",
+    "find_orphans",
+    "gc_verdict",
+    "list_store_names",
+    "listing_supported",
+    "parse_duration",
+]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -52,17 +84,19 @@ def _store_name_of(path: Path) -> str | None:
 
 @dataclass(frozen=True)
 class Orphans:
-    """What ``gc`` would remove, and whether it can know."""
+    """What no live process uses, and whether that can be known."""
 
     unused_stores: list[str]  # no live process maps their segment
-    stray_semaphores: list[str]  # semaphores whose store segment no longer exists
+    stray_semaphores: list[str]  # semaphores whose segment is gone and that nobody has open
     unreadable_processes: int  # processes whose mappings we could not inspect
 
 
-def _mapped_segments() -> tuple[set[str], int]:
+def _mapped_objects() -> tuple[set[str], int]:
+    """Names of the ``/dev/shm`` files of ours that some live process maps (segments, and
+    semaphores: glibc maps each open named semaphore), and how many processes were unreadable."""
     mapped: set[str] = set()
     unreadable = 0
-    marker = f"{SHM_DIR}/{OS_PREFIX}"
+    marker = f"{SHM_DIR}/"
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -76,19 +110,79 @@ def _mapped_segments() -> tuple[set[str], int]:
         for line in maps.splitlines():
             where = line.find(marker)
             if where >= 0:
-                mapped.add(line[where + len(str(SHM_DIR)) + 1 :].split(" ")[0])
+                file = line[where + len(marker) :].split(" ")[0]
+                if OS_PREFIX in file:
+                    mapped.add(file)
     return mapped, unreadable
 
 
 def find_orphans() -> Orphans:
-    mapped, unreadable = _mapped_segments()
+    mapped, unreadable = _mapped_objects()
     unused = [name for name in list_store_names() if segment_name(name).lstrip("/") not in mapped]
     segments = {p.name for p in SHM_DIR.glob(OS_PREFIX + "*")}
+    # A semaphore whose segment is gone may still be open in a handle of the unlinked store
+    # ("attached handles keep working"): only an unmapped one is garbage.
     stray = sorted(
         p.name
         for p in SHM_DIR.glob(f"sem.{OS_PREFIX}*")
-        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments
+        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments and p.name not in mapped
     )
     if os.geteuid() == 0:
         unreadable = 0  # root reads every process's maps; failures are exits mid-scan
     return Orphans(unused, stray, unreadable)
+
+
+# ---------------------------------------------------------------------------- the gc policy
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``gc`` does with one unused store, and why (one line for the operator)."""
+
+    remove: bool
+    reason: str
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def gc_verdict(
+    stats: StoreStatistics,
+    *,
+    older_than: float | None = None,
+    everything: bool = False,
+    now_ns: int | None = None,
+) -> Verdict:
+    """Decide about a store that no live process has open (see the module docstring).
+
+    *stats* is read from a fresh handle; *older_than* is in seconds.
+    """
+    now = time.time_ns() if now_ns is None else now_ns
+    idle = max(0.0, (now - max(stats.created_ns, stats.last_update_ns)) / 1e9)
+    dead = stats.readers_registered - stats.readers_alive
+    if dead > 0:
+        return Verdict(True, f"abandoned: {dead} reader(s) died without closing it")
+    if older_than is not None and idle >= older_than:
+        return Verdict(True, f"idle for {_ago(idle)} (--older-than {_ago(older_than)})")
+    if everything:
+        return Verdict(True, f"unused, idle for {_ago(idle)} (--all)")
+    return Verdict(False, f"unused, idle for {_ago(idle)}, but nothing says it was abandoned")
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", re.IGNORECASE)
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"`` -> seconds. ``ValueError`` otherwise."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"expected a duration like 90s, 30m, 12h or 7d, got {text!r}")
+    seconds = float(match.group(1)) * _UNIT[match.group(2).lower()]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration out of range: {text!r}")
+    return seconds

@@ -27,14 +27,15 @@ Header::
      16     4  slot count (u32)
      20     4  slot payload capacity in bytes (u32)
      24     4  registry capacity (u32)
-     28     4  reserved
+     28     4  max_value_size: the largest encoded value the store may grow to (u32)
      32     8  total segment size (u64)
      40     8  created, ns since the epoch (u64)
      48    16  schema fingerprint (blake2b-128 of the type's JSON schema)
      64     8  HEAD = version of the newest committed value, 0 while empty (u64, own cache line)
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
-    144     8  reserved (was: last commit time; now read from the HEAD slot, see _ring)
+    144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
+               g > 0 = segment "<name>.g<g>" (values that grow, see _growth)
     152     8  registry high-water mark: entries at or above it were never used (u64)
     160    32  four counters for layers above the store, e.g. the FSM layer's conflicts (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
@@ -47,6 +48,15 @@ Registry entry (32 bytes)::
       8     8  pid of the owner (u64), informational
      16     8  state (u64): 0 free, 1 in use
      24     8  claimed, ns since the epoch (u64)
+
+Generation segment (a ring the store grew into): a 64-byte header, then the slots::
+
+      0     8  magic b"SHMSTGEN" (written last)
+      8     8  generation (u64)
+     16     4  slot count (u32), equal to the store's
+     20     4  slot payload capacity in bytes (u32)
+     24     8  total segment size (u64)
+     64     -  slot 0 | slot 1 | ... as in the store segment
 
 Slot header (32 bytes)::
 
@@ -75,6 +85,7 @@ __all__ = [
     "MAGIC",
     "W_BASE_VERSION",
     "W_CONFLICTS",
+    "W_GENERATION",
     "W_HEAD",
     "W_REG_HIGH",
     "Geometry",
@@ -89,7 +100,8 @@ __all__ = [
 ]
 
 MAGIC = b"SHMSTORE"
-LAYOUT_VERSION = 1
+GEN_MAGIC = b"SHMSTGEN"
+LAYOUT_VERSION = 2  # 2: rings that grow (generation word, max_value_size)
 FLAG_CRC = 1
 FLAG_ROBUST_MUTEX = 2
 
@@ -108,6 +120,7 @@ NAME_FIELD = 64
 OFF_HEAD = 64
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
+OFF_GENERATION = 144
 OFF_REG_HIGH = 152
 OFF_APP_COUNTERS = 160
 APP_COUNTERS = 4
@@ -117,11 +130,14 @@ APP_COUNTERS = 4
 W_HEAD = OFF_HEAD // 8
 W_BASE_VERSION = OFF_BASE_VERSION // 8
 W_CONFLICTS = OFF_CONFLICTS // 8
+W_GENERATION = OFF_GENERATION // 8
 W_REG_HIGH = OFF_REG_HIGH // 8
 W_APP_COUNTERS = OFF_APP_COUNTERS // 8
 
 # The static part of the header, written once at create before the magic.
-HEADER = struct.Struct("<8sIIIII4xQQ16s")
+HEADER = struct.Struct("<8sIIIIIIQQ16s")
+GEN_HEADER = struct.Struct("<8sQIIQ")
+GEN_HEADER_SIZE = 64
 NAME_FIELD_STRUCT = struct.Struct("<64s")
 OFF_TYPE_NAME = 192
 OFF_STORE_NAME = 256
@@ -175,7 +191,7 @@ class Geometry:
 
     @property
     def stride(self) -> int:
-        return _align(SLOT_HEADER_SIZE + self.slot_size, CACHE_LINE)
+        return slot_stride(self.slot_size)
 
     @property
     def total_size(self) -> int:
@@ -184,6 +200,52 @@ class Geometry:
     def slot_at(self, version: int) -> int:
         """Byte offset of the slot that holds message *version*."""
         return self.slots_at + (version % self.slots) * self.stride
+
+
+def slot_stride(slot_size: int) -> int:
+    """Bytes from one slot to the next for payloads of up to *slot_size* bytes."""
+    return _align(SLOT_HEADER_SIZE + slot_size, CACHE_LINE)
+
+
+def generation_size(slots: int, slot_size: int) -> int:
+    """Total size of a generation segment holding *slots* slots of *slot_size* bytes."""
+    return _align(GEN_HEADER_SIZE + slots * slot_stride(slot_size), PAGE)
+
+
+def write_generation_header(
+    buf: bytearray | mmap.mmap, generation: int, slots: int, slot_size: int
+) -> None:
+    """Describe a fresh generation segment; its magic goes in last (:func:`publish_generation`)."""
+    size = generation_size(slots, slot_size)
+    buf[0 : GEN_HEADER.size] = GEN_HEADER.pack(
+        b"\0" * len(GEN_MAGIC), generation, slots, slot_size, size
+    )
+
+
+def publish_generation(buf: bytearray | mmap.mmap) -> None:
+    buf[0 : len(GEN_MAGIC)] = GEN_MAGIC
+
+
+def read_generation_header(
+    buf: bytes | bytearray | mmap.mmap, real_size: int, generation: int, slots: int
+) -> int:
+    """Validate a generation segment against what the store header says; returns its slot
+    payload capacity. :class:`CorruptStoreError` for anything else."""
+    if real_size < GEN_HEADER_SIZE:
+        raise CorruptStoreError(f"generation {generation} segment is only {real_size} bytes")
+    magic, gen, nslots, slot_size, total = GEN_HEADER.unpack_from(buf, 0)
+    if magic != GEN_MAGIC or gen != generation or nslots != slots:
+        raise CorruptStoreError(
+            f"generation {generation} segment is not one: magic {magic!r}, generation {gen}, "
+            f"{nslots} slots (store has {slots})"
+        )
+    if not 1 <= slot_size <= MAX_SLOT_SIZE or total != generation_size(slots, slot_size):
+        raise CorruptStoreError(f"generation {generation} segment has impossible sizes")
+    if total > real_size:
+        raise CorruptStoreError(
+            f"generation {generation} segment says {total} bytes, has {real_size}"
+        )
+    return int(slot_size)
 
 
 def entry_word(index: int, field: int) -> int:
@@ -204,6 +266,7 @@ class HeaderInfo:
 
     flags: int
     geometry: Geometry
+    max_value_size: int
     created_ns: int
     fingerprint: bytes
     type_name: str
@@ -219,11 +282,19 @@ def write_header(
     fingerprint: bytes,
     type_name: str,
     store_name: str,
+    max_value_size: int,
 ) -> None:
     """Write the static header of a fresh segment, all but the magic (see :func:`write_magic`)."""
     buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD] = name_field(type_name)
     buf[OFF_STORE_NAME : OFF_STORE_NAME + NAME_FIELD] = name_field(store_name)
-    header = pack_header(geometry, flags, created_ns, fingerprint, magic=b"\0" * len(MAGIC))
+    header = pack_header(
+        geometry,
+        flags,
+        created_ns,
+        fingerprint,
+        magic=b"\0" * len(MAGIC),
+        max_value_size=max_value_size,
+    )
     buf[0 : len(header)] = header
 
 
@@ -238,7 +309,13 @@ def is_unborn(buf: bytes | bytearray | mmap.mmap) -> bool:
 
 
 def pack_header(
-    geometry: Geometry, flags: int, created_ns: int, fingerprint: bytes, magic: bytes
+    geometry: Geometry,
+    flags: int,
+    created_ns: int,
+    fingerprint: bytes,
+    magic: bytes,
+    *,
+    max_value_size: int | None = None,
 ) -> bytes:
     return HEADER.pack(
         magic,
@@ -247,6 +324,7 @@ def pack_header(
         geometry.slots,
         geometry.slot_size,
         geometry.registry_capacity,
+        geometry.slot_size if max_value_size is None else max_value_size,
         geometry.total_size,
         created_ns,
         fingerprint,
@@ -267,7 +345,9 @@ def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInf
     """
     if real_size < HEADER_SIZE:
         raise CorruptStoreError(f"segment is {real_size} bytes, smaller than a store header")
-    magic, layout, flags, slots, slot_size, reg_cap, total, created, fp = HEADER.unpack_from(buf, 0)
+    magic, layout, flags, slots, slot_size, reg_cap, max_value, total, created, fp = (
+        HEADER.unpack_from(buf, 0)
+    )
     if magic != MAGIC:
         raise CorruptStoreError(f"bad magic {magic!r}: not a shmstore segment")
     if layout != LAYOUT_VERSION:
@@ -285,9 +365,14 @@ def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInf
         )
     if flags & ~(FLAG_CRC | FLAG_ROBUST_MUTEX):
         raise CorruptStoreError(f"unknown header flags {flags:#x}")
+    if not slot_size <= max_value <= MAX_SLOT_SIZE:
+        raise CorruptStoreError(
+            f"header has max_value_size {max_value} (slot size {slot_size}, limit {MAX_SLOT_SIZE})"
+        )
     return HeaderInfo(
         flags=flags,
         geometry=geometry,
+        max_value_size=max_value,
         created_ns=created,
         fingerprint=fp,
         type_name=decode_name_field(bytes(buf[OFF_TYPE_NAME : OFF_TYPE_NAME + NAME_FIELD])),

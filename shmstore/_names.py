@@ -22,6 +22,7 @@ import hashlib
 __all__ = [
     "MAX_NAME_BYTES",
     "OS_PREFIX",
+    "generation_segment_name",
     "reader_semaphore_name",
     "semaphore_prefix",
     "segment_name",
@@ -58,6 +59,12 @@ def _digest(text: str, chars: int = _HASH_CHARS) -> str:
 def segment_name(name: str) -> str:
     """``/shmstore.<hash>``: 23 bytes."""
     return f"/{OS_PREFIX}{_digest(name)}"
+
+
+def generation_segment_name(name: str, generation: int) -> str:
+    """``/shmstore.<hash>.g<generation>``: the ring store *name* grew into (at most 29 bytes
+    below generation 100_000)."""
+    return f"{segment_name(name)}.g{generation}"
 
 
 def semaphore_prefix(name: str) -> str:

@@ -36,10 +36,13 @@ from ._errors import (
     StateStoreError,
     StorePermissionError,
 )
+from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
     FLAG_ROBUST_MUTEX,
+    MAX_SLOT_SIZE,
     OFF_MUTEX,
+    W_GENERATION,
     Geometry,
     HeaderInfo,
     is_unborn,
@@ -55,6 +58,7 @@ from ._writelock import RobustMutexLock, robust_mutex_supported
 
 __all__ = [
     "DEFAULT_MAX_READERS",
+    "DEFAULT_MAX_VALUE_SIZE",
     "DEFAULT_SLOTS",
     "DEFAULT_SLOT_SIZE",
     "OPEN_WAIT",
@@ -67,9 +71,11 @@ __all__ = [
 ]
 
 DEFAULT_SLOTS: Final = 8
-DEFAULT_SLOT_SIZE: Final = 65536
+DEFAULT_SLOT_SIZE: Final = 4096  # the initial capacity: stores grow when a value needs it
+DEFAULT_MAX_VALUE_SIZE: Final = 64 << 20
 DEFAULT_MAX_READERS: Final = 64
 OPEN_WAIT: Final = 1.0  # how long open() waits for a concurrent create to finish
+MAX_GENERATIONS: Final = 64  # doubling from 1 byte passes any max_value_size long before
 
 # CPUs that keep load->load and store->store order (TSO): the seqlock needs no CRC there.
 _STRONGLY_ORDERED = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
@@ -83,6 +89,7 @@ class Attached:
     info: HeaderInfo
     codec: Codec[Any]
     writable: bool
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,7 @@ class CreateOptions:
     mode: int = 0o600
     writer_lock: str = "auto"
     restore_from: str | os.PathLike[str] | None = None
+    max_value_size: int | None = None  # default: DEFAULT_MAX_VALUE_SIZE, or slot_size if larger
 
 
 def _default_crc() -> bool:
@@ -103,9 +111,18 @@ def _default_crc() -> bool:
     return platform.machine().lower() not in _STRONGLY_ORDERED
 
 
-def _plan(tp: Any, options: CreateOptions) -> tuple[Geometry, Codec[Any], int, Checkpoint | None]:
-    """Validate the create options (and any checkpoint to restore) before anything is created;
-    return the geometry, codec, header flags and checkpoint."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    geometry: Geometry
+    codec: Codec[Any]
+    flags: int
+    restore: Checkpoint | None
+    max_value_size: int
+
+
+def _plan(tp: Any, options: CreateOptions) -> _Plan:
+    """Validate the create options (and any checkpoint to restore) before anything is
+    created."""
     for label, value in (
         ("slots", options.slots),
         ("slot_size", options.slot_size),
@@ -115,6 +132,16 @@ def _plan(tp: Any, options: CreateOptions) -> tuple[Geometry, Codec[Any], int, C
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{label} must be an int, got {type(value).__name__}")
     geometry = Geometry(options.slots, options.slot_size, options.max_readers)
+    max_value_size = options.max_value_size
+    if max_value_size is None:
+        max_value_size = max(DEFAULT_MAX_VALUE_SIZE, options.slot_size)
+    if not isinstance(max_value_size, int) or isinstance(max_value_size, bool):
+        raise TypeError(f"max_value_size must be an int, got {type(max_value_size).__name__}")
+    if not options.slot_size <= max_value_size <= MAX_SLOT_SIZE:
+        raise ValueError(
+            f"max_value_size must be between slot_size ({options.slot_size}) and "
+            f"{MAX_SLOT_SIZE}, got {max_value_size}"
+        )
     codec: Codec[Any] = Codec(tp)
     if options.mode & ~0o777 or options.mode < 0:
         raise ValueError(f"mode must be permission bits (0o000-0o777), got {options.mode:#o}")
@@ -129,16 +156,17 @@ def _plan(tp: Any, options: CreateOptions) -> tuple[Geometry, Codec[Any], int, C
         flags |= FLAG_ROBUST_MUTEX
     elif writer_lock != "flock":
         raise ValueError(f"writer_lock must be 'auto', 'mutex' or 'flock', got {writer_lock!r}")
-    restore = (
-        None
-        if options.restore_from is None
-        else _load_checkpoint(options.restore_from, codec, geometry)
-    )
-    return geometry, codec, flags, restore
+    restore = None
+    if options.restore_from is not None:
+        restore = _load_checkpoint(options.restore_from, codec, max_value_size)
+        if len(restore.payload) > geometry.slot_size:
+            # Start as large as the saved value needs, as a commit of it would grow the store.
+            geometry = Geometry(options.slots, len(restore.payload), options.max_readers)
+    return _Plan(geometry, codec, flags, restore, max_value_size)
 
 
 def _load_checkpoint(
-    path: str | os.PathLike[str], codec: Codec[Any], geometry: Geometry
+    path: str | os.PathLike[str], codec: Codec[Any], max_value_size: int
 ) -> Checkpoint:
     checkpoint = read_checkpoint(path)
     if checkpoint.fingerprint != codec.fingerprint:
@@ -146,10 +174,10 @@ def _load_checkpoint(
             f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
             f"store's type {codec.type_name}"
         )
-    if len(checkpoint.payload) > geometry.slot_size:
+    if len(checkpoint.payload) > max_value_size:
         raise SnapshotTooLargeError(
-            f"checkpoint value is {len(checkpoint.payload)} bytes; the store's slot_size is "
-            f"{geometry.slot_size}"
+            f"checkpoint value is {len(checkpoint.payload)} bytes; the store's max_value_size "
+            f"is {max_value_size}"
         )
     try:
         codec.decode(checkpoint.payload)
@@ -163,28 +191,22 @@ def _load_checkpoint(
 def create(name: str, tp: Any, options: CreateOptions) -> Attached:
     """Create store *name*: a new segment, fully initialized before its magic appears."""
     validate_name(name)
-    geometry, codec, flags, restore = _plan(tp, options)
-    segment = Segment.create(name, geometry.total_size, options.mode)
-    return _initialize(segment, geometry, codec, flags, unlink_on_error=True, restore=restore)
+    plan = _plan(tp, options)
+    segment = Segment.create(name, plan.geometry.total_size, options.mode)
+    return _initialize(segment, plan, unlink_on_error=True)
 
 
 def create_private(tp: Any, options: CreateOptions) -> Attached:
     """A store no other process can open (see ``Segment.anonymous``)."""
-    geometry, codec, flags, restore = _plan(tp, options)
+    plan = _plan(tp, options)
     label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
-    segment = Segment.anonymous(label, geometry.total_size)
-    return _initialize(segment, geometry, codec, flags, unlink_on_error=False, restore=restore)
+    segment = Segment.anonymous(label, plan.geometry.total_size)
+    attached = _initialize(segment, plan, unlink_on_error=False)
+    return Attached(attached.segment, attached.info, attached.codec, True, private=True)
 
 
-def _initialize(
-    segment: Segment,
-    geometry: Geometry,
-    codec: Codec[Any],
-    flags: int,
-    *,
-    unlink_on_error: bool,
-    restore: Checkpoint | None,
-) -> Attached:
+def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Attached:
+    geometry, codec, flags, restore = plan.geometry, plan.codec, plan.flags, plan.restore
     try:
         m = segment.map
         write_header(
@@ -195,6 +217,7 @@ def _initialize(
             fingerprint=codec.fingerprint,
             type_name=codec.type_name,
             store_name=segment.name,
+            max_value_size=plan.max_value_size,
         )
         if flags & FLAG_ROBUST_MUTEX:
             RobustMutexLock.initialize(m, OFF_MUTEX)
@@ -276,6 +299,7 @@ def remove(name: str) -> bool:
     user may not remove."""
     validate_name(name)
     semaphores: list[str] = []
+    generation = 0
     try:
         segment, info = _attach(name, wait=0.0)
     except StateStoreError:
@@ -286,10 +310,14 @@ def remove(name: str) -> bool:
             semaphores = registered_semaphore_names(
                 words, info.geometry.registry_capacity, name, info.created_ns
             )
+            generation = int(words[W_GENERATION])
         finally:
             words.release()
             segment.close()
     existed = unlink_segment(name)
+    # Every ring it grew into, and one more: a move that died before publishing it.
+    unlink_generations(name, range(1, min(generation, MAX_GENERATIONS) + 2))
+    remove_listed_generations(name)
     for sem in semaphores:
         unlink_semaphore(sem)
     _remove_listed_semaphores(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 
 import posix_ipc
 
@@ -21,6 +22,9 @@ from ._errors import StateStoreError, StoreExistsError, StoreNotFoundError, Stor
 from ._names import segment_name
 
 __all__ = ["Segment", "UnsizedSegmentError", "unlink_segment"]
+
+_UNMAP_PATIENCE = 10.0  # seconds a close() waits for in-place decodes to let go of the mapping
+_UNMAP_POLL = 100e-6
 
 
 class Segment:
@@ -33,16 +37,17 @@ class Segment:
 
     __slots__ = ("fd", "map", "name", "os_name", "size")
 
-    def __init__(self, name: str, fd: int, size: int) -> None:
+    def __init__(self, name: str, fd: int, size: int, os_name: str | None = None) -> None:
         self.name = name
-        self.os_name = segment_name(name)
+        self.os_name = segment_name(name) if os_name is None else os_name
         self.fd = fd
         self.size = size
         self.map = mmap.mmap(fd, size)
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int) -> Segment:
-        os_name = segment_name(name)
+    def create(cls, name: str, size: int, mode: int, *, os_name: str | None = None) -> Segment:
+        """Create *name*'s segment (or the one named *os_name*: a generation of the store)."""
+        os_name = segment_name(name) if os_name is None else os_name
         try:
             shm = posix_ipc.SharedMemory(os_name, posix_ipc.O_CREX, mode=mode, size=0)
         except posix_ipc.ExistentialError as exc:
@@ -55,7 +60,7 @@ class Segment:
         try:
             os.fchmod(fd, mode)  # shm_open applies the umask; the caller's mode is what counts
             os.posix_fallocate(fd, 0, size)
-            return cls(name, fd, size)
+            return cls(name, fd, size, os_name)
         except OSError as exc:
             os.close(fd)
             _unlink_quietly(os_name)
@@ -88,14 +93,14 @@ class Segment:
         return segment
 
     @classmethod
-    def open(cls, name: str) -> Segment:
-        fd = _open_fd(name)
+    def open(cls, name: str, *, os_name: str | None = None) -> Segment:
+        fd = _open_fd(name, os_name)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 # Created but not yet sized: the creator is between shm_open and fallocate.
                 raise UnsizedSegmentError(f"store {name!r} is still being created")
-            return cls(name, fd, size)
+            return cls(name, fd, size, os_name)
         except BaseException:
             os.close(fd)
             raise
@@ -103,7 +108,7 @@ class Segment:
     def reopen(self) -> None:
         """Give this process its own open file description (after ``fork()``)."""
         old = self.fd
-        self.fd = _open_fd(self.name)
+        self.fd = _open_fd(self.name, self.os_name)
         os.close(old)
 
     def owner_uid(self) -> int:
@@ -117,7 +122,19 @@ class Segment:
 
     def close(self) -> None:
         try:
-            self.map.close()
+            deadline = time.monotonic() + _UNMAP_PATIENCE
+            while True:
+                try:
+                    self.map.close()
+                    break
+                except BufferError as exc:
+                    # Another thread is decoding a value in place from the mapping (``_ring``);
+                    # it lets go of its view within one decode. Anything longer is a bug.
+                    if time.monotonic() > deadline:
+                        raise StateStoreError(
+                            f"cannot unmap store {self.name!r}: a view into it is still in use"
+                        ) from exc
+                    time.sleep(_UNMAP_POLL)
         finally:
             if self.fd >= 0:
                 os.close(self.fd)
@@ -128,9 +145,9 @@ class UnsizedSegmentError(StateStoreError):
     """The segment exists but has no size yet: a create in progress."""
 
 
-def _open_fd(name: str) -> int:
+def _open_fd(name: str, os_name: str | None = None) -> int:
     try:
-        shm = posix_ipc.SharedMemory(segment_name(name))
+        shm = posix_ipc.SharedMemory(segment_name(name) if os_name is None else os_name)
     except posix_ipc.ExistentialError as exc:
         raise StoreNotFoundError(errno.ENOENT, f"no store named {name!r}") from exc
     except posix_ipc.PermissionsError as exc:
@@ -151,6 +168,6 @@ def _unlink_quietly(os_name: str) -> bool:
     return True
 
 
-def unlink_segment(name: str) -> bool:
-    """Remove the segment name of store *name*; ``False`` if it did not exist."""
-    return _unlink_quietly(segment_name(name))
+def unlink_segment(name: str, *, os_name: str | None = None) -> bool:
+    """Remove the segment name of store *name* (or *os_name*); ``False`` if it did not exist."""
+    return _unlink_quietly(segment_name(name) if os_name is None else os_name)

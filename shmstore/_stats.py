@@ -34,6 +34,8 @@ class StoreStatistics:
     lag: int
     reads: int
     retries: int
+    max_value_size: int = 0  # the store grows its slots (slot_size) up to this
+    growths: int = 0  # how many times the store moved to a larger ring
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

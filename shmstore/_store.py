@@ -20,7 +20,7 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _provision
 from ._checkpoint import write_checkpoint
-from ._codec import Codec
+from ._codec import ENCODE_ERRORS, VALIDATE_ERRORS, Codec
 from ._errors import (
     CheckpointError,
     CorruptStoreError,
@@ -30,16 +30,19 @@ from ._errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
     FLAG_CRC,
     FLAG_ROBUST_MUTEX,
     OFF_MUTEX,
+    W_GENERATION,
     W_HEAD,
     W_REG_HIGH,
     Geometry,
     app_counter_word,
 )
+from ._projection import Projection, check_projection
 from ._provision import (
     DEFAULT_MAX_READERS,
     DEFAULT_SLOT_SIZE,
@@ -48,7 +51,8 @@ from ._provision import (
     CreateOptions,
 )
 from ._registry import Registry
-from ._ring import Ring
+from ._ring import DecodeFailed, Ring, RingMoved
+from ._segment import Segment
 from ._stats import StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
@@ -57,12 +61,14 @@ from ._writelock import FlockLock, RobustMutexLock, WriteLock
 __all__ = ["AppCounters", "Store", "remove"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 WriterLockKind = Literal["auto", "mutex", "flock"]
 
 # A version the writer would not reach in centuries; past it the header is damaged, and the
 # slot sequence 2v would no longer fit its u64.
 MAX_VERSION: Final = 1 << 62
 _OPEN_OR_CREATE_TRIES: Final = 5
+_FOLLOW_TRIES: Final = 100
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
@@ -106,12 +112,24 @@ class Store(Generic[T]):
         self._info = info
         self._codec: Codec[T] = attached.codec
         self._writable = attached.writable
+        self._private = attached.private
         self._ring = Ring(
             segment.map,
             info.geometry,
             crc=bool(info.flags & FLAG_CRC),
             reuse_buffer=not self._codec.aliases_input,
         )
+        # Rings the store grew out of (see _growth) stay mapped until close(): another thread of
+        # this handle may be reading one. The current ring's own segment, unless generation 0.
+        self._retired: list[tuple[Ring, Segment | None]] = []
+        self._ring_segment: Segment | None = None
+        self._move_lock = threading.Lock()
+        self._mode = segment.mode()
+        self._raw_decode = self._codec.raw_decode
+        self._raw_encode = self._codec.raw_encode
+        self._max_value_size = info.max_value_size
+        # Decode big payloads straight from the mapping (see Ring.read_newest_value).
+        self._in_place = self._codec.decode_in_place and not info.flags & FLAG_CRC
         # The hot paths read HEAD through this bound load directly: no property, no frame.
         self._head = self._ring.head
         self._words = self._ring.words
@@ -141,6 +159,12 @@ class Store(Generic[T]):
         self._pid = os.getpid()
         self._app_counters = AppCounters(self._app_counter, self._increment_app_counter)
         _live_handles.add(self)
+        if self._ring.moved():
+            try:
+                self._follow_move()  # a store that grew before we opened it
+            except BaseException:
+                self.close()
+                raise
 
     @overload
     @classmethod
@@ -156,6 +180,7 @@ class Store(Generic[T]):
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
+        max_value_size: int | None = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -172,6 +197,7 @@ class Store(Generic[T]):
         mode: int = ...,
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
+        max_value_size: int | None = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -187,15 +213,20 @@ class Store(Generic[T]):
         mode: int = 0o600,
         writer_lock: WriterLockKind = "auto",
         restore_from: str | os.PathLike[str] | None = None,
+        max_value_size: int | None = None,
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
-        *slots* is the ring depth (how many versions stay readable), *slot_size* the largest
-        encoded value in bytes, *max_readers* the number of processes that may wait on the store
-        at once. *crc* adds a CRC32 check to every read (default: on where the CPU reorders
-        loads). *mode* is the permission bits of the segment. *writer_lock* picks how writers
-        are serialized: ``"mutex"`` (a robust process-shared mutex, Linux), ``"flock"``, or
-        ``"auto"`` (the mutex where the C library has robust mutexes); see ``_writelock``.
+        *slots* is the ring depth (how many versions stay readable), *slot_size* the initial
+        capacity of a slot in bytes: a larger value moves the store to a ring with larger slots
+        (geometric growth; every handle follows), up to *max_value_size* (64 MiB by default, or
+        *slot_size* if larger), past
+        which ``set()`` raises :class:`SnapshotTooLargeError`. *max_readers* is the number of
+        processes that may wait on the store at once. *crc* adds a CRC32 check to every read
+        (default: on where the CPU reorders loads). *mode* is the permission bits of the
+        segment. *writer_lock* picks how writers are serialized: ``"mutex"`` (a robust
+        process-shared mutex, Linux), ``"flock"``, or ``"auto"`` (the mutex where the C library
+        has robust mutexes); see ``_writelock``.
         *restore_from* starts the store from a :meth:`checkpoint` file: it holds the saved value
         at the saved version, and the next commit is that version + 1.
 
@@ -204,7 +235,16 @@ class Store(Generic[T]):
         :class:`CheckpointError` / :class:`SchemaMismatchError` for a checkpoint that cannot be
         restored (checked before anything is created).
         """
-        options = CreateOptions(slots, slot_size, max_readers, crc, mode, writer_lock, restore_from)
+        options = CreateOptions(
+            slots=slots,
+            slot_size=slot_size,
+            max_readers=max_readers,
+            crc=crc,
+            mode=mode,
+            writer_lock=writer_lock,
+            restore_from=restore_from,
+            max_value_size=max_value_size,
+        )
         return cls(_provision.create(name, type, options))
 
     @overload
@@ -303,7 +343,18 @@ class Store(Generic[T]):
 
     @property
     def geometry(self) -> Geometry:
+        """The geometry the store was created with (its first ring)."""
         return self._info.geometry
+
+    @property
+    def capacity(self) -> int:
+        """The largest encoded value the current ring holds without growing."""
+        return self._ring.capacity
+
+    @property
+    def max_value_size(self) -> int:
+        """The largest encoded value the store accepts (it grows up to this)."""
+        return self._info.max_value_size
 
     @property
     def version(self) -> int:
@@ -343,16 +394,48 @@ class Store(Generic[T]):
         value, version = self._refresh()
         return value, version
 
+    def _read_newest(self) -> tuple[bytes | memoryview | None, int, int]:
+        while True:
+            try:
+                return self._ring.read_newest()
+            except RingMoved:
+                self._follow_move()
+
     def _refresh(self) -> tuple[T | None, int]:
-        try:
-            payload, version, _ts = self._ring.read_newest()
-        except ValueError:  # the mapping went away under us: close() in another thread
-            raise self._closed_error() from None
-        if payload is None:
-            return None, 0
-        value = self._decode(payload, version)
-        self._cache = (version, value)
+        value, version = self._read_decoded(self._raw_decode)
+        if version:
+            self._cache = (version, value)
         return value, version
+
+    def _read_decoded(self, decode: Callable[[Any], Any]) -> tuple[Any, int]:
+        """The newest value decoded by *decode* (the store's own decoder, or a projection's),
+        following moves and translating a stable slot that does not decode."""
+        while True:
+            try:
+                return self._ring.read_newest_value(decode, self._in_place)
+            except RingMoved:
+                self._follow_move()
+                continue
+            except ValueError:  # a released view: close() in another thread
+                if not self._closed:
+                    raise
+                raise self._closed_error() from None
+            except DecodeFailed as failed:
+                # Not only msgspec.DecodeError: damaged bytes can also raise UnicodeDecodeError,
+                # RecursionError (deep nesting) or ValueError; none may escape untranslated.
+                raise CorruptStoreError(
+                    f"store {self.name!r}: version {failed.version} does not decode as "
+                    f"{self._codec.type_name}: {failed.cause}"
+                ) from failed.cause
+
+    def projection(self, projected: type[P]) -> Projection[P]:
+        """A view of a few fields of this store's values: *projected* is a ``msgspec.Struct``
+        whose fields are a subset of the store's type's (same names and types, checked now:
+        :class:`SchemaMismatchError` otherwise). Its ``get()`` decodes only those fields --
+        for a big value a fraction of a full ``get()`` -- and never returns a torn value."""
+        self._check_open()
+        check_projection(self._codec.type, projected)
+        return Projection(projected, self._version_or_closed, self._read_decoded)
 
     def _decode(self, payload: bytes | memoryview, version: int) -> T:
         try:
@@ -372,11 +455,65 @@ class Store(Generic[T]):
             return (cached[1],)  # type: ignore[return-value]
         try:
             got = self._ring.read(version)
-        except ValueError:  # closed in another thread, as in _refresh
+            if got is None and self._ring.moved():
+                self._follow_move()
+                got = self._ring.read(version)
+        except ValueError:  # closed in another thread, as in _read_decoded
+            if not self._closed:
+                raise
             raise self._closed_error() from None
         if got is None:
             return None
         return (self._decode(got[0], version),)
+
+    # ---------------------------------------------------------------- growing
+
+    def _follow_move(self) -> None:
+        """Map the ring the store grew into (see ``_growth``)."""
+        with self._move_lock:
+            for _ in range(_FOLLOW_TRIES):
+                generation = int(self._words[W_GENERATION])
+                if generation == self._ring.generation:
+                    return
+                if self._private:
+                    break  # only this handle can grow a private store: it never lags
+                try:
+                    ring, segment = open_generation(
+                        self._segment.map,
+                        self._info.geometry,
+                        self.name,
+                        generation,
+                        crc=bool(self._info.flags & FLAG_CRC),
+                        reuse_buffer=not self._codec.aliases_input,
+                    )
+                except StoreNotFoundError:
+                    continue  # a newer move removed it meanwhile: read GENERATION again
+                self._retire(ring, segment)
+                return
+        raise CorruptStoreError(
+            f"store {self.name!r} moved to ring generation {int(self._words[W_GENERATION])}, "
+            "which cannot be found"
+        )
+
+    def _retire(self, ring: Ring, segment: Segment) -> None:
+        self._retired.append((self._ring, self._ring_segment))
+        self._ring, self._ring_segment = ring, segment
+
+    def _grow(self, needed: int) -> None:
+        """Move to a larger ring. The caller holds the writer lock and ``_in_use``."""
+        with self._move_lock:
+            ring, segment = grow(
+                self._segment.map,
+                self._info.geometry,
+                self._ring,
+                name=self.name,
+                capacity=next_capacity(self._ring.capacity, needed, self._info.max_value_size),
+                mode=self._mode,
+                crc=bool(self._info.flags & FLAG_CRC),
+                reuse_buffer=not self._codec.aliases_input,
+                private=self._private,
+            )
+            self._retire(ring, segment)
 
     # ---------------------------------------------------------------- waiting
 
@@ -470,17 +607,22 @@ class Store(Generic[T]):
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
             )
-        codec = self._codec
-        data = codec.encode(value)
-        capacity = self._info.geometry.slot_size
-        if len(data) > capacity:
+        # This is the hot path of set(): msgspec's own calls, no wrapper frames.
+        try:
+            data = self._raw_encode(value)
+        except ENCODE_ERRORS as exc:
+            raise self._codec.encode_failure(value, exc) from exc
+        if len(data) > self._max_value_size:
             raise SnapshotTooLargeError(
                 f"encoded value is {len(data)} bytes; store {self.name!r} holds at most "
-                f"{capacity} bytes per slot"
+                f"{self._max_value_size} bytes (its max_value_size)"
             )
-        checked = codec.validate(data)
-        ring = self._ring
+        try:
+            checked = self._raw_decode(data)
+        except VALIDATE_ERRORS as exc:
+            raise self._codec.validate_failure(exc) from exc
         lock = self._lock
+        words = self._words
         with self._in_use:
             if self._closed:
                 raise self._closed_error()
@@ -490,7 +632,11 @@ class Store(Generic[T]):
                 rc = lock.acquire()
                 if rc:
                     lock.recover(rc)
-                head = ring.head()
+                ring = self._ring
+                if words[W_GENERATION] != ring.generation:
+                    self._follow_move()  # another process grew the store
+                    ring = self._ring
+                head = words[W_HEAD]
                 if head >= MAX_VERSION:
                     raise CorruptStoreError(
                         f"store {self.name!r}: header says version {head}: the header is damaged"
@@ -499,6 +645,9 @@ class Store(Generic[T]):
                     if count_conflict:
                         ring.count_conflict()
                     raise StateVersionError(expected_version, head)
+                if len(data) > ring.capacity:
+                    self._grow(len(data))
+                    ring = self._ring
                 version = ring.commit(data, time.time_ns())
             finally:
                 lock.release()  # also the barrier between publishing HEAD and notify()
@@ -518,7 +667,7 @@ class Store(Generic[T]):
         # same path, the one renamed last is always the newer.
         with self._checkpoint_lock, self._in_use:
             self._check_open()
-            payload, version, _ts = self._ring.read_newest()
+            payload, version, _ts = self._read_newest()
             if payload is None:
                 raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
             payload = bytes(payload)  # out of the mapping (and any shared buffer) before I/O
@@ -548,6 +697,7 @@ class Store(Generic[T]):
             geometry = self._info.geometry
             version, commits, last_update_ns = self._ring.consistent_counters()
             conflicts = self._ring.conflicts()
+            growths = int(self._words[W_GENERATION])  # under _in_use: close() releases it
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
@@ -558,7 +708,7 @@ class Store(Generic[T]):
             last_update_ns=last_update_ns,
             created_ns=self._info.created_ns,
             slots=geometry.slots,
-            slot_size=geometry.slot_size,
+            slot_size=self._ring.capacity,
             max_readers=geometry.registry_capacity,
             readers_registered=len(entries),
             readers_alive=sum(alive for _i, _pid, alive in entries),
@@ -566,6 +716,8 @@ class Store(Generic[T]):
             lag=max(0, version - self._cache[0]),
             reads=self._ring.reads,
             retries=self._ring.retries,
+            max_value_size=self._info.max_value_size,
+            growths=growths,
         )
 
     # ---------------------------------------------------------------- counters
@@ -573,7 +725,7 @@ class Store(Generic[T]):
     @property
     def commits(self) -> int:
         """Commits made by every process since the store was created."""
-        with self._in_use:  # like every read of the mapping in more than one step
+        with self._in_use:  # like every read of the mapping that could race close()
             self._check_open()
             return self._ring.commits()
 
@@ -640,7 +792,11 @@ class Store(Generic[T]):
             _live_handles.discard(self)
             self._registry.close()
             self._lock.close()
-            self._ring.release()
+            for ring, segment in [*self._retired, (self._ring, self._ring_segment)]:
+                ring.release()
+                if segment is not None:
+                    segment.close()
+            self._retired.clear()
             self._segment.close()
 
     def unlink(self) -> None:

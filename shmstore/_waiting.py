@@ -25,8 +25,8 @@ handle still owns at most one registry entry. An event loop that closes while on
 coroutines waits is skipped; the other loops' coroutines are still served.
 
 Timeouts: ``None`` and ``inf`` wait forever, ``nan`` is a ``ValueError``; a single semaphore
-sleep is capped at an hour so that a huge "forever" timeout cannot overflow ``sem_timedwait``'s
-absolute deadline.
+sleep is capped at a second so that a huge "forever" timeout cannot overflow ``sem_timedwait``'s
+absolute deadline, and a Ctrl-C that lands just before a sleep is seen within a second.
 
 Where timed semaphore waits do not exist (macOS: ``posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED`` is
 false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead.
@@ -55,9 +55,11 @@ _POLL_MIN: Final = 50e-6
 _POLL_MAX: Final = 5e-3
 SPIN_NS: Final = 100_000
 _EWMA_SEED: Final = 10 * SPIN_NS  # start out assuming waits are long: no spinning
-# The longest single semaphore sleep: a "forever" such as sys.float_info.max must not overflow
-# the absolute deadline sem_timedwait takes (it then fails at once, and the loop would spin).
-_MAX_SLEEP: Final = 3600.0
+# The longest single semaphore sleep. A "forever" such as sys.float_info.max must not overflow
+# the absolute deadline sem_timedwait takes (it then fails at once, and the loop would spin);
+# and a signal that lands just before the wait starts (Ctrl-C) is not seen until the wait ends,
+# so a sleeping thread looks up once a second. That costs nothing measurable.
+_MAX_SLEEP: Final = 1.0
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -160,13 +162,13 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
+        if self._closing:
+            raise StateStoreError(f"store {self._name!r} was closed while waiting")
+        if self.waiter is None:
+            self.waiter = self._registry.register(deadline)
         while True:
             if self._closing:
                 raise StateStoreError(f"store {self._name!r} was closed while waiting")
-            if self.waiter is None:
-                # Only after the check above: a thread that reaches the gate after close() began
-                # must not register through a descriptor and a mapping that are going away.
-                self.waiter = self._registry.register(deadline)
             head = self._head()
             if head > after:
                 return head

@@ -179,7 +179,7 @@ READS_RACING_CLOSE = """
     from shmstore import StateStoreError, Store
     sys.setswitchinterval(1e-6)
     unexpected = []
-    with Store.create(NAME, bytes, slot_size=4096) as owner:
+    with Store.create(NAME, bytes, slot_size=20_000) as owner:
         owner.set(b"x")
         for round in range(1000):
             st = Store.open(NAME, bytes)
@@ -198,7 +198,7 @@ READS_RACING_CLOSE = """
                 try:
                     while True:
                         fn()
-                        owner.set(b"y" * (round % 900 + 1))  # a new version for every read
+                        owner.set(b"y" * (SIZE + round % 900))  # a new version every read
                 except StateStoreError:
                     pass  # closed, or lagged/timed out: all part of the contract
                 except BaseException as exc:
@@ -215,8 +215,9 @@ READS_RACING_CLOSE = """
 """
 
 
-def test_reads_racing_close_raise_only_state_store_errors(store_name: str) -> None:
-    result = run_child(store_name, READS_RACING_CLOSE)
+@pytest.mark.parametrize("size", [1, 8000], ids=["copied", "decoded-in-place"])
+def test_reads_racing_close_raise_only_state_store_errors(store_name: str, size: int) -> None:
+    result = run_child(store_name, READS_RACING_CLOSE.replace("SIZE", str(size)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "survived" in result.stdout
 
@@ -321,7 +322,8 @@ def test_a_stopped_writer_never_blocks_a_readers_timeout_close_or_async_close(
         owner.set(Rec(0, b"x", 0))
         reached = ctx.Event()
         writer = ctx.Process(
-            target=writer_stopped_at, args=(store_name, "q[seq] = 2 * version - 1", reached)
+            target=writer_stopped_at,
+            args=(store_name, "commit", "self.write_slot(version, payload, ts_ns)", reached),
         )
         writer.start()
         try:

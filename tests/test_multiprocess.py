@@ -112,11 +112,12 @@ def test_negative_control_detects_tearing_without_the_recheck(store_name: str) -
         start = ctx.Barrier(2)
         stop = ctx.Event()
         results = ctx.Queue()
-        # The reader stops at a version the raw writer reaches in a few seconds at most.
+        # The reader stops at its first torn read (on a loaded machine that can take many
+        # commits), or after a minute, or at a version the raw writer reaches much later.
         reader = ctx.Process(
             target=torture_reader,
-            args=(store_name, 200_000, start, results),
-            kwargs={"recheck": False, "max_blob": max_blob},
+            args=(store_name, 50_000_000, start, results),
+            kwargs={"recheck": False, "max_blob": max_blob, "until_bad": True},
         )
         writer = ctx.Process(target=raw_writer, args=(store_name, stop, start, max_blob))
         reader.start()
@@ -163,23 +164,27 @@ def test_writer_killed_at_random_moments_loses_nothing(store_name: str, writer_l
 
 
 @pytest.mark.parametrize(
-    "marker",
+    ("function", "marker"),
     [
-        "q = self._q",  # lock held, nothing written
-        "start = base + SLOT_HEADER_SIZE",  # slot odd, payload not yet written
-        "self._i[word + SLOT_LEN_I]",  # payload half done: length not yet written
-        "q[_HEAD] = version",  # slot complete and even, HEAD not yet published
-        "return version",  # published, not yet returned
+        ("commit", "self.write_slot(version, payload, ts_ns)"),  # lock held, nothing written
+        ("write_slot", "start = base + SLOT_HEADER_SIZE"),  # slot odd, payload not yet written
+        ("write_slot", "self._i[word + SLOT_LEN_I]"),  # payload done, length not yet written
+        ("commit", "self._q[_HEAD] = version"),  # slot complete and even, HEAD not yet published
+        ("commit", "return version"),  # published, not yet returned
     ],
 )
 def test_writer_killed_at_dangerous_points_loses_nothing(
-    store_name: str, marker: str, writer_lock: str, caplog: pytest.LogCaptureFixture
+    store_name: str,
+    function: str,
+    marker: str,
+    writer_lock: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with Store.create(store_name, Rec, slots=2, slot_size=4096, writer_lock=writer_lock) as st:
         st.set(make_rec(1))
         st.set(make_rec(2))
         reached = ctx.Event()
-        p = ctx.Process(target=writer_stopped_at, args=(store_name, marker, reached))
+        p = ctx.Process(target=writer_stopped_at, args=(store_name, function, marker, reached))
         p.start()
         assert reached.wait(JOIN)
         assert st._lock.held_elsewhere()  # it really is frozen inside the critical section

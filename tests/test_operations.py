@@ -141,8 +141,11 @@ def test_missing_checkpoint_and_oversize_value(store_name: str, tmp_path: Path) 
         st.set(b"x" * 5000)
         st.checkpoint(path)
         st.unlink()
-    with pytest.raises(SnapshotTooLargeError, match="slot_size is 1000"):
-        Store.create(store_name, bytes, slot_size=1000, restore_from=path)
+    with pytest.raises(SnapshotTooLargeError, match="max_value_size is 1000"):
+        Store.create(store_name, bytes, slot_size=1000, max_value_size=1000, restore_from=path)
+    with Store.create(store_name, bytes, slot_size=1000, restore_from=path) as st:
+        assert st.get() == b"x" * 5000  # a store created small starts as large as it needs
+        st.unlink()
 
 
 def test_restore_across_processes(store_name: str, tmp_path: Path) -> None:

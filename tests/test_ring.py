@@ -131,3 +131,73 @@ def test_large_payloads_use_a_per_thread_buffer() -> None:
     assert isinstance(got, tuple)
     assert got[0] == big
     assert got[0].obj is not first.obj  # each thread copies into its own buffer
+
+
+# ------------------------------------------------------------------ the one-frame decoded read
+
+
+def test_decoded_read_refuses_what_the_copying_read_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_ring, "READ_DEADLINE", 0.05)
+    r = ring()
+    assert r.read_newest_value(bytes, False) == (None, 0)
+    r.commit(b"x", ts_ns=1)
+    assert r.read_newest_value(bytes, True) == (b"x", 1)
+    r._i[GEOMETRY.slot_at(1) // 4 + 2] = 2**32 - 1
+    with pytest.raises(CorruptStoreError, match="more than the slot size"):
+        r.read_newest_value(bytes, False)
+    r.commit(b"y", ts_ns=2)
+    r.words[GEOMETRY.slot_at(2) // 8] = 12345
+    with pytest.raises(CorruptStoreError, match="damaged"):
+        r.read_newest_value(bytes, True)
+    c = ring(crc=True)
+    c.commit(b"hello", ts_ns=1)
+    c._buf[GEOMETRY.slot_at(1) + SLOT_HEADER_SIZE] = ord("j")
+    with pytest.raises(CorruptStoreError):
+        c.read_newest_value(bytes, False)
+
+
+def test_in_place_decode_reads_the_mapping_and_a_stable_failure_is_reported() -> None:
+    geometry = Geometry(slots=2, slot_size=3 * _ring.IN_PLACE_MIN, registry_capacity=1)
+    r = Ring(bytearray(geometry.total_size), geometry, crc=False)
+    big = bytes(range(256)) * (2 * _ring.IN_PLACE_MIN // 256)
+    r.commit(big, ts_ns=1)
+    seen: list[type] = []
+
+    def decode(data: bytes | memoryview) -> bytes:
+        seen.append(type(data))
+        return bytes(data)
+
+    assert r.read_newest_value(decode, True) == (big, 1)
+    assert r.read_newest_value(decode, False) == (big, 1)
+    assert seen == [memoryview, bytes]  # in place: no copy; otherwise a private copy
+
+    def broken(data: bytes | memoryview) -> bytes:
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, "not msgspec's error")
+
+    with pytest.raises(_ring.DecodeFailed) as failed:
+        r.read_newest_value(broken, True)
+    assert isinstance(failed.value.cause, UnicodeDecodeError)
+    assert failed.value.version == 1
+
+
+def test_in_place_decode_of_a_torn_buffer_is_thrown_away() -> None:
+    geometry = Geometry(slots=2, slot_size=2 * _ring.IN_PLACE_MIN, registry_capacity=1)
+    r = Ring(bytearray(geometry.total_size), geometry, crc=False)
+    r.commit(b"a" * _ring.IN_PLACE_MIN, ts_ns=1)
+    calls = 0
+
+    def racing_decode(data: bytes | memoryview) -> bytes:
+        # The writer laps the slot while we decode: what we decoded is garbage, and the
+        # seq re-check must throw it away (and retry) instead of returning it.
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            r.commit(b"b" * _ring.IN_PLACE_MIN, ts_ns=2)
+            r.commit(b"c" * _ring.IN_PLACE_MIN, ts_ns=3)
+            return b"garbage"
+        return bytes(data)
+
+    assert r.read_newest_value(racing_decode, True) == (b"c" * _ring.IN_PLACE_MIN, 3)
+    assert calls == 2

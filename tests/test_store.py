@@ -148,13 +148,14 @@ def test_cached_get_neither_copies_nor_decodes(
         writer.set(Point(1, 2))
         first = st.get()
         reads: list[int] = []
-        real_read = Ring.read
+        real_read = Ring.read_newest_value
 
-        def counting_read(ring: Ring, version: int) -> Any:
+        def counting_read(ring: Ring, decode: Any, in_place: bool) -> Any:
+            value, version = real_read(ring, decode, in_place)
             reads.append(version)
-            return real_read(ring, version)
+            return value, version
 
-        monkeypatch.setattr(Ring, "read", counting_read)
+        monkeypatch.setattr(Ring, "read_newest_value", counting_read)
         for _ in range(100):
             assert st.get() is first
             assert st.get_with_version()[0] is first
@@ -167,7 +168,7 @@ def test_cached_get_neither_copies_nor_decodes(
 def test_oversize_value_is_refused_and_state_kept(
     store_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Store.create(store_name, bytes, slot_size=100) as st:
+    with Store.create(store_name, bytes, slot_size=100, max_value_size=100) as st:
         st.set(b"good")
         lock_taken: list[int] = []
         lock_class = type(st._lock)

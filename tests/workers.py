@@ -56,17 +56,28 @@ def rec_ok(rec: Any, max_blob: int = MAX_BLOB) -> bool:
 
 
 def torture_reader(
-    name: str, final: int, start: Barrier, results: Any, *, recheck: bool, max_blob: int
+    name: str,
+    final: int,
+    start: Barrier,
+    results: Any,
+    *,
+    recheck: bool,
+    max_blob: int,
+    until_bad: bool = False,
 ) -> None:
-    """Read until the writer's final version; report (reads, bad, regressions, distinct)."""
+    """Read until the writer's final version (or, with *until_bad*, until the first bad read
+    or a minute); report (reads, bad, regressions, distinct)."""
     st = Store.open(name, Rec)
     st._ring.verify = recheck
     reads = bad = regressions = 0
     last = 0
     seen = set()
     start.wait(BARRIER_WAIT)
+    give_up = time.monotonic() + 60
     try:
         while last < final:
+            if until_bad and (bad or time.monotonic() > give_up):
+                break
             try:
                 rec, version = st.get_with_version()
             except CorruptStoreError:
@@ -163,11 +174,11 @@ def freeze_at(function: Any, marker: str, reached: Event) -> None:
     sys.settrace(tracer)
 
 
-def writer_stopped_at(name: str, marker: str, reached: Event) -> None:
-    """Commit once, but freeze inside Ring.commit at *marker*."""
+def writer_stopped_at(name: str, function: str, marker: str, reached: Event) -> None:
+    """Commit once, but freeze inside ``Ring.<function>`` at *marker*."""
     st = Store.open(name, Rec)
     version = st.version
-    freeze_at(Ring.commit, marker, reached)
+    freeze_at(getattr(Ring, function), marker, reached)
     st.set(make_rec(version + 1))
 
 

@@ -1,11 +1,16 @@
 """The FSM worker's state store and snapshot types, shared across processes.
 
-A drop-in for the worker's in-process ``AsyncStateStore``: same methods, same frozen snapshot
-types, but readers and subscribers may live in other processes (give the store a ``name``).
+A drop-in for the worker's in-process ``AsyncStateStore``: same methods, arguments, return shapes
+and exceptions, the same snapshot types (frozen-dataclass behaviour included), but readers and
+subscribers may live in other processes (give the store a ``name``). README's "FSM drop-in" table
+lists the few deliberate differences.
 """
 
-from .._errors import StateStoreError as StateStoreError
-from .._errors import StateVersionError as StateVersionError
+from .._errors import InvalidSnapshotError as InvalidSnapshotError
+from ._errors import StateStoreError as StateStoreError
+from ._errors import StateVersionError as StateVersionError
+from ._fanout import MAX_QUEUE_SIZE as MAX_QUEUE_SIZE
+from ._store import TEST_SUBSCRIBER_TIMEOUT as TEST_SUBSCRIBER_TIMEOUT
 from ._store import AsyncStateStore as AsyncStateStore
 from ._store import create_initialized_store as create_initialized_store
 from ._store import create_store as create_store
@@ -22,6 +27,8 @@ __all__ = [
     "AsyncStateStore",
     "create_initialized_store",
     "create_store",
+    "MAX_QUEUE_SIZE",
+    "TEST_SUBSCRIBER_TIMEOUT",
     # snapshot types and helpers
     "FsmSnapshotDTO",
     "FsmState",
@@ -31,6 +38,7 @@ __all__ = [
     "initial_snapshot",
     "next_snapshot",
     # errors
+    "InvalidSnapshotError",
     "StateStoreError",
     "StateVersionError",
 ]
