@@ -1,10 +1,12 @@
 """Hardening round 2 (issue 11): each test reproduces one way the store was broken by attacking it.
 
-Every test here failed on the code before the rebuild (8f2b0b0) and passes now; the report of the
-round records which were seen to fail there. Crash scenarios run the victim in a child
-interpreter, so a segfault fails one test instead of the run. The other-user tests run as root
-and do the other user's part in a spawned child that drops to uid 65534 (``workers``); sticky
-``/dev/shm`` then applies to that child as it would to any other user.
+Every test here was run against the code before the rebuild (8f2b0b0) and failed there, except
+the ``fresh`` case of the other-user reader test, which guards a regression of the rebuild itself
+(a reader of another user could not register at all). Races are reproduced statistically: the
+race tests failed in most runs on the old code, never on the new. Crash scenarios run the victim
+in a child interpreter, so a segfault fails one test instead of the run. The other-user tests run
+as root and do the other user's part in a spawned child that drops to uid 65534 (``workers``);
+sticky ``/dev/shm`` then applies to that child as it would to any other user.
 """
 
 from __future__ import annotations
