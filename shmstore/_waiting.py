@@ -60,6 +60,8 @@ _EWMA_SEED: Final = 10 * SPIN_NS  # start out assuming waits are long: no spinni
 # and a signal that lands just before the wait starts (Ctrl-C) is not seen until the wait ends,
 # so a sleeping thread looks up once a second. That costs nothing measurable.
 _MAX_SLEEP: Final = 1.0
+# The longest a thread holds off the others while the registry lock is busy (see _register_locked).
+_REGISTER_SLICE: Final = 0.05
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -117,6 +119,7 @@ class WaitGate:
         self._pending: set[_AsyncWaiter] = set()
         self._server: threading.Thread | None = None
         self._changed = False  # the pending set changed: the server must re-evaluate
+        self._registering = False  # a thread is claiming the entry, without the condition
         self.waiter: Waiter | None = None
 
     # ---------------------------------------------------------------- threads
@@ -162,13 +165,11 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
-        if self._closing:
-            raise StateStoreError(f"store {self._name!r} was closed while waiting")
-        if self.waiter is None:
-            self.waiter = self._registry.register(deadline)
         while True:
             if self._closing:
                 raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            if self.waiter is None and not self._register_locked(deadline, interrupted):
+                return None
             head = self._head()
             if head > after:
                 return head
@@ -183,6 +184,7 @@ class WaitGate:
                 continue
             self._sleeper = True
             waiter = self.waiter
+            assert waiter is not None  # registered above, with the condition held since
             self._cond.release()
             try:
                 waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
@@ -190,6 +192,43 @@ class WaitGate:
                 self._cond.acquire()
                 self._sleeper = False
                 self._cond.notify_all()
+
+    def _register_locked(
+        self, deadline: float | None, interrupted: Callable[[], bool] | None
+    ) -> bool:
+        """With the condition held: claim the handle's registry entry; ``False`` if
+        *interrupted()* first. The registry lock may be held by a stopped process, so it is
+        tried in slices of ``_REGISTER_SLICE`` with the condition released: other threads, the
+        coroutines' loops (which take the condition when a wait ends) and close() never wait
+        for it longer than a slice."""
+        while self.waiter is None:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            if interrupted is not None and interrupted():
+                return False
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError
+            attempt = now + _REGISTER_SLICE
+            if deadline is not None:
+                attempt = min(attempt, deadline)
+            if self._registering:  # another thread of this handle is claiming it
+                self._cond.wait(attempt - now)
+                continue
+            self._registering = True
+            self._cond.release()
+            waiter = None
+            try:
+                waiter = self._registry.register(attempt)
+            except TimeoutError:
+                pass  # busy: look at closing, interruptions and the deadline, then again
+            finally:
+                self._cond.acquire()
+                self._registering = False
+                self._cond.notify_all()
+                if waiter is not None:
+                    self.waiter = waiter  # close() waited for us: it gives it back
+        return True
 
     def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
         pause = _POLL_MIN
@@ -289,7 +328,7 @@ class WaitGate:
         coroutines' server thread is gone (it touches the mapping)."""
         with self._cond:
             self._closing = True
-            while self._sleeper or self._server is not None:
+            while self._sleeper or self._server is not None or self._registering:
                 if self.waiter is not None:
                     self.waiter.kick()
                 self._cond.notify_all()

@@ -37,6 +37,7 @@ from workers import (
     other_user_commits,
     other_user_removes,
     other_user_waits,
+    reclaimer_stopped_in_sweep,
     register_and_die,
     sleep_in_huge_timeout,
     writer_stopped_at,
@@ -354,6 +355,41 @@ def test_a_stopped_writer_never_blocks_a_readers_timeout_close_or_async_close(
         finally:
             writer.kill()
             writer.join(HANG)
+
+
+def test_a_process_stopped_holding_the_registry_lock_never_blocks_async_timeouts_or_close(
+    store_name: str,
+) -> None:
+    with Store.create(store_name, int) as owner:
+        reached = ctx.Event()
+        tool = ctx.Process(target=reclaimer_stopped_in_sweep, args=(store_name, reached))
+        tool.start()
+        try:
+            assert reached.wait(HANG), "the reclaimer never got inside its sweep"
+            os.kill(tool.pid, signal.SIGSTOP)
+
+            def reader_times_out_and_closes() -> None:
+                reader = Store.open(store_name, int)
+                try:
+                    with pytest.raises(TimeoutError):
+                        reader.wait(0, timeout=0.5)
+                finally:
+                    reader.close()
+
+            async def async_reader_times_out_and_closes() -> None:
+                handle = AsyncStore.open(store_name, int)
+                try:
+                    with pytest.raises(TimeoutError):
+                        await handle.wait(0, timeout=0.5)
+                finally:
+                    handle.close()
+
+            in_thread(reader_times_out_and_closes)
+            in_thread(lambda: asyncio.run(async_reader_times_out_and_closes()))
+        finally:
+            tool.kill()
+            tool.join(HANG)
+        assert owner.version == 0
 
 
 # ------------------------------------------------------------------ 5, 18: fork

@@ -24,6 +24,7 @@ import msgspec
 
 from shmstore import CorruptStoreError, StateStoreError, StateVersionError, Store, remove
 from shmstore._checkpoint import write_checkpoint
+from shmstore._registry import Registry
 from shmstore._ring import Ring
 from shmstore.fsm import AsyncStateStore
 
@@ -531,3 +532,11 @@ def sleep_in_huge_timeout(name: str, waiting: Event, results: Any) -> None:
         results.put((got, time.process_time() - cpu0, time.monotonic() - wall0))
     finally:
         st.close()
+
+
+def reclaimer_stopped_in_sweep(name: str, reached: Event) -> None:
+    """Reclaim dead readers (as a tool does), but freeze inside the sweep: this process then
+    holds the registry lock until it is killed."""
+    st = Store.open(name, int)
+    freeze_at(Registry._sweep_locked, "removed = 0", reached)
+    st.reclaim_dead_readers()
