@@ -1,9 +1,10 @@
 """Multi-process scenarios for the harness: contention, fan-out and sustained throughput.
 
 * ``rmw``: W writer processes each increment a counter held in the value K times, read-modify-
-  write, under contention. shmstore uses ``expected_version`` and retries; Redis WATCH/MULTI/EXEC
-  and retries; LMDB a write transaction; Manager a manager Lock; UltraDict its own lock. Reported:
-  time per successful increment (wall time / W x K), retries, and lost updates (must be 0).
+  write, under contention. shmstore uses ``Store.update`` (compare-and-set, retried); Redis
+  WATCH/MULTI/EXEC and retries; LMDB a write transaction; Manager a manager Lock; UltraDict its
+  own lock. Reported: time per successful increment (wall time / W x K), retries, and lost
+  updates (must be 0).
 * ``fanout``: one writer, N reader processes blocked waiting; time from just before the commit
   until the last reader has it (CLOCK_MONOTONIC is system-wide).
 * ``throughput``: a writer commits as fast as it can for a while N readers poll the newest value
@@ -47,15 +48,15 @@ def _count(value: Any, size: str) -> int:
 def _rmw_once(system: str, peer: Peer, handle: Any, size: str) -> int:
     """One successful increment; returns the retries it took."""
     if system == "shmstore":
-        store = handle.store
-        retries = 0
-        while True:
-            value, version = store.get_with_version()
-            try:
-                store.set(_bump(value, size), expected_version=version)
-                return retries
-            except shmstore.StateVersionError:
-                retries += 1
+        calls = 0
+
+        def bump(value: Any) -> Any:
+            nonlocal calls
+            calls += 1  # update() calls fn once per attempt: retries = calls - 1
+            return _bump(value, size)
+
+        handle.store.update(bump)
+        return calls - 1
     if system == "Redis":
         import redis  # noqa: PLC0415
 

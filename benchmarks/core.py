@@ -6,6 +6,8 @@ and 8 context keys, ~1.2 KB as MessagePack; 64 KB):
 * ``get() unchanged``  -- the version has not moved: one shared-memory load, cached object back.
 * ``get() changed``    -- another handle committed since the last read: copy + re-check + decode.
 * ``set()``            -- encode, validate (decode), lock, write slot, publish, unlock.
+* ``set() exclusive``  -- the same by a handle that keeps the writer lock (``keep_writer_lock``).
+* ``projection changed`` -- a changed read of only the snapshot's head fields (``projection``).
 * ``encode``/``decode``-- msgspec alone on the same value: the floor every store has to pay.
 
 Every operation is timed per call with ``perf_counter_ns``; the timer's own median cost is measured
@@ -36,21 +38,34 @@ from shmstore import Store
 from shmstore.fsm import FsmSnapshotDTO
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from values import Blob, Small, blob, fsm, small
+from values import Blob, FsmHead, Small, blob, fsm, fsm100, small
 
 # ----------------------------------------------------------------------------- values
 
 CASES: list[tuple[str, Any, Callable[[int], Any]]] = [
     ("small", Small, small),
     ("fsm", FsmSnapshotDTO, fsm),  # 8 history entries, 8 context keys
+    ("fsm100", FsmSnapshotDTO, fsm100),  # 100 history entries, ~10.5 KB
     ("64k", Blob, blob(65_000)),
 ]
+PROJECTIONS = {"fsm": FsmHead, "fsm100": FsmHead}  # cases whose readers may read only the head
 
 TARGETS = {
     "get() unchanged": ("decode", 0.2),
     "get() changed": ("decode", 1.3),
+    "projection changed": ("decode", 0.3),
     "set()": ("encode+decode", 1.8),
+    "set() exclusive": ("encode+decode", 1.5),
 }
+OPS = (
+    "encode",
+    "decode",
+    "get() unchanged",
+    "get() changed",
+    "projection changed",
+    "set()",
+    "set() exclusive",
+)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -87,9 +102,7 @@ def bench_case(
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(tp)
     payload = encoder.encode(values[0])
-    samples: dict[str, list[int]] = {
-        k: [] for k in ("encode", "decode", "get() unchanged", "get() changed", "set()")
-    }
+    samples: dict[str, list[int]] = {k: [] for k in OPS}
     slot_size = max(4096, len(payload) * 2)
     writer = Store.create(name, tp, slots=8, slot_size=slot_size)
     try:
@@ -102,22 +115,38 @@ def bench_case(
 
             commit_next()
             reader.get()
+            head = PROJECTIONS.get(label)
+            view = reader.projection(head) if head is not None else None
             for _ in range(rounds):
                 samples["encode"] += per_call(lambda: encoder.encode(values[0]), calls, overhead)
                 samples["decode"] += per_call(lambda: decoder.decode(payload), calls, overhead)
                 samples["get() unchanged"] += per_call(reader.get, calls, overhead)
                 samples["get() changed"] += per_call(reader.get, calls, overhead, commit_next)
+                if view is not None:
+                    samples["projection changed"] += per_call(
+                        view.get, calls, overhead, commit_next
+                    )
                 samples["set()"] += per_call(
                     lambda: writer.set(values[next(counter) % 64]), calls, overhead
                 )
+            # The FSM worker's case: one writer that keeps the writer lock.
+            exclusive = Store.open(name, tp).keep_writer_lock()
+            try:
+                for _ in range(rounds):
+                    samples["set() exclusive"] += per_call(
+                        lambda: exclusive.set(values[next(counter) % 64]), calls, overhead
+                    )
+            finally:
+                exclusive.close()
         finally:
             reader.close()
     finally:
         writer.close()
         shmstore.remove(name)
+    samples = {k: v for k, v in samples.items() if v}
     medians = {k: statistics.median(v) for k, v in samples.items()}
     floor = {"decode": medians["decode"], "encode+decode": medians["encode"] + medians["decode"]}
-    ratios = {op: medians[op] / floor[base] for op, (base, _t) in TARGETS.items()}
+    ratios = {op: medians[op] / floor[base] for op, (base, _t) in TARGETS.items() if op in medians}
     return {
         "case": label,
         "value_bytes": len(payload),
@@ -180,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             bench_case(label, tp, make, calls=args.calls, rounds=args.rounds, overhead=overhead)
         )
 
-    header = f"{'case':<7}{'bytes':>7}  {'op':<16}{'median':>10}{'p90':>10}  {'ratio':>6}  target"
+    header = f"{'case':<7}{'bytes':>7}  {'op':<19}{'median':>10}{'p90':>10}  {'ratio':>6}  target"
     print()
     print(header)
     print("-" * len(header))
     for r in results:
-        for op in ("encode", "decode", "get() unchanged", "get() changed", "set()"):
+        for op in OPS:
+            if op not in r["median_ns"]:
+                continue
             med, p90 = r["median_ns"][op], r["p90_ns"][op]
-            line = f"{r['case']:<7}{r['value_bytes']:>7}  {op:<16}{_fmt(med):>10}{_fmt(p90):>10}"
+            line = f"{r['case']:<7}{r['value_bytes']:>7}  {op:<19}{_fmt(med):>10}{_fmt(p90):>10}"
             if op in r["ratio"]:
                 ratio, target = r["ratio"][op], r["target"][op]
                 base = TARGETS[op][0]

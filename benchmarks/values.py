@@ -29,7 +29,7 @@ def small(i: int) -> Small:
     return Small(i, "sensor-front-left", 0.5 + i, True, ["alpha", "beta", "gamma", "delta"])
 
 
-def fsm(i: int) -> FsmSnapshotDTO:
+def fsm(i: int, entries: int = 8) -> FsmSnapshotDTO:
     """Deterministic (ids and times derived from *i*), so that fsm(i) == fsm(i) in any process:
     the throughput scenario checks every value it reads against its own copy."""
     history = tuple(
@@ -40,7 +40,7 @@ def fsm(i: int) -> FsmSnapshotDTO:
             ts_mono=1000.0 + i + k / 10,
             ts_wall=1.7e9 + i + k / 10,
         )
-        for k in range(8)
+        for k in range(entries)
     )
     return FsmSnapshotDTO(
         version=i,
@@ -54,6 +54,20 @@ def fsm(i: int) -> FsmSnapshotDTO:
         history=history,
         context_data={f"key_{k}": f"value-{k}-{i}" for k in range(8)},
     )
+
+
+def fsm100(i: int) -> FsmSnapshotDTO:
+    """The realistic FSM snapshot: 100 history entries (about 10.5 KB)."""
+    return fsm(i, 100)
+
+
+class FsmHead(msgspec.Struct, frozen=True):
+    """What a reader that only needs the state reads of a snapshot (a projection)."""
+
+    version: int
+    state: FsmState
+    reason: str
+    ts_wall: float
 
 
 def blob(size: int) -> Callable[[int], Blob]:

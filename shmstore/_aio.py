@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
 from ._projection import Projection
-from ._stats import StoreStatistics
+from ._stats import MirrorStatus, StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
 
@@ -41,6 +41,7 @@ SYNC_METHODS: Final = (
     "checkpoint",
     "reclaim_dead_readers",
     "projection",
+    "keep_writer_lock",
     "unlink",
 )
 SYNC_PROPERTIES: Final = (
@@ -58,6 +59,10 @@ SYNC_PROPERTIES: Final = (
     "created_ns",
     "closed",
     "app_counters",
+    "keeps_writer_lock",
+    "readonly",
+    "wait_mode",
+    "mirror_status",
 )
 
 
@@ -81,6 +86,7 @@ class AsyncStore(Generic[T]):
         checkpoint: Callable[[str | os.PathLike[str]], int]
         reclaim_dead_readers: Callable[[], int]
         projection: Callable[[type[P]], Projection[P]]
+        keep_writer_lock: Callable[[], Store[T]]
         unlink: Callable[[], None]
 
         @property
@@ -111,6 +117,14 @@ class AsyncStore(Generic[T]):
         def closed(self) -> bool: ...
         @property
         def app_counters(self) -> AppCounters: ...
+        @property
+        def keeps_writer_lock(self) -> bool: ...
+        @property
+        def readonly(self) -> bool: ...
+        @property
+        def wait_mode(self) -> str: ...
+        @property
+        def mirror_status(self) -> MirrorStatus: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store

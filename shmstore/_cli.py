@@ -33,6 +33,7 @@ import msgspec
 from ._errors import StateStoreError, StateVersionError, SubscriberLaggedError
 from ._names import validate_name
 from ._store import Store, remove
+from .mirror._cli import add_mirror_parser
 
 __all__ = ["EXIT_CONFLICT", "build_parser", "main"]
 
@@ -232,6 +233,8 @@ def cmd_set(args: argparse.Namespace) -> int:
             value = msgspec.json.decode(text, type=st.value_type)
         except msgspec.DecodeError as exc:
             raise CliError(f"value is not valid for {args.type or 'the store'}: {exc}") from exc
+        if st.mirror_status.role == "replica":
+            st.set(value, args.expect)  # refused, with the message that names the origin
         if type_ is None and not st.writable:
             raise CliError(
                 f"store {args.name!r} holds {st.type_name}; pass --type module:Class "
@@ -327,7 +330,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
-BENCHMARKS = ("harness", "core", "wake")
+BENCHMARKS = ("harness", "core", "wake", "fsm", "mirror")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -467,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only stores whose names start with TEXT (stray semaphores are then left alone)",
     )
 
-    p = verb("bench", cmd_bench, "run a benchmark program from benchmarks/ (harness, core, wake)")
+    p = verb(
+        "bench",
+        cmd_bench,
+        "run a benchmark program from benchmarks/ (harness, core, wake, fsm, mirror)",
+    )
     p.add_argument("which", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 
@@ -475,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
     p.add_argument("--seconds", type=_positive_float, default=5.0, help="how long (5)")
     p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
+
+    add_mirror_parser(verbs)
     return parser
 
 

@@ -2,13 +2,14 @@
 
 One worker process drives FSM transitions through ``shmstore.fsm.AsyncStateStore`` at a fixed
 rate. Each reader process subscribes to the same store (an ``asyncio.Queue`` fed across
-processes) and polls it with ``Store.get()``, timing every read. Once per refresh the readers
+processes) and polls its state with a projection (``Store.projection(FsmStateView)``: the
+snapshot's head, decoded without its history), timing every read. Once per refresh the readers
 report to the parent, which prints one screen: commits per second, per-reader read latency, how
 far each subscription lags the writer, and the store's counters.
 
 Cleanup cannot be skipped
 -------------------------
-The demo creates a 16 MB store; leaving it in ``/dev/shm`` would be the demo teaching the wrong
+The demo creates a store in ``/dev/shm``; leaving it there would be the demo teaching the wrong
 lesson. However it ends -- its time is up, Ctrl-C, a second Ctrl-C during the shutdown,
 ``SIGTERM`` or ``SIGHUP``, a child that dies -- the parent stops every child and removes the
 store. How each way out is closed:
@@ -61,6 +62,7 @@ from .fsm import (
     AsyncStateStore,
     FsmSnapshotDTO,
     FsmState,
+    FsmStateView,
     create_transition,
     next_snapshot,
 )
@@ -168,6 +170,8 @@ def _reader(name: str, index: int, reports: Any, stop: Event, parent: int) -> No
         async with AsyncStateStore(name=name) as st:
             sub = await st.subscribe(f"reader-{index}")
             poller = Store.open(name, FsmSnapshotDTO)
+            # Readers that only need the state decode only its head (a projection).
+            state = poller.projection(FsmStateView)
             clock = time.perf_counter_ns
             latencies: list[int] = []
             received = 0
@@ -177,7 +181,7 @@ def _reader(name: str, index: int, reports: Any, stop: Event, parent: int) -> No
             try:
                 while not stop.is_set() and not _orphaned(parent):
                     t0 = clock()
-                    poller.get()
+                    state.get()
                     latencies.append(clock() - t0)
                     while not sub.empty():
                         subscribed = sub.get_nowait().version
@@ -345,8 +349,7 @@ class _Demo:
             self.owner = Store.create(
                 self.name,
                 FsmSnapshotDTO,
-                slots=64,
-                slot_size=256 * 1024,
+                slots=64,  # the FSM layer's depth; the slots start small and grow as needed
                 # Each reader process waits through one registry entry: room for all of them
                 # (and for a watching operator), however many were asked for.
                 max_readers=max(64, 2 * self.readers + 8),

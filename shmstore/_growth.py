@@ -90,18 +90,46 @@ def next_capacity(current: int, needed: int, limit: int) -> int:
 
 
 def _create(
-    name: str, generation: int, slots: int, slot_size: int, mode: int, *, private: bool
+    name: str,
+    generation: int,
+    slots: int,
+    slot_size: int,
+    *,
+    mode: int,
+    group: int | None,
+    private: bool,
 ) -> Segment:
     size = generation_size(slots, slot_size)
     if private:
         return Segment.anonymous(f"{name}.g{generation}", size)
     os_name = generation_segment_name(name, generation)
     try:
-        return Segment.create(name, size, mode, os_name=os_name)
+        return Segment.create(name, size, mode, group, os_name=os_name)
     except StoreExistsError:
         # A writer died during an earlier move to this generation, before publishing it.
         unlink_segment(name, os_name=os_name)
-        return Segment.create(name, size, mode, os_name=os_name)
+        return Segment.create(name, size, mode, group, os_name=os_name)
+
+
+def _ring_over(
+    root: mmap.mmap,
+    geometry: Geometry,
+    segment: Segment,
+    generation: int,
+    capacity: int,
+    *,
+    crc: bool,
+    reuse_buffer: bool,
+) -> Ring:
+    """The ring of generation *generation*: HEAD and counters in *root*, slots in *segment*."""
+    return Ring(
+        root,
+        geometry,
+        crc=crc,
+        reuse_buffer=reuse_buffer,
+        generation=generation,
+        slots=(segment.map, GEN_HEADER_SIZE, capacity),
+    )
 
 
 def grow(
@@ -112,25 +140,25 @@ def grow(
     name: str,
     capacity: int,
     mode: int,
+    group: int | None = None,
     crc: bool,
     reuse_buffer: bool,
     private: bool,
 ) -> tuple[Ring, Segment]:
     """Move the store to a ring of *capacity* bytes per slot, steps 1-4 of the module essay.
+    The new segment gets the store's *mode* and *group* (gid), so that whoever may read the
+    store may read its new ring.
     The caller holds the writer lock, commits into the returned ring, and keeps the old ring
     mapped until it closes (other threads of its handle may be reading it)."""
     generation = old.generation + 1
-    segment = _create(name, generation, geometry.slots, capacity, mode, private=private)
+    segment = _create(
+        name, generation, geometry.slots, capacity, mode=mode, group=group, private=private
+    )
     ring = None
     try:
         write_generation_header(segment.map, generation, geometry.slots, capacity)
-        ring = Ring(
-            root,
-            geometry,
-            crc=crc,
-            reuse_buffer=reuse_buffer,
-            generation=generation,
-            slots=(segment.map, GEN_HEADER_SIZE, capacity),
+        ring = _ring_over(
+            root, geometry, segment, generation, capacity, crc=crc, reuse_buffer=reuse_buffer
         )
         head = old.head()
         for version in range(max(1, head - geometry.slots + 1), head + 1):
@@ -159,19 +187,18 @@ def open_generation(
     *,
     crc: bool,
     reuse_buffer: bool,
+    readonly: bool | None = None,
 ) -> tuple[Ring, Segment]:
-    """Map generation *generation* of store *name*. Raises :class:`StoreNotFoundError` when
-    its name is gone (a newer move removed it: read GENERATION again)."""
-    segment = Segment.open(name, os_name=generation_segment_name(name, generation))
+    """Map generation *generation* of store *name* (read-only with *readonly*, as
+    :meth:`Segment.open` takes it). Raises :class:`StoreNotFoundError` when its name is gone (a
+    newer move removed it: read GENERATION again)."""
+    segment = Segment.open(
+        name, readonly=readonly, os_name=generation_segment_name(name, generation)
+    )
     try:
         capacity = read_generation_header(segment.map, segment.size, generation, geometry.slots)
-        ring = Ring(
-            root,
-            geometry,
-            crc=crc,
-            reuse_buffer=reuse_buffer,
-            generation=generation,
-            slots=(segment.map, GEN_HEADER_SIZE, capacity),
+        ring = _ring_over(
+            root, geometry, segment, generation, capacity, crc=crc, reuse_buffer=reuse_buffer
         )
     except BaseException:
         segment.close()

@@ -31,7 +31,9 @@ Header::
      32     8  total segment size (u64)
      40     8  created, ns since the epoch (u64)
      48    16  schema fingerprint (blake2b-128 of the type's JSON schema)
-     64     8  HEAD = version of the newest committed value, 0 while empty (u64, own cache line)
+     64     8  HEAD = version of the newest committed value, 0 while empty (u64)
+     72     8  pid of the exclusive writer that keeps the writer lock, 0 if none (u64; written
+               only when such a writer comes and goes, so HEAD's cache line stays quiet)
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
     144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
@@ -41,6 +43,7 @@ Header::
     192    64  type name, UTF-8, NUL padded (for tools)
     256    64  store name, UTF-8, NUL padded (for tools)
     320    64  writer mutex (pthread_mutex_t, process-shared and robust), when flag bit 1
+    384   128  mirror block (shmstore.mirror): see "Mirror block" at the end of this module
 
 Registry entry (32 bytes)::
 
@@ -78,6 +81,7 @@ from ._errors import CorruptStoreError
 __all__ = [
     "APP_COUNTERS",
     "FLAG_CRC",
+    "FLAG_REPLICA",
     "FLAG_ROBUST_MUTEX",
     "HEADER",
     "HEADER_SIZE",
@@ -85,8 +89,13 @@ __all__ = [
     "MAGIC",
     "W_BASE_VERSION",
     "W_CONFLICTS",
+    "W_EXCLUSIVE",
     "W_GENERATION",
     "W_HEAD",
+    "W_MIRROR_BEHIND",
+    "W_MIRROR_PID",
+    "W_MIRROR_STATE",
+    "W_MIRROR_SYNC",
     "W_REG_HIGH",
     "Geometry",
     "HeaderInfo",
@@ -118,6 +127,7 @@ NAME_FIELD = 64
 
 # Byte offsets of the live u64 words.
 OFF_HEAD = 64
+OFF_EXCLUSIVE = 72
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
 OFF_GENERATION = 144
@@ -128,6 +138,7 @@ APP_COUNTERS = 4
 # The same words as indexes into the segment viewed as u64s (``memoryview.cast("Q")``): every
 # module that loads or stores a live word takes its index from here.
 W_HEAD = OFF_HEAD // 8
+W_EXCLUSIVE = OFF_EXCLUSIVE // 8
 W_BASE_VERSION = OFF_BASE_VERSION // 8
 W_CONFLICTS = OFF_CONFLICTS // 8
 W_GENERATION = OFF_GENERATION // 8
@@ -363,7 +374,7 @@ def read_header(buf: bytes | bytearray | mmap.mmap, real_size: int) -> HeaderInf
             f"header says {total} bytes, geometry needs {geometry.total_size}, "
             f"segment has {real_size}"
         )
-    if flags & ~(FLAG_CRC | FLAG_ROBUST_MUTEX):
+    if flags & ~(FLAG_CRC | FLAG_ROBUST_MUTEX | FLAG_REPLICA):
         raise CorruptStoreError(f"unknown header flags {flags:#x}")
     if not slot_size <= max_value <= MAX_SLOT_SIZE:
         raise CorruptStoreError(
@@ -387,3 +398,59 @@ def name_field(text: str) -> bytes:
         text = text[:-1]
         raw = text.encode("utf-8")
     return NAME_FIELD_STRUCT.pack(raw)
+
+
+# ---------------------------------------------------------------------------- mirror block
+#
+# Used by ``shmstore.mirror`` (publisher and follower processes); a store that is not mirrored
+# keeps these 128 bytes zero. Flag bit 2 (FLAG_REPLICA) is static: it is written at create, before
+# the magic, by the follower that creates a replica, and every handle of every process refuses
+# local writes to such a store. The words are written by the one mirroring process of the store
+# (its publisher, or its follower), each one aligned u64 store, and read by anyone::
+#
+#     off  size  field
+#     384     8  mirror state (u64): 0 not mirrored, else role (1 origin, 2 replica) | 4 connected
+#     392     8  pid of the mirroring process (u64): a dead pid means "not connected"
+#     400     8  last sync, ns since the epoch (u64): last confirmation the mirror was current
+#     408     8  versions behind (u64): origin: committed, not yet published; replica: known at
+#                the origin, not yet applied here
+#     416    32  NATS bucket name, UTF-8, NUL padded
+#     448    64  origin store name, UTF-8, NUL padded (a replica's origin; the store's own name
+#                for an origin)
+
+FLAG_REPLICA = 4
+"""Header flag bit 2: the store is a replica kept by ``shmstore mirror follow``."""
+
+OFF_MIRROR_STATE = 384
+OFF_MIRROR_PID = 392
+OFF_MIRROR_SYNC = 400
+OFF_MIRROR_BEHIND = 408
+OFF_MIRROR_BUCKET = 416
+MIRROR_BUCKET_FIELD = 32
+OFF_MIRROR_ORIGIN = 448
+MIRROR_ORIGIN_FIELD = 64
+
+MIRROR_ROLE_ORIGIN = 1
+MIRROR_ROLE_REPLICA = 2
+MIRROR_ROLE_MASK = 3
+MIRROR_CONNECTED = 4
+
+# The mirror's live words as indexes into the segment viewed as u64s, like W_HEAD.
+W_MIRROR_STATE = OFF_MIRROR_STATE // 8
+W_MIRROR_PID = OFF_MIRROR_PID // 8
+W_MIRROR_SYNC = OFF_MIRROR_SYNC // 8
+W_MIRROR_BEHIND = OFF_MIRROR_BEHIND // 8
+
+
+def text_field(text: str, size: int) -> bytes:
+    """*text* as a NUL-padded field of *size* bytes, cut at a character boundary."""
+    raw = text.encode("utf-8")
+    while len(raw) > size:
+        text = text[:-1]
+        raw = text.encode("utf-8")
+    return raw.ljust(size, b"\0")
+
+
+def read_text_field(buf: bytes | bytearray | mmap.mmap, offset: int, size: int) -> str:
+    """The NUL-padded UTF-8 field of *size* bytes at *offset*."""
+    return decode_name_field(bytes(buf[offset : offset + size]))

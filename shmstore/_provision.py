@@ -39,21 +39,29 @@ from ._errors import (
 from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
+    FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
     MAX_SLOT_SIZE,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
     W_GENERATION,
+    W_MIRROR_STATE,
     Geometry,
     HeaderInfo,
     is_unborn,
     read_header,
+    text_field,
     write_header,
     write_magic,
 )
 from ._names import semaphore_prefix, validate_name
 from ._registry import registered_semaphore_names, unlink_semaphore
 from ._ring import Ring
-from ._segment import Segment, UnsizedSegmentError, unlink_segment
+from ._segment import Segment, UnsizedSegmentError, resolve_group, unlink_segment
 from ._writelock import RobustMutexLock, robust_mutex_supported
 
 __all__ = [
@@ -104,6 +112,7 @@ class CreateOptions:
     writer_lock: str = "auto"
     restore_from: str | os.PathLike[str] | None = None
     max_value_size: int | None = None  # default: DEFAULT_MAX_VALUE_SIZE, or slot_size if larger
+    group: int | str | None = None
 
 
 def _default_crc() -> bool:
@@ -192,7 +201,8 @@ def create(name: str, tp: Any, options: CreateOptions) -> Attached:
     """Create store *name*: a new segment, fully initialized before its magic appears."""
     validate_name(name)
     plan = _plan(tp, options)
-    segment = Segment.create(name, plan.geometry.total_size, options.mode)
+    group = None if options.group is None else resolve_group(options.group)
+    segment = Segment.create(name, plan.geometry.total_size, options.mode, group)
     return _initialize(segment, plan, unlink_on_error=True)
 
 
@@ -235,10 +245,13 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
     return Attached(segment, info, codec, writable=True)
 
 
-def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
-    """Open store *name* for values of *tp* (``None``: untyped, for tools)."""
+def attach(
+    name: str, tp: Any, *, allow_other_owner: bool, readonly: bool | None = None
+) -> Attached:
+    """Open store *name* for values of *tp* (``None``: untyped, for tools); *readonly* as
+    :meth:`Segment.open` takes it."""
     validate_name(name)
-    segment, info = _attach(name)
+    segment, info = _attach(name, readonly=readonly)
     try:
         owner = segment.owner_uid()
         if owner != os.geteuid() and not allow_other_owner:
@@ -258,19 +271,22 @@ def attach(name: str, tp: Any, *, allow_other_owner: bool) -> Attached:
                     f"which does not match the requested type {codec.type_name}"
                 )
             writable = True
+        writable = writable and not segment.readonly
     except BaseException:
         segment.close()
         raise
     return Attached(segment, info, codec, writable)
 
 
-def _attach(name: str, wait: float | None = None) -> tuple[Segment, HeaderInfo]:
+def _attach(
+    name: str, wait: float | None = None, *, readonly: bool | None = None
+) -> tuple[Segment, HeaderInfo]:
     """Open and validate the segment, waiting up to *wait* seconds (default
     :data:`OPEN_WAIT`) for a concurrent create."""
     deadline = time.monotonic() + (OPEN_WAIT if wait is None else wait)
     while True:
         try:
-            segment = Segment.open(name)
+            segment = Segment.open(name, readonly=readonly)
         except UnsizedSegmentError:
             if time.monotonic() > deadline:
                 raise CorruptStoreError(f"store {name!r} has no size: not a store") from None
@@ -301,7 +317,7 @@ def remove(name: str) -> bool:
     semaphores: list[str] = []
     generation = 0
     try:
-        segment, info = _attach(name, wait=0.0)
+        segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
         pass  # missing or damaged: still remove the name, and every semaphore we can find
     else:
@@ -338,3 +354,47 @@ def _remove_listed_semaphores(name: str) -> None:
     for entry in listing:
         if entry.startswith(prefix):
             unlink_semaphore("/" + entry[len("sem.") :])
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def create_replica(
+    name: str,
+    *,
+    fingerprint: bytes,
+    type_name: str,
+    origin: str,
+    bucket: str,
+    options: CreateOptions,
+) -> Attached:
+    """Create store *name* as a replica (``shmstore.mirror``): the header records the origin's
+    schema *fingerprint* and *type_name* (typed readers are checked against them), the replica
+    flag, and the mirror block's origin and bucket, all before the magic appears. The handle
+    decodes to builtins."""
+    validate_name(name)
+    if len(fingerprint) != 16:
+        raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
+    plan = _plan(Any, options)
+    plan.codec.fingerprint = fingerprint
+    plan.codec.type_name = type_name
+    segment = Segment.create(name, plan.geometry.total_size, options.mode)
+    m = segment.map
+    try:
+        m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+            bucket, MIRROR_BUCKET_FIELD
+        )
+        m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+            origin, MIRROR_ORIGIN_FIELD
+        )
+        words = memoryview(m).cast("Q")
+        words[W_MIRROR_STATE] = MIRROR_ROLE_REPLICA
+        words.release()
+    except BaseException:
+        segment.close()
+        unlink_segment(segment.name)
+        raise
+    replica_plan = _Plan(
+        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size
+    )
+    return _initialize(segment, replica_plan, unlink_on_error=True)

@@ -47,6 +47,10 @@ these byte locks share one descriptor without interfering.
 Where OFD locks do not exist (macOS), liveness falls back to the PID plus ``kill(pid, 0)``; a
 reused PID can then keep a dead entry until that process exits.
 
+A handle that maps the segment read-only never registers (that writes the entry; it polls, see
+``_waiting``) and never sweeps. :meth:`Registry.entries` only *queries* the liveness locks
+(``F_OFD_GETLK``, which takes nothing and needs no write access), so any handle may call it.
+
 Registrations and sweeps are serialized by the *registry lock*, never by the writer lock: a
 reader must not wait for a writer (a writer stopped with SIGSTOP while holding the writer lock
 would otherwise hold every reader's first ``wait()``, whatever its timeout). With OFD locks the
@@ -114,6 +118,15 @@ def _byte_lock(fd: int, offset: int, kind: int) -> bool:
             return False
         raise
     return True
+
+
+def _byte_locked(fd: int, offset: int) -> bool:
+    """Whether another open file description holds a lock on byte *offset*. Only asks
+    (``F_OFD_GETLK``): takes nothing, and works on a read-only descriptor too, where a
+    ``F_WRLCK`` probe would fail with ``EBADF``."""
+    arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,6 +211,8 @@ class Registry:
     ) -> None:
         self._q = words
         self._capacity = geometry.registry_capacity
+        # The writer's scan after every commit reads these words; their indexes, precomputed.
+        self._entry_at = [entry_word(index, 0) for index in range(self._capacity)]
         self._name = name
         self._created_ns = created_ns
         self._writer_lock = lock
@@ -254,8 +269,9 @@ class Registry:
             return
         stale = False
         sems = self._sems
+        entry_at = self._entry_at
         for index in range(min(high, self._capacity)):
-            w = entry_word(index, 0)
+            w = entry_at[index]
             if q[w + REG_STATE] != _IN_USE:
                 continue
             gen = q[w + REG_GEN]
@@ -446,7 +462,8 @@ class Registry:
     # ------------------------------------------------------------------ tools and lifecycle
 
     def entries(self) -> list[tuple[int, int, bool]]:
-        """``(index, pid, alive)`` of every entry in use (a snapshot, for tools and tests)."""
+        """``(index, pid, alive)`` of every entry in use (a snapshot, for tools and tests). Only
+        reads the segment and queries locks, so a read-only handle may call it."""
         out = []
         q = self._q
         for index in range(min(q[W_REG_HIGH], self._capacity)):
@@ -456,9 +473,7 @@ class Registry:
             if index in self._own:
                 alive = True
             elif _OFD:
-                alive = not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
-                if not alive:
-                    _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
+                alive = _byte_locked(self.fd, LIVENESS_BASE + index)
             else:
                 alive = _pid_alive(pid)
             out.append((index, pid, alive))

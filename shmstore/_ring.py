@@ -464,3 +464,22 @@ class Ring:
         self._s.release()
         self._i.release()
         self._bytes.release()
+
+    # ------------------------------------------------------------ replicas (shmstore.mirror)
+
+    def commit_at(self, version: int, payload: bytes, ts_ns: int) -> int:
+        """Write *payload* as message *version* (> HEAD) and publish it: a replica taking the
+        origin's version. The caller holds the writer lock and has checked the length.
+
+        Skipping versions keeps the protocol intact: a slot's ``seq`` names the message it
+        holds, and the slots of the skipped versions never held them, so a subscriber that
+        wants a skipped version finds another ``seq`` there and reports the exact number it
+        missed (``SubscriberLaggedError``), exactly as if it had been lapped.
+        """
+        head = int(self._q[_HEAD])
+        if version <= head:
+            raise ValueError(f"version {version} is not newer than HEAD {head}")
+        # As commit(): the slot first, then HEAD, which never names a slot that lacks it.
+        self.write_slot(version, payload, ts_ns)
+        self._q[_HEAD] = version
+        return version

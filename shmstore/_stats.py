@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["StoreStatistics"]
+__all__ = ["MirrorStatus", "StoreStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +15,10 @@ class StoreStatistics:
     ``commits``, ``conflicts`` and ``last_update_ns`` are shared by every process; ``lag``,
     ``reads`` and ``retries`` describe the handle that took the snapshot (``reads`` counts slot
     copies, i.e. reads of a changed version: cached reads cost nothing and are not counted).
+    ``readonly``, ``wait_mode`` and ``removed`` describe the handle too: ``removed`` is true once
+    the store was removed (``unlink()``, ``shmstore rm``) or replaced by a new store of the same
+    name -- this handle then holds a private, orphaned store that nobody else will open, and
+    what it commits nobody else sees.
     """
 
     name: str
@@ -36,6 +40,40 @@ class StoreStatistics:
     retries: int
     max_value_size: int = 0  # the store grows its slots (slot_size) up to this
     growths: int = 0  # how many times the store moved to a larger ring
+    readonly: bool = False  # this handle maps the segment read-only
+    wait_mode: str = "semaphore"  # how this handle's wait() sleeps: "semaphore" or "poll"
+    removed: bool = False  # the store's name no longer points to this handle's segment
+    # shmstore.mirror: empty role and zeros for a store that is not mirrored (see MirrorStatus).
+    mirror_role: str = ""
+    mirror_connected: bool = False
+    mirror_last_sync_ns: int = 0
+    mirror_behind: int = 0
+    mirror_bucket: str = ""
+    mirror_origin: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------- mirror
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStatus:
+    """The mirror block of a store's header (``Store.mirror_status``), written by the store's
+    mirroring process (``shmstore mirror publish`` on an origin, ``follow`` on a replica).
+
+    ``role`` is ``"origin"``, ``"replica"`` or ``""`` (not mirrored). ``connected`` is false
+    when the mirroring process is not connected to NATS or is dead. ``last_sync_ns`` is the last
+    time the mirror was confirmed current (ns since the epoch, 0 never). ``behind`` is, on an
+    origin, the versions committed but not yet in the bucket; on a replica, the versions known
+    to exist at the origin but not applied here (a lower bound while disconnected).
+    """
+
+    role: str
+    connected: bool
+    pid: int
+    last_sync_ns: int
+    behind: int
+    bucket: str
+    origin: str

@@ -9,12 +9,14 @@ compare-and-set and one memcpy.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
@@ -29,18 +31,35 @@ from ._errors import (
     StateVersionError,
     StoreExistsError,
     StoreNotFoundError,
+    StorePermissionError,
 )
 from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
     FLAG_CRC,
+    FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
+    MIRROR_BUCKET_FIELD,
+    MIRROR_CONNECTED,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_MASK,
+    MIRROR_ROLE_ORIGIN,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
+    W_EXCLUSIVE,
     W_GENERATION,
     W_HEAD,
+    W_MIRROR_BEHIND,
+    W_MIRROR_PID,
+    W_MIRROR_STATE,
+    W_MIRROR_SYNC,
     W_REG_HIGH,
     Geometry,
     app_counter_word,
+    read_text_field,
+    text_field,
 )
 from ._projection import Projection, check_projection
 from ._provision import (
@@ -53,12 +72,12 @@ from ._provision import (
 from ._registry import Registry
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
-from ._stats import StoreStatistics
+from ._stats import MirrorStatus, StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
-from ._writelock import FlockLock, RobustMutexLock, WriteLock
+from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
 
-__all__ = ["AppCounters", "Store", "remove"]
+__all__ = ["AppCounters", "MirrorHooks", "Store", "remove"]
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -69,6 +88,7 @@ WriterLockKind = Literal["auto", "mutex", "flock"]
 MAX_VERSION: Final = 1 << 62
 _OPEN_OR_CREATE_TRIES: Final = 5
 _FOLLOW_TRIES: Final = 100
+_CONTENDED_SLICE: Final = 0.05  # a contended writer looks for an exclusive writer this often
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
@@ -111,7 +131,8 @@ class Store(Generic[T]):
         self._segment = segment
         self._info = info
         self._codec: Codec[T] = attached.codec
-        self._writable = attached.writable
+        # A replica (shmstore.mirror) takes commits only from its follower: see the class end.
+        self._writable = attached.writable and not info.flags & FLAG_REPLICA
         self._private = attached.private
         self._ring = Ring(
             segment.map,
@@ -125,6 +146,10 @@ class Store(Generic[T]):
         self._ring_segment: Segment | None = None
         self._move_lock = threading.Lock()
         self._mode = segment.mode()
+        self._exclusive = False
+        self._keeper: tuple[threading.Thread, threading.Event] | None = None
+        self._fence = threading.Lock()
+        self._gid = segment.group()  # grown rings get the store's mode and group
         self._raw_decode = self._codec.raw_decode
         self._raw_encode = self._codec.raw_encode
         self._max_value_size = info.max_value_size
@@ -135,7 +160,10 @@ class Store(Generic[T]):
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
         self._lock: WriteLock
-        if info.flags & FLAG_ROBUST_MUTEX:
+        if segment.readonly:  # a read-only mapping: the lock cannot be taken, only looked at
+            mutex_at = OFF_MUTEX if info.flags & FLAG_ROBUST_MUTEX else None
+            self._lock = ReadOnlyLock(segment.map, mutex_at, segment.fd, segment.name)
+        elif info.flags & FLAG_ROBUST_MUTEX:
             self._lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
         else:
             self._lock = FlockLock(segment.fd)
@@ -149,7 +177,10 @@ class Store(Generic[T]):
             mode=segment.mode(),
             gid=segment.group(),
         )
-        self._gate = WaitGate(self._version_or_closed, self._registry, segment.name)
+        # A read-only handle cannot register (that writes the segment): it polls.
+        self._gate = WaitGate(
+            self._version_or_closed, self._registry, segment.name, poll=segment.readonly
+        )
         self._closed = False
         # Held by set() from its lock to its notifications, by close() and by everything that
         # touches the mapping in more than one step: the writer mutex lives in the mapping, so
@@ -181,6 +212,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
         max_value_size: int | None = ...,
+        group: int | str | None = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -198,6 +230,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = ...,
         restore_from: str | os.PathLike[str] | None = ...,
         max_value_size: int | None = ...,
+        group: int | str | None = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -214,6 +247,7 @@ class Store(Generic[T]):
         writer_lock: WriterLockKind = "auto",
         restore_from: str | os.PathLike[str] | None = None,
         max_value_size: int | None = None,
+        group: int | str | None = None,
     ) -> Store[Any]:
         """Create a new store named *name* holding values of *type* (any msgspec-supported type).
 
@@ -228,12 +262,16 @@ class Store(Generic[T]):
         process-shared mutex, Linux), ``"flock"``, or ``"auto"`` (the mutex where the C library
         has robust mutexes); see ``_writelock``.
         *restore_from* starts the store from a :meth:`checkpoint` file: it holds the saved value
-        at the saved version, and the next commit is that version + 1.
+        at the saved version, and the next commit is that version + 1. *group* (a gid or group
+        name) is the segment's group, set before anyone can open the store; by default the
+        creator's. With ``mode=0o640`` the group's members may read (read-only), with ``0o660``
+        also wait and write; see README "Permissions".
 
         Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
         geometry, :class:`StateStoreError` if shared memory cannot hold the store,
         :class:`CheckpointError` / :class:`SchemaMismatchError` for a checkpoint that cannot be
-        restored (checked before anything is created).
+        restored (checked before anything is created), :class:`StorePermissionError` for a
+        *group* this process may not give (``ValueError`` for an unknown group name).
         """
         options = CreateOptions(
             slots=slots,
@@ -244,6 +282,7 @@ class Store(Generic[T]):
             writer_lock=writer_lock,
             restore_from=restore_from,
             max_value_size=max_value_size,
+            group=group,
         )
         return cls(_provision.create(name, type, options))
 
@@ -265,14 +304,35 @@ class Store(Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, type: type[T], *, allow_other_owner: bool = ...) -> Store[T]: ...
+    def open(
+        cls,
+        name: str,
+        type: type[T],
+        *,
+        allow_other_owner: bool = ...,
+        readonly: bool | None = ...,
+    ) -> Store[T]: ...
 
     @overload
     @classmethod
-    def open(cls, name: str, type: Any = ..., *, allow_other_owner: bool = ...) -> Store[Any]: ...
+    def open(
+        cls,
+        name: str,
+        type: Any = ...,
+        *,
+        allow_other_owner: bool = ...,
+        readonly: bool | None = ...,
+    ) -> Store[Any]: ...
 
     @classmethod
-    def open(cls, name: str, type: Any = None, *, allow_other_owner: bool = False) -> Store[Any]:
+    def open(
+        cls,
+        name: str,
+        type: Any = None,
+        *,
+        allow_other_owner: bool = False,
+        readonly: bool | None = None,
+    ) -> Store[Any]:
         """Attach to the existing store *name*.
 
         With *type*, the store must have been created for a type of the same schema
@@ -282,10 +342,19 @@ class Store(Generic[T]):
         A segment owned by another user is refused (:class:`StorePermissionError`) unless
         *allow_other_owner*: whoever owns it controls what this process reads.
 
-        Raises :class:`StoreNotFoundError` if there is no such store and
+        ``readonly=True`` maps the segment read-only: reads, :attr:`version`,
+        :meth:`statistics` and waiting (by polling, see :attr:`wait_mode`) work; every write
+        raises :class:`StorePermissionError`, and no byte of the segment can change through
+        this handle. With the default ``None`` the handle is read-only only if the OS grants
+        this user read access alone (:attr:`readonly` tells); ``False`` demands write access.
+
+        Raises :class:`StoreNotFoundError` if there is no such store,
+        :class:`StorePermissionError` if the OS refuses the access asked for, and
         :class:`CorruptStoreError` if the segment is not a valid store.
         """
-        return cls(_provision.attach(name, type, allow_other_owner=allow_other_owner))
+        return cls(
+            _provision.attach(name, type, allow_other_owner=allow_other_owner, readonly=readonly)
+        )
 
     @overload
     @classmethod
@@ -340,6 +409,18 @@ class Store(Generic[T]):
         """Whether this handle may write: ``False`` for an untyped handle of a typed store (it
         could publish values the store's readers cannot decode)."""
         return self._writable
+
+    @property
+    def readonly(self) -> bool:
+        """Whether this handle maps the segment read-only (see :meth:`open`)."""
+        return self._segment.readonly
+
+    @property
+    def wait_mode(self) -> str:
+        """How :meth:`wait` sleeps: ``"semaphore"`` (a registry entry the writer posts) or
+        ``"poll"`` (re-reading the version with back-off up to 5 ms: read-only handles, which
+        cannot register, and platforms without timed semaphore waits)."""
+        return self._gate.mode
 
     @property
     def geometry(self) -> Geometry:
@@ -485,6 +566,7 @@ class Store(Generic[T]):
                         generation,
                         crc=bool(self._info.flags & FLAG_CRC),
                         reuse_buffer=not self._codec.aliases_input,
+                        readonly=self._segment.readonly,
                     )
                 except StoreNotFoundError:
                     continue  # a newer move removed it meanwhile: read GENERATION again
@@ -509,6 +591,7 @@ class Store(Generic[T]):
                 name=self.name,
                 capacity=next_capacity(self._ring.capacity, needed, self._info.max_value_size),
                 mode=self._mode,
+                group=self._gid,
                 crc=bool(self._info.flags & FLAG_CRC),
                 reuse_buffer=not self._codec.aliases_input,
                 private=self._private,
@@ -527,7 +610,8 @@ class Store(Generic[T]):
         While recent waits were short (< 0.1 ms), it first re-reads the version for up to
         0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us; ``spin=False`` never
         spins. The first blocking call registers this handle as a reader of the store (see
-        ``max_readers``); the registration lasts until :meth:`close`.
+        ``max_readers``); the registration lasts until :meth:`close`. A read-only handle cannot
+        register (that writes the segment): it polls instead, see :attr:`wait_mode`.
         """
         return self._gate.wait(after_version, timeout, spin=spin)
 
@@ -601,8 +685,12 @@ class Store(Generic[T]):
 
     def _commit(self, value: T, expected_version: int | None, *, count_conflict: bool) -> int:
         """The commit; returns the new version. ``StateVersionError`` on a conflict."""
-        if not self._writable:
+        if not self._writable:  # read-only handles are never writable: one check on the hot path
             self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
+            if self._info.flags & FLAG_REPLICA:
+                raise self._replica_error()
             raise StateStoreError(
                 f"store {self.name!r} holds {self._info.type_name}; open it with that type "
                 "to write (an untyped handle could publish values its readers cannot decode)"
@@ -626,35 +714,153 @@ class Store(Generic[T]):
         with self._in_use:
             if self._closed:
                 raise self._closed_error()
+            if self._exclusive:
+                return self._commit_exclusively(data, checked, expected_version, count_conflict)
             try:
                 # Inside the try: an interrupt right after the lock call returns must still
                 # release it (release() is a no-op for a lock this thread does not hold).
-                rc = lock.acquire()
+                rc = lock.try_acquire()
                 if rc:
-                    lock.recover(rc)
-                ring = self._ring
-                if words[W_GENERATION] != ring.generation:
-                    self._follow_move()  # another process grew the store
-                    ring = self._ring
-                head = words[W_HEAD]
-                if head >= MAX_VERSION:
-                    raise CorruptStoreError(
-                        f"store {self.name!r}: header says version {head}: the header is damaged"
-                    )
-                if expected_version is not None and head != expected_version:
-                    if count_conflict:
-                        ring.count_conflict()
-                    raise StateVersionError(expected_version, head)
-                if len(data) > ring.capacity:
-                    self._grow(len(data))
-                    ring = self._ring
-                version = ring.commit(data, time.time_ns())
+                    self._acquire_contended(rc)
+                version = self._publish(data, expected_version, count_conflict)
             finally:
                 lock.release()  # also the barrier between publishing HEAD and notify()
             self._cache = (version, checked)
-            if self._words[W_REG_HIGH]:
+            if words[W_REG_HIGH]:
                 self._registry.notify()
             return version
+
+    def _publish(self, data: bytes, expected_version: int | None, count_conflict: bool) -> int:
+        """Steps of a commit after the writer lock is held: follow or make a move, check the
+        version, write the slot, publish HEAD. Returns the new version."""
+        words = self._words
+        ring = self._ring
+        if words[W_GENERATION] != ring.generation:
+            self._follow_move()  # another process grew the store
+            ring = self._ring
+        head = words[W_HEAD]
+        if head >= MAX_VERSION:
+            raise CorruptStoreError(
+                f"store {self.name!r}: header says version {head}: the header is damaged"
+            )
+        if expected_version is not None and head != expected_version:
+            if count_conflict:
+                ring.count_conflict()
+            raise StateVersionError(expected_version, head)
+        if len(data) > ring.capacity:
+            self._grow(len(data))
+            ring = self._ring
+        return ring.commit(data, time.time_ns())
+
+    def _commit_exclusively(
+        self, data: bytes, checked: T, expected_version: int | None, count_conflict: bool
+    ) -> int:
+        """A commit of the exclusive writer: its keeper thread holds the writer lock already,
+        and ``_in_use`` (held by the caller) serializes this handle's threads."""
+        version = self._publish(data, expected_version, count_conflict)
+        # The full barrier between publishing HEAD and reading the registry, which releasing
+        # the writer lock gives other writers (see _registry): an uncontended lock round trip
+        # is a locked read-modify-write.
+        self._fence.acquire()
+        self._fence.release()
+        self._cache = (version, checked)
+        if self._words[W_REG_HIGH]:
+            self._registry.notify()
+        return version
+
+    def _acquire_contended(self, rc: int) -> None:
+        """The writer lock was not free at once (``rc`` from ``try_acquire``): wait for it, or
+        raise if an exclusive writer keeps it. Returns holding it."""
+        lock = self._lock
+        words = self._words
+        while rc in (errno.EBUSY, errno.ETIMEDOUT):
+            holder = int(words[W_EXCLUSIVE])
+            if holder:
+                rc = lock.try_acquire()  # free now only if that writer is gone
+                if rc == errno.EBUSY:
+                    raise StateStoreError(
+                        f"store {self.name!r} has an exclusive writer (pid {holder}), which "
+                        "keeps the writer lock for as long as it has the store open"
+                    )
+            else:
+                rc = lock.acquire_for(_CONTENDED_SLICE)
+        if rc:
+            lock.recover(rc)
+        if words[W_EXCLUSIVE]:
+            words[W_EXCLUSIVE] = 0  # we hold the lock: the exclusive writer is gone
+
+    @contextlib.contextmanager
+    def _writer_locked(self) -> Iterator[None]:
+        """The writer lock for the slow paths (counters); the exclusive writer has it."""
+        if self._exclusive:
+            yield
+            return
+        try:
+            rc = self._lock.try_acquire()
+            if rc:
+                self._acquire_contended(rc)
+            yield
+        finally:
+            self._lock.release()
+
+    def keep_writer_lock(self) -> Store[T]:
+        """Make this handle the store's exclusive writer: it takes the writer lock now and keeps
+        it until :meth:`close`, so its commits skip the lock (the largest fixed cost of
+        ``set()``). Other handles' ``set()`` then raise :class:`StateStoreError` naming this
+        process; if it dies, even by SIGKILL, the kernel releases the lock and the next writer
+        carries on. Raises :class:`StateStoreError` if another handle keeps the lock already.
+        Returns the handle, for ``Store.open(...).keep_writer_lock()``.
+
+        A keeper thread holds the lock, because the robust mutex belongs to the thread that
+        locked it: the keeper lives as long as the handle, whichever thread opened it, and any
+        thread of this handle may commit (``_in_use`` serializes them)."""
+        with self._in_use:
+            self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
+            if not self._writable:
+                raise StateStoreError(f"store {self.name!r}: this handle may not write")
+            if self._keeper is None:
+                self._start_keeper()
+        return self
+
+    @property
+    def keeps_writer_lock(self) -> bool:
+        """Whether this handle is the store's exclusive writer (:meth:`keep_writer_lock`)."""
+        return self._exclusive
+
+    def _start_keeper(self) -> None:
+        taken = threading.Event()
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def keep() -> None:
+            try:
+                with self._writer_locked():
+                    self._words[W_EXCLUSIVE] = os.getpid()
+                    taken.set()
+                    done.wait()
+                    self._words[W_EXCLUSIVE] = 0
+            except BaseException as exc:
+                failure.append(exc)
+                taken.set()
+
+        keeper = threading.Thread(target=keep, name=f"shmstore-writer-{self.name}", daemon=True)
+        keeper.start()
+        taken.wait()
+        if failure:
+            keeper.join()
+            raise failure[0]
+        self._exclusive = True
+        self._keeper = (keeper, done)
+
+    def _let_go_of_writer_lock(self) -> None:
+        if self._keeper is not None:
+            keeper, done = self._keeper
+            self._keeper = None
+            self._exclusive = False
+            done.set()
+            keeper.join()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -698,6 +904,7 @@ class Store(Generic[T]):
             version, commits, last_update_ns = self._ring.consistent_counters()
             conflicts = self._ring.conflicts()
             growths = int(self._words[W_GENERATION])  # under _in_use: close() releases it
+            removed = self._segment.removed()
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
@@ -718,6 +925,10 @@ class Store(Generic[T]):
             retries=self._ring.retries,
             max_value_size=self._info.max_value_size,
             growths=growths,
+            readonly=self._segment.readonly,
+            wait_mode=self._gate.mode,
+            removed=removed,
+            **self._mirror_statistics(),
         )
 
     # ---------------------------------------------------------------- counters
@@ -762,7 +973,9 @@ class Store(Generic[T]):
         word = app_counter_word(index)
         with self._in_use:
             self._check_open()
-            with self._lock:  # a read-modify-write of a shared word: under the writer lock
+            if self._segment.readonly:
+                raise self._readonly_error()
+            with self._writer_locked():  # a read-modify-write of a shared word
                 self._words[word] += 1
                 return int(self._words[word])
 
@@ -771,6 +984,8 @@ class Store(Generic[T]):
         how many. Happens by itself on registrations and commits; this is for tools."""
         with self._in_use:
             self._check_open()
+            if self._segment.readonly:
+                raise self._readonly_error()
             return self._registry.sweep()
 
     # ---------------------------------------------------------------- lifecycle
@@ -788,6 +1003,7 @@ class Store(Generic[T]):
         with self._in_use:
             if self._closed:
                 return
+            self._let_go_of_writer_lock()
             self._closed = True
             _live_handles.discard(self)
             self._registry.close()
@@ -801,7 +1017,10 @@ class Store(Generic[T]):
 
     def unlink(self) -> None:
         """Remove the store's names for everyone. Attached handles keep working until closed;
-        no new handle can open it."""
+        no new handle can open it. Raises :class:`StorePermissionError` on a read-only handle
+        (``shmstore.remove(name)`` removes what the OS lets this user remove)."""
+        if self._segment.readonly:
+            raise self._readonly_error()
         remove(self.name)
 
     def __enter__(self) -> Store[T]:
@@ -829,11 +1048,22 @@ class Store(Generic[T]):
         if self._closed:
             raise self._closed_error()
 
+    def _readonly_error(self) -> StorePermissionError:
+        return StorePermissionError(
+            errno.EACCES,
+            f"store {self.name!r} is open read-only: this handle cannot write "
+            "(open it with write access, which the store's mode must grant this user)",
+        )
+
     def _closed_error(self) -> StateStoreError:
         return StateStoreError(f"store {self.name!r} is closed")
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
+        # The keeper thread did not come along: the parent is still the exclusive writer.
+        self._exclusive = False
+        self._keeper = None
+        self._fence = threading.Lock()
         self._in_use = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         try:
@@ -845,6 +1075,214 @@ class Store(Generic[T]):
             # Unlinked before the fork: reads still work on the inherited mapping, but this child
             # must not write under the parent's lock, so it gets no writer lock at all.
             self._writable = False
+
+    # ---------------------------------------------------------------- mirror (shmstore.mirror)
+    #
+    # Nothing above depends on the mirror except the replica refusal in _commit() and the mirror
+    # fields of statistics(); the hooks the publisher and follower use are MirrorHooks, below.
+
+    @property
+    def mirror_status(self) -> MirrorStatus:
+        """The header's mirror block: role (``"origin"``, ``"replica"`` or ``""``), whether the
+        mirror is connected, its last sync, how far behind it is, its bucket and origin."""
+        self._check_open()
+        words = self._words
+        state = int(words[W_MIRROR_STATE])
+        pid = int(words[W_MIRROR_PID])
+        if self._info.flags & FLAG_REPLICA:
+            role = "replica"
+        elif state & MIRROR_ROLE_MASK == MIRROR_ROLE_ORIGIN:
+            role = "origin"
+        else:
+            role = ""
+        m = self._segment.map
+        return MirrorStatus(
+            role=role,
+            connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_pid_alive(pid),
+            pid=pid,
+            last_sync_ns=int(words[W_MIRROR_SYNC]),
+            behind=int(words[W_MIRROR_BEHIND]),
+            bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
+            origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
+        )
+
+    def _mirror_statistics(self) -> dict[str, Any]:
+        status = self.mirror_status
+        return {
+            "mirror_role": status.role,
+            "mirror_connected": status.connected,
+            "mirror_last_sync_ns": status.last_sync_ns,
+            "mirror_behind": status.behind,
+            "mirror_bucket": status.bucket,
+            "mirror_origin": status.origin,
+        }
+
+    def _replica_error(self) -> StateStoreError:
+        status = self.mirror_status
+        return StateStoreError(
+            f"store {self.name!r} is a replica of store {status.origin!r} (NATS bucket "
+            f"{status.bucket!r}) and refuses local writes; write to the origin instead: "
+            f"`shmstore mirror set {status.origin} VALUE --server URL --bucket {status.bucket}` "
+            "or shmstore.mirror.RemoteStore"
+        )
+
+
+class MirrorHooks:
+    """What ``shmstore.mirror``'s publisher and follower do to a store beyond the public API:
+    create a replica, read the newest value's encoded bytes, commit the origin's bytes at the
+    origin's version, and keep the header's mirror block. One mirroring process per store
+    writes the mirror block; commits to a replica are serialized by the writer lock as usual.
+    Raises :class:`StateStoreError` on a closed handle."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store[Any]) -> None:
+        self.store = store
+
+    @staticmethod
+    def create_replica(
+        name: str,
+        *,
+        fingerprint: bytes,
+        type_name: str,
+        origin: str,
+        bucket: str,
+        slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        max_readers: int = DEFAULT_MAX_READERS,
+        mode: int = 0o600,
+        max_value_size: int | None = None,
+    ) -> Store[Any]:
+        """Create the store *name* as a replica of the store *origin* mirrored through NATS
+        bucket *bucket*. It records the origin's schema *fingerprint* and *type_name*, so that
+        readers open it with the origin's type and the usual schema check, and it refuses
+        ``set()`` in every process: only :meth:`commit_replicated` writes to it. The returned
+        handle decodes to builtins. Raises like :meth:`Store.create`."""
+        options = CreateOptions(
+            slots, slot_size, max_readers, None, mode, "auto", None, max_value_size
+        )
+        return Store(
+            _provision.create_replica(
+                name,
+                fingerprint=fingerprint,
+                type_name=type_name,
+                origin=origin,
+                bucket=bucket,
+                options=options,
+            )
+        )
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The 16-byte schema fingerprint recorded in the store's header."""
+        return self.store._info.fingerprint
+
+    def get_encoded(self) -> tuple[bytes, int, int]:
+        """The newest value as the encoded bytes in the ring, with its version and commit time
+        (ns since the epoch); ``(b"", 0, 0)`` while empty. Mirroring needs no decode and
+        re-encode round trip."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            payload, version, ts_ns = store._read_newest()
+            if payload is None:
+                return b"", 0, 0
+            return bytes(payload), version, ts_ns
+
+    def commit_replicated(self, payload: bytes, version: int, commit_ns: int) -> int:
+        """Commit the origin's encoded *payload* as the origin's *version* (with the origin's
+        commit time *commit_ns*) into this replica; return *version*.
+
+        *version* must be greater than the replica's version; versions in between may be
+        skipped (latest-value semantics): subscribers then get :class:`SubscriberLaggedError`
+        with the exact number skipped, as for a lap of the ring, because the slots of skipped
+        versions never held them. Raises :class:`StateStoreError` if the store is not a
+        replica, :class:`StateVersionError` (nothing written) if *version* is not newer,
+        ``ValueError`` for an impossible version, :class:`SnapshotTooLargeError` if the payload
+        does not fit a slot and :class:`InvalidSnapshotError` if it does not decode.
+        """
+        store = self.store
+        if not store._info.flags & FLAG_REPLICA:
+            store._check_open()
+            raise StateStoreError(f"store {store.name!r} is not a replica")
+        if not 0 < version < MAX_VERSION:
+            raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
+        if len(payload) > store._max_value_size:
+            raise SnapshotTooLargeError(
+                f"replicated value is {len(payload)} bytes; replica {store.name!r} holds at "
+                f"most {store._max_value_size} bytes (its max_value_size)"
+            )
+        data = bytes(payload)
+        checked = store._codec.validate(data)
+        lock = store._lock
+        words = store._words
+        with store._in_use:
+            if store._closed:
+                raise store._closed_error()
+            try:
+                # Inside the try, as in _commit: an interrupt right after the lock call returns
+                # must still release it. (A replica has no exclusive writer: its handles may
+                # not write, so none can keep the lock.)
+                rc = lock.try_acquire()
+                if rc:
+                    store._acquire_contended(rc)
+                ring = store._ring
+                if words[W_GENERATION] != ring.generation:
+                    store._follow_move()  # another process grew the replica
+                    ring = store._ring
+                head = int(words[W_HEAD])
+                if version > head:
+                    if len(data) > ring.capacity:
+                        store._grow(len(data))  # the origin's values grew: so do the slots
+                        ring = store._ring
+                    ring.commit_at(version, data, commit_ns)
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
+            if version <= head:
+                raise StateVersionError(
+                    version - 1,
+                    head,
+                    f"replicated version {version} is not newer than replica {store.name!r} "
+                    f"at version {head}",
+                )
+            store._cache = (version, checked)
+            if store._words[W_REG_HIGH]:
+                store._registry.notify()
+            return version
+
+    def claim(self, bucket: str) -> None:
+        """Record this process as the store's mirroring process; on an origin, also mark the
+        store as the origin mirrored through NATS bucket *bucket*. Starts "disconnected"."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            m = store._segment.map
+            if not store._info.flags & FLAG_REPLICA:
+                m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                    bucket, MIRROR_BUCKET_FIELD
+                )
+                m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                    store.name, MIRROR_ORIGIN_FIELD
+                )
+            store._words[W_MIRROR_PID] = os.getpid()
+        self.set_status(connected=False)
+
+    def set_status(
+        self, *, connected: bool, last_sync_ns: int | None = None, behind: int | None = None
+    ) -> None:
+        """Record the mirror's state in the header; *last_sync_ns* and *behind* stay as they
+        are when ``None``. Each word is one aligned store: readers never see half of one."""
+        store = self.store
+        with store._in_use:
+            store._check_open()
+            words = store._words
+            replica = store._info.flags & FLAG_REPLICA
+            role = MIRROR_ROLE_REPLICA if replica else MIRROR_ROLE_ORIGIN
+            if last_sync_ns is not None:
+                words[W_MIRROR_SYNC] = last_sync_ns
+            if behind is not None:
+                words[W_MIRROR_BEHIND] = max(0, behind)
+            words[W_MIRROR_STATE] = role | (MIRROR_CONNECTED if connected else 0)
 
 
 def remove(name: str) -> bool:
@@ -861,3 +1299,15 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _mirror_pid_alive(pid: int) -> bool:
+    """Whether the mirroring process *pid* still lives (a killed publisher or follower leaves
+    its "connected" bit set; the pid tells the truth)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -29,7 +29,11 @@ sleep is capped at a second so that a huge "forever" timeout cannot overflow ``s
 absolute deadline, and a Ctrl-C that lands just before a sleep is seen within a second.
 
 Where timed semaphore waits do not exist (macOS: ``posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED`` is
-false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead.
+false), waiting polls HEAD with exponential back-off from 50 us to 5 ms instead. So does a handle
+that maps the store read-only (``poll=True``): registering writes the segment, which such a
+handle cannot, so it never takes a registry entry, and its coroutines' server thread polls the
+same way, sleeping on the gate's condition so that close and cancellation still wake it.
+:attr:`WaitGate.mode` says which of the two a handle uses.
 """
 
 from __future__ import annotations
@@ -102,15 +106,21 @@ class WaitGate:
     """Sleep until ``head() > after``, sharing one registry entry among this handle's threads
     and coroutines."""
 
-    def __init__(self, head: Callable[[], int], registry: Registry, name: str) -> None:
+    def __init__(
+        self, head: Callable[[], int], registry: Registry, name: str, *, poll: bool = False
+    ) -> None:
         self._head = head
         self._registry = registry
         self._name = name
+        self._poll_only = poll
         self._typical_ns = _EWMA_SEED
         self._reset()
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # the condition's lock, entered directly on hot paths
+        self._cond = threading.Condition(self._mutex)
+        self._parked = 0  # threads waiting on the condition: notify only when there are any
+        self._registering = False  # a thread is claiming the entry, without the condition
         self._sleeper = False
         self._closing = False
         # A thread's wait keeps the registration until close(); the coroutines' server gives it
@@ -119,8 +129,13 @@ class WaitGate:
         self._pending: set[_AsyncWaiter] = set()
         self._server: threading.Thread | None = None
         self._changed = False  # the pending set changed: the server must re-evaluate
-        self._registering = False  # a thread is claiming the entry, without the condition
         self.waiter: Waiter | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"semaphore"`` (a registry entry, woken by the writer) or ``"poll"`` (re-reading the
+        version with back-off: read-only handles, and platforms without timed semaphores)."""
+        return "poll" if self._poll_only or not TIMED_WAIT else "semaphore"
 
     # ---------------------------------------------------------------- threads
 
@@ -146,9 +161,9 @@ class WaitGate:
             deadline = (
                 None if timeout is None else time.monotonic() + timeout - (clock() - started) / 1e9
             )
-            if not TIMED_WAIT:
+            if self._poll_only or not TIMED_WAIT:
                 return self._poll(after, deadline, timeout)
-            with self._cond:
+            with self._mutex:
                 self._sticky = True
                 got = self._wait_locked(after, deadline, None)
             assert got is not None
@@ -165,6 +180,10 @@ class WaitGate:
         """With the condition held: the version once it is past *after*, or ``None`` as soon as
         *interrupted()* says so. Raises ``TimeoutError`` at *deadline*, StateStoreError when
         the handle closes."""
+        if self._closing:
+            raise StateStoreError(f"store {self._name!r} was closed while waiting")
+        if self._poll_only:
+            return self._poll_locked(after, deadline, interrupted)
         while True:
             if self._closing:
                 raise StateStoreError(f"store {self._name!r} was closed while waiting")
@@ -180,18 +199,19 @@ class WaitGate:
                 raise TimeoutError
             if self._sleeper:
                 # Capped like the semaphore sleep: Condition.wait overflows past TIMEOUT_MAX.
-                self._cond.wait(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
+                self._park(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
                 continue
             self._sleeper = True
             waiter = self.waiter
             assert waiter is not None  # registered above, with the condition held since
-            self._cond.release()
+            self._mutex.release()
             try:
                 waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
             finally:
-                self._cond.acquire()
+                self._mutex.acquire()
                 self._sleeper = False
-                self._cond.notify_all()
+                if self._parked:
+                    self._cond.notify_all()
 
     def _register_locked(
         self, deadline: float | None, interrupted: Callable[[], bool] | None
@@ -213,22 +233,53 @@ class WaitGate:
             if deadline is not None:
                 attempt = min(attempt, deadline)
             if self._registering:  # another thread of this handle is claiming it
-                self._cond.wait(attempt - now)
+                self._park(attempt - now)
                 continue
             self._registering = True
-            self._cond.release()
+            self._mutex.release()
             waiter = None
             try:
                 waiter = self._registry.register(attempt)
             except TimeoutError:
                 pass  # busy: look at closing, interruptions and the deadline, then again
             finally:
-                self._cond.acquire()
+                self._mutex.acquire()
                 self._registering = False
-                self._cond.notify_all()
                 if waiter is not None:
                     self.waiter = waiter  # close() waited for us: it gives it back
+                if self._parked:
+                    self._cond.notify_all()
         return True
+
+    def _park(self, timeout: float | None) -> None:
+        """With the condition held: wait on it (the other waiters of this handle wake us)."""
+        self._parked += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._parked -= 1
+
+    def _poll_locked(
+        self, after: int, deadline: float | None, interrupted: Callable[[], bool] | None
+    ) -> int | None:
+        """:meth:`_wait_locked` without a registry entry: re-read HEAD with back-off, sleeping
+        on the condition (released meanwhile), which close and new coroutines notify."""
+        pause = _POLL_MIN
+        while True:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            head = self._head()
+            if head > after:
+                return head
+            if interrupted is not None and interrupted():
+                return None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                pause = min(pause, remaining)
+            self._park(pause)
+            pause = min(pause * 2, _POLL_MAX)
 
     def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
         pause = _POLL_MIN
@@ -332,7 +383,7 @@ class WaitGate:
                 if self.waiter is not None:
                     self.waiter.kick()
                 self._cond.notify_all()
-                self._cond.wait(0.1)
+                self._park(0.1)
             waiter, self.waiter = self.waiter, None
             self._cond.notify_all()
         if waiter is not None:

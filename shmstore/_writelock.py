@@ -36,6 +36,12 @@ otherwise; ``FlockLock`` records its owning thread and ignores others. (Open que
 ``FlockLock`` fallback still has a window of two bytecodes between its thread lock and recording
 the owner.)
 
+``ReadOnlyLock`` (a handle whose mapping is read-only)
+    Never taken: such a handle does not write, and taking either lock would write (the mutex
+    lives in the mapping). ``held_elsewhere`` only looks: at the mutex's lock word, where glibc
+    keeps the owner's thread id, or with a shared ``flock`` probe, which needs no write access
+    and touches no byte of the segment.
+
 Caveat of the mutex: its layout is the C library's. Processes sharing one store must use the same
 C library (not a musl container against a glibc host on a shared ``/dev/shm``).
 """
@@ -49,20 +55,32 @@ import fcntl
 import functools
 import logging
 import mmap
+import sys
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
 
-from ._errors import CorruptStoreError
+from ._errors import CorruptStoreError, StorePermissionError
 
-__all__ = ["MUTEX_SIZE", "FlockLock", "RobustMutexLock", "WriteLock", "robust_mutex_supported"]
+__all__ = [
+    "MUTEX_SIZE",
+    "FlockLock",
+    "ReadOnlyLock",
+    "RobustMutexLock",
+    "WriteLock",
+    "robust_mutex_supported",
+]
 
 log = logging.getLogger("shmstore")
 
 MUTEX_SIZE: Final = 64  # bytes reserved in the header; glibc's pthread_mutex_t is 40 on x86-64
 _PTHREAD_PROCESS_SHARED: Final = 1
 _PTHREAD_MUTEX_ROBUST: Final = 1
+# glibc's pthread_mutex_t starts with ``int __lock``: the owner's TID (plus the FUTEX_WAITERS and
+# FUTEX_OWNER_DIED bits) while held, 0 when free.
+_FUTEX_TID_MASK: Final = 0x3FFFFFFF
 
 
 class WriteLock(Protocol):
@@ -87,6 +105,15 @@ class WriteLock(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+    def try_acquire(self) -> int:
+        """Take the lock if it is free: 0, ``EBUSY``, or an error number for ``recover()``."""
+        ...
+
+    def acquire_for(self, seconds: float) -> int:
+        """Wait at most *seconds* for the lock: 0, ``ETIMEDOUT``, or an error number for
+        ``recover()``."""
+        ...
 
     def held_elsewhere(self) -> bool:
         """Whether some other thread or process holds the lock right now (for tools, tests)."""
@@ -113,7 +140,14 @@ def _load_libc() -> ctypes.CDLL | None:
         f = getattr(libc, fn)
         f.argtypes = [ctypes.c_void_p]
         f.restype = ctypes.c_int
+    timed = libc.pthread_mutex_timedlock
+    timed.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    timed.restype = ctypes.c_int
     return libc
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
 
 
 _libc = _load_libc()
@@ -131,7 +165,18 @@ def _check(rc: int) -> None:
 class RobustMutexLock:
     """A robust, process-shared pthread mutex living in the segment at *offset*."""
 
-    __slots__ = ("_anchor", "_lock", "_name", "_trylock", "_unlock", "acquire", "addr", "release")
+    __slots__ = (
+        "_anchor",
+        "_lock",
+        "_name",
+        "_timedlock",
+        "_trylock",
+        "_unlock",
+        "acquire",
+        "addr",
+        "release",
+        "try_acquire",
+    )
 
     def __init__(self, buf: mmap.mmap, offset: int, name: str) -> None:
         if _libc is None:
@@ -147,8 +192,10 @@ class RobustMutexLock:
         self._lock = _libc.pthread_mutex_lock
         self._unlock = _libc.pthread_mutex_unlock
         self._trylock = _libc.pthread_mutex_trylock
+        self._timedlock = _libc.pthread_mutex_timedlock
         self.acquire: Callable[[], int] = functools.partial(self._lock, self.addr)
         self.release: Callable[[], object] = functools.partial(self._unlock, self.addr)
+        self.try_acquire: Callable[[], int] = functools.partial(self._trylock, self.addr)
 
     @staticmethod
     def initialize(buf: mmap.mmap, offset: int) -> None:
@@ -192,6 +239,11 @@ class RobustMutexLock:
         raise CorruptStoreError(
             f"store {self._name!r}: cannot take the writer mutex ({errno.errorcode.get(rc, rc)})"
         )
+
+    def acquire_for(self, seconds: float) -> int:
+        until = time.time() + seconds  # pthread_mutex_timedlock's deadline is CLOCK_REALTIME
+        deadline = _Timespec(int(until), int((until % 1) * 1e9))
+        return int(self._timedlock(self.addr, ctypes.byref(deadline)))
 
     def held_elsewhere(self) -> bool:
         rc: int = -1
@@ -257,8 +309,34 @@ class FlockLock:
     ) -> None:
         self.release()
 
+    def try_acquire(self) -> int:
+        if not self._thread_lock.acquire(blocking=False):
+            return errno.EBUSY
+        self._owner = threading.get_ident()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner = None
+            self._thread_lock.release()
+            return errno.EBUSY
+        except BaseException:
+            self._owner = None
+            self._thread_lock.release()
+            raise
+        return 0
+
+    def acquire_for(self, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while (rc := self.try_acquire()) == errno.EBUSY:  # flock has no timed form: poll
+            if time.monotonic() >= deadline:
+                return errno.ETIMEDOUT
+            time.sleep(0.001)
+        return rc
+
     def held_elsewhere(self) -> bool:
-        with self._thread_lock:
+        if not self._thread_lock.acquire(blocking=False):
+            return True  # another thread of this handle (an exclusive writer keeps it)
+        try:
             busy = False
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,6 +347,8 @@ class FlockLock:
             finally:
                 if not busy:  # also after an interrupt right after flock() returned
                     fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     def after_fork_in_child(self, fd: int) -> None:
         """Use the child's own descriptor; the parent's threads are gone, and a thread lock one
@@ -279,3 +359,63 @@ class FlockLock:
 
     def close(self) -> None:
         pass
+
+
+class ReadOnlyLock:
+    """The writer lock of a handle that maps the segment read-only: it cannot be taken (that
+    would write), and :meth:`held_elsewhere` only looks. See the module essay."""
+
+    __slots__ = ("_buf", "_name", "_offset", "fd")
+
+    def __init__(self, buf: mmap.mmap, offset: int | None, fd: int, name: str) -> None:
+        self._buf: mmap.mmap | None = buf
+        self._offset = offset  # of the mutex; None for a flock store
+        self.fd = fd
+        self._name = name
+
+    def acquire(self) -> int:
+        raise StorePermissionError(
+            errno.EACCES, f"store {self._name!r} is open read-only: this handle cannot write"
+        )
+
+    def try_acquire(self) -> int:
+        return self.acquire()
+
+    def acquire_for(self, seconds: float) -> int:
+        return self.acquire()
+
+    def release(self) -> None:
+        pass
+
+    def recover(self, rc: int) -> None:
+        raise AssertionError("a read-only handle never holds the lock")  # pragma: no cover
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
+
+    def held_elsewhere(self) -> bool:
+        if self._offset is not None:
+            if self._buf is None:
+                return False
+            word = int.from_bytes(self._buf[self._offset : self._offset + 4], sys.byteorder)
+            return bool(word & _FUTEX_TID_MASK)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
+    def after_fork_in_child(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        self._buf = None

@@ -30,6 +30,7 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("readers_registered", "shmstore_readers_registered", "gauge", "Registry entries in use."),
     ("readers_alive", "shmstore_readers_alive", "gauge", "Registry entries whose owner lives."),
     ("writer_lock_held", "shmstore_writer_lock_held", "gauge", "1 while a writer holds the lock."),
+    ("removed", "shmstore_removed", "gauge", "1 once the name no longer points to this store."),
 )
 
 
@@ -52,4 +53,42 @@ def prometheus_text(stats: Iterable[StoreStatistics]) -> str:
                 value = int(value)
             labels = f'store="{_escape(s.name)}",type="{_escape(s.type_name)}"'
             lines.append(f"{metric}{{{labels}}} {value}")
+    lines.extend(_mirror_lines(rows))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- mirror
+
+_MIRROR_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("mirror_connected", "shmstore_mirror_connected", "gauge", "1 while the mirror is connected."),
+    (
+        "mirror_last_sync_ns",
+        "shmstore_mirror_last_sync_seconds",
+        "gauge",
+        "Last time the mirror was confirmed current.",
+    ),
+    ("mirror_behind", "shmstore_mirror_behind_versions", "gauge", "Versions not yet mirrored."),
+)
+
+
+def _mirror_lines(rows: list[StoreStatistics]) -> list[str]:
+    """The mirror metrics, for the mirrored stores only (labelled with their role and bucket)."""
+    mirrored = [s for s in rows if s.mirror_role]
+    lines: list[str] = []
+    if not mirrored:
+        return lines
+    for field, metric, kind, help_text in _MIRROR_METRICS:
+        lines.append(f"# HELP {metric} {help_text}")
+        lines.append(f"# TYPE {metric} {kind}")
+        for s in mirrored:
+            value = getattr(s, field)
+            if field.endswith("_ns"):
+                value = value / 1e9
+            elif isinstance(value, bool):
+                value = int(value)
+            labels = (
+                f'store="{_escape(s.name)}",role="{_escape(s.mirror_role)}",'
+                f'bucket="{_escape(s.mirror_bucket)}"'
+            )
+            lines.append(f"{metric}{{{labels}}} {value}")
+    return lines

@@ -89,3 +89,36 @@ def test_incompatible_projections_are_refused(
     with Store.create(store_name, stored) as st:
         with pytest.raises(SchemaMismatchError, match=why):
             st.projection(projected)
+
+
+def test_fsm_readers_can_read_only_the_state(store_name: str) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from shmstore.fsm import (  # noqa: PLC0415
+        AsyncStateStore,
+        FsmState,
+        FsmStateView,
+        create_transition,
+        next_snapshot,
+    )
+
+    async def main() -> None:
+        async with AsyncStateStore(name=store_name) as st:
+            assert await st.get_state() is None
+            current = await st.initialize_if_empty()
+            for i in range(120):
+                new = FsmState.ACTIVE if i % 2 else FsmState.IDLE
+                transition = create_transition(current.state, new, trigger=f"T{i}")
+                current = await st.set(next_snapshot(current, new, f"tick {i}", transition))
+            head = await st.get_state()
+            assert head == FsmStateView(
+                version=current.version,
+                state=current.state,
+                reason=current.reason,
+                ts_wall=current.ts_wall,
+                prev_state=current.prev_state,
+            )
+            assert len(current.history) == 100  # what the projection did not have to build
+            st.unlink()
+
+    asyncio.run(main())

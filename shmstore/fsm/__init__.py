@@ -16,6 +16,7 @@ from ._store import create_initialized_store as create_initialized_store
 from ._store import create_store as create_store
 from ._types import FsmSnapshotDTO as FsmSnapshotDTO
 from ._types import FsmState as FsmState
+from ._types import FsmStateView as FsmStateView
 from ._types import TransitionDTO as TransitionDTO
 from ._types import TransitionStatus as TransitionStatus
 from ._types import create_transition as create_transition
@@ -32,6 +33,7 @@ __all__ = [
     # snapshot types and helpers
     "FsmSnapshotDTO",
     "FsmState",
+    "FsmStateView",
     "TransitionDTO",
     "TransitionStatus",
     "create_transition",

@@ -35,10 +35,11 @@ from typing import Any, Final
 import msgspec
 
 from .._errors import StateStoreError
+from .._projection import Projection
 from .._store import Store
 from ._errors import StateVersionError
 from ._fanout import MAX_QUEUE_SIZE, FanOut
-from ._types import FsmSnapshotDTO, initial_snapshot, trimmed_history
+from ._types import FsmSnapshotDTO, FsmStateView, initial_snapshot, trimmed_history
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -113,6 +114,7 @@ class AsyncStateStore:
         self._store: Store[FsmSnapshotDTO] = store
         self._fanout = FanOut(store, shared=name is not None)
         self._total_gets = 0
+        self._state_view: Projection[FsmStateView] | None = None
         self._closed = False
         if initial_state is not None:
             try:
@@ -134,6 +136,15 @@ class AsyncStateStore:
         self._fanout.bind_loop()
         self._total_gets += 1
         return self._store.get()
+
+    async def get_state(self) -> FsmStateView | None:
+        """The newest snapshot's head -- version, state, reason, ``ts_wall``, ``prev_state`` --
+        decoded without the history or the context (a projection): for readers that only need
+        the state. ``None`` while empty."""
+        self._total_gets += 1
+        if self._state_view is None:
+            self._state_view = self._store.projection(FsmStateView)
+        return self._state_view.get()
 
     async def get_with_meta(self) -> tuple[FsmSnapshotDTO | None, dict[str, Any]]:
         """``(snapshot, meta)``: meta holds ``store_metrics`` (the six counters of

@@ -24,6 +24,13 @@ def typed(name: str) -> None:
     st.set("not a point")  # type: ignore[arg-type]
     with Store.open(name, Point) as reader:
         assert_type(reader, Store[Point])
+    with Store.open(name, Point, readonly=True) as ro:
+        assert_type(ro, Store[Point])
+        assert_type(ro.readonly, bool)
+        assert_type(ro.wait_mode, str)
+    assert_type(Store.create(name, Point, mode=0o640, group="staff"), Store[Point])
+    assert_type(Store.open_or_create(name, Point), Store[Point])
+    assert_type(st.update(lambda p: Point(p.x + 1, p.y) if p else Point(0, 0)), int)
 
 
 def untyped(name: str) -> None:

@@ -1,0 +1,226 @@
+"""``shmstore mirror publish | follow | set``: the mirror's verbs of the ``shmstore`` command.
+
+``shmstore._cli.build_parser`` calls :func:`add_mirror_parser`; this module imports no NATS code
+until a verb runs, so the command works without the ``[mirror]`` extra. Exit status as the rest
+of the command: 0 ok, 1 error (one line on stderr), 2 usage, 3 ``set --expect`` conflict.
+
+Secrets: ``--password`` and ``--token`` are visible to other users in the process list; prefer
+the environment variables ``SHMSTORE_NATS_PASSWORD`` / ``SHMSTORE_NATS_TOKEN``, a ``--creds``
+file, or TLS client certificates. No secret is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import msgspec
+
+from .._errors import StateVersionError
+from ._connect import ConnectOptions
+
+__all__ = ["add_mirror_parser"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFLICT = 3
+
+
+def _options(args: argparse.Namespace) -> ConnectOptions:
+    # asyncio's own chatter about TLS connections closing is no news to an operator.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    servers = [s.strip() for spec in args.server for s in spec.split(",") if s.strip()]
+    return ConnectOptions(
+        servers=tuple(servers),
+        user=args.user,
+        password=args.password or os.environ.get("SHMSTORE_NATS_PASSWORD") or None,
+        token=args.token or os.environ.get("SHMSTORE_NATS_TOKEN") or None,
+        creds_file=args.creds,
+        nkey_seed_file=args.nkey,
+        tls_ca_file=args.tls_ca,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        name=f"shmstore-{args.mirror_verb}-{args.name}",
+    )
+
+
+def _import_type(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"shmstore: --type wants module:Name, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"shmstore: cannot import {spec!r}: {exc}") from None
+    return obj
+
+
+def _run_until_signalled(worker: Any) -> int:
+    """Run ``worker.run()`` until SIGINT or SIGTERM (then stop it cleanly)."""
+
+    logging.getLogger("shmstore.mirror").setLevel(logging.INFO)  # state changes, for operators
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from ._publisher import Publisher  # noqa: PLC0415
+
+    publisher = Publisher(
+        args.name,
+        options=_options(args),
+        bucket=args.bucket,
+        value_type=_import_type(args.type),
+        replicas=args.replicas,
+    )
+    return _run_until_signalled(publisher)
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from ._follower import Follower  # noqa: PLC0415
+
+    follower = Follower(
+        args.name,
+        options=_options(args),
+        bucket=args.bucket,
+        local_name=args.local,
+        max_readers=args.max_readers,
+    )
+    return _run_until_signalled(follower)
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from ._remote import AsyncRemoteStore  # noqa: PLC0415
+
+    text = sys.stdin.read() if args.value == "-" else args.value
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        print(f"shmstore: value is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    async def write() -> int:
+        async with AsyncRemoteStore(
+            args.name, options=_options(args), bucket=args.bucket, timeout=args.timeout
+        ) as remote:
+            return await remote.set(value, args.expect)
+
+    try:
+        version = asyncio.run(write())
+    except StateVersionError as exc:
+        print(f"shmstore: {exc}", file=sys.stderr)
+        return EXIT_CONFLICT
+    sys.stdout.write(msgspec.json.encode({"version": version}).decode() + "\n")
+    return EXIT_OK
+
+
+def _version(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a version is >= 0, got {value}")
+    return value
+
+
+def _replicas(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 5, got {value}")
+    return value
+
+
+def _readers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 4096, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="NATS server URL (repeat, or comma-separate, for a cluster)",
+    )
+    p.add_argument("--bucket", help="the KV bucket (default: shmstore_NAME)")
+    p.add_argument("--user", help="NATS user")
+    p.add_argument("--password", help="NATS password (prefer $SHMSTORE_NATS_PASSWORD)")
+    p.add_argument("--token", help="NATS token (prefer $SHMSTORE_NATS_TOKEN)")
+    p.add_argument("--creds", metavar="FILE", help="NATS .creds file (JWT + nkey)")
+    p.add_argument("--nkey", metavar="FILE", help="NATS nkey seed file")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificates to verify the server")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", metavar="FILE", help="client certificate's key")
+
+
+def add_mirror_parser(subparsers: Any) -> None:
+    """Add the ``mirror`` verb and its ``publish``, ``follow`` and ``set`` sub-verbs to the
+    ``shmstore`` command's sub-parsers."""
+    help_ = "mirror a store to other hosts through NATS JetStream (needs shmstore[mirror])"
+    mirror = subparsers.add_parser("mirror", help=help_, description=help_)
+    verbs = mirror.add_subparsers(dest="mirror_verb", required=True, metavar="VERB")
+
+    text = "put every committed version of local store NAME into NATS, until SIGINT/SIGTERM"
+    p = verbs.add_parser("publish", help=text, description=text)
+    p.set_defaults(run=cmd_publish)
+    p.add_argument("name")
+    _connection_arguments(p)
+    p.add_argument(
+        "--type",
+        metavar="MODULE:CLASS",
+        help="the store's type: needed to accept remote writes to a typed store",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        help="bucket replicas when the bucket is created (3 on a 3-node cluster)",
+    )
+
+    text = "keep a local replica of store NAME from NATS, until SIGINT/SIGTERM"
+    p = verbs.add_parser("follow", help=text, description=text)
+    p.set_defaults(run=cmd_follow)
+    p.add_argument("name")
+    _connection_arguments(p)
+    p.add_argument("--as", dest="local", metavar="LOCAL", help="local replica name (NAME)")
+    p.add_argument(
+        "--max-readers",
+        type=_readers,
+        default=64,
+        help="processes that may wait on the replica at once, when it is created (64)",
+    )
+
+    text = "commit a JSON value on the origin store NAME through its publisher"
+    p = verbs.add_parser("set", help=text, description=text)
+    p.set_defaults(run=cmd_set)
+    p.add_argument("name")
+    p.add_argument("value", help="the value as JSON, or - for standard input")
+    _connection_arguments(p)
+    p.add_argument("--expect", type=_version, metavar="VERSION", help="commit only at this version")
+    p.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait (10)")

