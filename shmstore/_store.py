@@ -155,7 +155,7 @@ class Store(Generic[T]):
         self._max_value_size = info.max_value_size
         # Decode big payloads straight from the mapping (see Ring.read_newest_value).
         self._in_place = self._codec.decode_in_place and not info.flags & FLAG_CRC
-        # The hot paths read HEAD through this bound load directly: no property, no frame.
+        # `version` and the wait gate load HEAD through this (get() indexes the words itself).
         self._head = self._ring.head
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
