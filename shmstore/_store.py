@@ -905,6 +905,7 @@ class Store(Generic[T]):
             conflicts = self._ring.conflicts()
             growths = int(self._words[W_GENERATION])  # under _in_use: close() releases it
             removed = self._segment.removed()
+            mirror = self._mirror_statistics()
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
@@ -928,7 +929,7 @@ class Store(Generic[T]):
             readonly=self._segment.readonly,
             wait_mode=self._gate.mode,
             removed=removed,
-            **self._mirror_statistics(),
+            **mirror,
         )
 
     # ---------------------------------------------------------------- counters
@@ -1085,6 +1086,10 @@ class Store(Generic[T]):
     def mirror_status(self) -> MirrorStatus:
         """The header's mirror block: role (``"origin"``, ``"replica"`` or ``""``), whether the
         mirror is connected, its last sync, how far behind it is, its bucket and origin."""
+        with self._in_use:  # it reads the mapping in several steps: not under close()
+            return self._mirror_status_locked()
+
+    def _mirror_status_locked(self) -> MirrorStatus:
         self._check_open()
         words = self._words
         state = int(words[W_MIRROR_STATE])
@@ -1107,7 +1112,7 @@ class Store(Generic[T]):
         )
 
     def _mirror_statistics(self) -> dict[str, Any]:
-        status = self.mirror_status
+        status = self._mirror_status_locked()  # statistics() holds _in_use
         return {
             "mirror_role": status.role,
             "mirror_connected": status.connected,

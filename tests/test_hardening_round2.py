@@ -193,6 +193,7 @@ READS_RACING_CLOSE = """
                 "conflicts": lambda: st.conflicts,
                 "last_update_ns": lambda: st.last_update_ns,
                 "app_counters": lambda: st.app_counters[0],
+                "mirror_status": lambda: st.mirror_status,
                 "subscription": lambda: next(iter(st.subscribe(after_version=0, timeout=0.001))),
             }
             started = threading.Barrier(len(reads) + 1)
