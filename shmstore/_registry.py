@@ -241,6 +241,8 @@ class Registry:
                 yield
             return
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if wait > threading.TIMEOUT_MAX:  # a huge "forever" (sys.float_info.max) is forever
+            wait = -1.0
         if not self._thread_lock.acquire(timeout=wait):
             raise TimeoutError("the reader registry is busy")
         try:
@@ -432,7 +434,11 @@ class Registry:
             return  # not Linux: semaphores are not files here
         try:
             if os.stat(path).st_gid != self._gid:
-                os.chown(path, -1, self._gid)
+                # Only root and members of a group may give a file to it: a reader of another
+                # user who reaches the store through its "other" bits keeps its own group, and
+                # the mode below still lets every writer those bits allow post it.
+                with contextlib.suppress(PermissionError):
+                    os.chown(path, -1, self._gid)
             os.chmod(path, self._mode)
         except OSError as exc:
             raise StateStoreError(

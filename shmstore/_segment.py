@@ -27,6 +27,7 @@ import errno
 import grp
 import mmap
 import os
+import time
 
 import posix_ipc
 
@@ -37,6 +38,9 @@ __all__ = ["Segment", "UnsizedSegmentError", "resolve_group", "unlink_segment"]
 
 # Where Linux keeps POSIX shared memory as files (elsewhere, None: names are opened to compare).
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+_UNMAP_PATIENCE = 10.0  # seconds a close() waits for in-place decodes to let go of the mapping
+_UNMAP_POLL = 100e-6
 
 
 class Segment:
@@ -197,7 +201,19 @@ class Segment:
 
     def close(self) -> None:
         try:
-            self.map.close()
+            deadline = time.monotonic() + _UNMAP_PATIENCE
+            while True:
+                try:
+                    self.map.close()
+                    break
+                except BufferError as exc:
+                    # Another thread is decoding a value in place from the mapping (``_ring``);
+                    # it lets go of its view within one decode. Anything longer is a bug.
+                    if time.monotonic() > deadline:
+                        raise StateStoreError(
+                            f"cannot unmap store {self.name!r}: a view into it is still in use"
+                        ) from exc
+                    time.sleep(_UNMAP_POLL)
         finally:
             if self.fd >= 0:
                 os.close(self.fd)

@@ -532,6 +532,10 @@ class Store(Generic[T]):
             except RingMoved:
                 self._follow_move()
                 continue
+            except ValueError:  # a released view: close() in another thread
+                if not self._closed:
+                    raise
+                raise self._closed_error() from None
             except DecodeFailed as failed:
                 # Not only msgspec.DecodeError: damaged bytes can also raise UnicodeDecodeError,
                 # RecursionError (deep nesting) or ValueError; none may escape untranslated.
@@ -565,10 +569,15 @@ class Store(Generic[T]):
         cached = self._cache
         if cached[0] == version:
             return (cached[1],)  # type: ignore[return-value]
-        got = self._ring.read(version)
-        if got is None and self._ring.moved():
-            self._follow_move()
+        try:
             got = self._ring.read(version)
+            if got is None and self._ring.moved():
+                self._follow_move()
+                got = self._ring.read(version)
+        except ValueError:  # closed in another thread, as in _read_decoded
+            if not self._closed:
+                raise
+            raise self._closed_error() from None
         if got is None:
             return None
         return (self._decode(got[0], version),)
@@ -929,7 +938,9 @@ class Store(Generic[T]):
             geometry = self._info.geometry
             version, commits, last_update_ns = self._ring.consistent_counters()
             conflicts = self._ring.conflicts()
+            growths = int(self._words[W_GENERATION])  # under _in_use: close() releases it
             removed = self._segment.removed()
+            mirror = self._mirror_statistics()
         return StoreStatistics(
             name=self.name,
             type_name=self._info.type_name,
@@ -949,11 +960,11 @@ class Store(Generic[T]):
             reads=self._ring.reads,
             retries=self._ring.retries,
             max_value_size=self._info.max_value_size,
-            growths=int(self._words[W_GENERATION]),
+            growths=growths,
             readonly=self._segment.readonly,
             wait_mode=self._gate.mode,
             removed=removed,
-            **self._mirror_statistics(),
+            **mirror,
         )
 
     # ---------------------------------------------------------------- counters
@@ -961,20 +972,23 @@ class Store(Generic[T]):
     @property
     def commits(self) -> int:
         """Commits made by every process since the store was created."""
-        self._check_open()
-        return self._ring.commits()
+        with self._in_use:  # like every read of the mapping that could race close()
+            self._check_open()
+            return self._ring.commits()
 
     @property
     def conflicts(self) -> int:
         """``set(expected_version=...)`` calls refused, by every process."""
-        self._check_open()
-        return self._ring.conflicts()
+        with self._in_use:
+            self._check_open()
+            return self._ring.conflicts()
 
     @property
     def last_update_ns(self) -> int:
         """Wall-clock time of the newest commit (ns since the epoch), 0 while empty."""
-        self._check_open()
-        return self._ring.last_update_ns()
+        with self._in_use:
+            self._check_open()
+            return self._ring.last_update_ns()
 
     @property
     def created_ns(self) -> int:
@@ -987,8 +1001,9 @@ class Store(Generic[T]):
 
     def _app_counter(self, index: int) -> int:
         word = app_counter_word(index)
-        self._check_open()
-        return int(self._words[word])
+        with self._in_use:
+            self._check_open()
+            return int(self._words[word])
 
     def _increment_app_counter(self, index: int) -> int:
         word = app_counter_word(index)
@@ -1106,6 +1121,10 @@ class Store(Generic[T]):
     def mirror_status(self) -> MirrorStatus:
         """The header's mirror block: role (``"origin"``, ``"replica"`` or ``""``), whether the
         mirror is connected, its last sync, how far behind it is, its bucket and origin."""
+        with self._in_use:  # it reads the mapping in several steps: not under close()
+            return self._mirror_status_locked()
+
+    def _mirror_status_locked(self) -> MirrorStatus:
         self._check_open()
         words = self._words
         state = int(words[W_MIRROR_STATE])
@@ -1128,7 +1147,7 @@ class Store(Generic[T]):
         )
 
     def _mirror_statistics(self) -> dict[str, Any]:
-        status = self.mirror_status
+        status = self._mirror_status_locked()  # statistics() holds _in_use
         return {
             "mirror_role": status.role,
             "mirror_connected": status.connected,

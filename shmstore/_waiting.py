@@ -64,6 +64,8 @@ _EWMA_SEED: Final = 10 * SPIN_NS  # start out assuming waits are long: no spinni
 # and a signal that lands just before the wait starts (Ctrl-C) is not seen until the wait ends,
 # so a sleeping thread looks up once a second. That costs nothing measurable.
 _MAX_SLEEP: Final = 1.0
+# The longest a thread holds off the others while the registry lock is busy (see _register_locked).
+_REGISTER_SLICE: Final = 0.05
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -118,6 +120,7 @@ class WaitGate:
         self._mutex = threading.Lock()  # the condition's lock, entered directly on hot paths
         self._cond = threading.Condition(self._mutex)
         self._parked = 0  # threads waiting on the condition: notify only when there are any
+        self._registering = False  # a thread is claiming the entry, without the condition
         self._sleeper = False
         self._closing = False
         # A thread's wait keeps the registration until close(); the coroutines' server gives it
@@ -181,11 +184,11 @@ class WaitGate:
             raise StateStoreError(f"store {self._name!r} was closed while waiting")
         if self._poll_only:
             return self._poll_locked(after, deadline, interrupted)
-        if self.waiter is None:
-            self.waiter = self._registry.register(deadline)
         while True:
             if self._closing:
                 raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            if self.waiter is None and not self._register_locked(deadline, interrupted):
+                return None
             head = self._head()
             if head > after:
                 return head
@@ -195,10 +198,12 @@ class WaitGate:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             if self._sleeper:
-                self._park(remaining)
+                # Capped like the semaphore sleep: Condition.wait overflows past TIMEOUT_MAX.
+                self._park(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
                 continue
             self._sleeper = True
             waiter = self.waiter
+            assert waiter is not None  # registered above, with the condition held since
             self._mutex.release()
             try:
                 waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
@@ -207,6 +212,44 @@ class WaitGate:
                 self._sleeper = False
                 if self._parked:
                     self._cond.notify_all()
+
+    def _register_locked(
+        self, deadline: float | None, interrupted: Callable[[], bool] | None
+    ) -> bool:
+        """With the condition held: claim the handle's registry entry; ``False`` if
+        *interrupted()* first. The registry lock may be held by a stopped process, so it is
+        tried in slices of ``_REGISTER_SLICE`` with the condition released: other threads, the
+        coroutines' loops (which take the condition when a wait ends) and close() never wait
+        for it longer than a slice."""
+        while self.waiter is None:
+            if self._closing:
+                raise StateStoreError(f"store {self._name!r} was closed while waiting")
+            if interrupted is not None and interrupted():
+                return False
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError
+            attempt = now + _REGISTER_SLICE
+            if deadline is not None:
+                attempt = min(attempt, deadline)
+            if self._registering:  # another thread of this handle is claiming it
+                self._park(attempt - now)
+                continue
+            self._registering = True
+            self._mutex.release()
+            waiter = None
+            try:
+                waiter = self._registry.register(attempt)
+            except TimeoutError:
+                pass  # busy: look at closing, interruptions and the deadline, then again
+            finally:
+                self._mutex.acquire()
+                self._registering = False
+                if waiter is not None:
+                    self.waiter = waiter  # close() waited for us: it gives it back
+                if self._parked:
+                    self._cond.notify_all()
+        return True
 
     def _park(self, timeout: float | None) -> None:
         """With the condition held: wait on it (the other waiters of this handle wake us)."""
@@ -336,7 +379,7 @@ class WaitGate:
         coroutines' server thread is gone (it touches the mapping)."""
         with self._cond:
             self._closing = True
-            while self._sleeper or self._server is not None:
+            while self._sleeper or self._server is not None or self._registering:
                 if self.waiter is not None:
                     self.waiter.kick()
                 self._cond.notify_all()

@@ -246,13 +246,15 @@ class RobustMutexLock:
         return int(self._timedlock(self.addr, ctypes.byref(deadline)))
 
     def held_elsewhere(self) -> bool:
-        rc = self._trylock(self.addr)
-        if rc == errno.EBUSY:
-            return True
-        if rc != 0:
-            self.recover(rc)
-        self._unlock(self.addr)
-        return False
+        rc: int = -1
+        try:
+            rc = self._trylock(self.addr)
+            if rc not in (0, errno.EBUSY):
+                self.recover(rc)
+            return rc == errno.EBUSY
+        finally:
+            if rc != errno.EBUSY:  # an interrupt right after trylock must not keep the lock
+                self._unlock(self.addr)  # EPERM (a no-op) if this thread did not take it
 
     def after_fork_in_child(self, fd: int) -> None:
         # The mutex is in shared memory and owned by a thread, not a descriptor: a parent thread
@@ -335,12 +337,16 @@ class FlockLock:
         if not self._thread_lock.acquire(blocking=False):
             return True  # another thread of this handle (an exclusive writer keeps it)
         try:
+            busy = False
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
             except BlockingIOError:
+                busy = True
                 return True
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            return False
+            finally:
+                if not busy:  # also after an interrupt right after flock() returned
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
 

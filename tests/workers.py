@@ -22,8 +22,9 @@ from typing import Any
 
 import msgspec
 
-from shmstore import CorruptStoreError, StateStoreError, StateVersionError, Store
+from shmstore import CorruptStoreError, StateStoreError, StateVersionError, Store, remove
 from shmstore._checkpoint import write_checkpoint
+from shmstore._registry import Registry
 from shmstore._ring import Ring
 from shmstore.fsm import AsyncStateStore
 
@@ -456,3 +457,86 @@ def chaos_reader(
         if value != version - 1:
             report.put(f"reader {slot}: value {value} at version {version} (torn?)")
         last = version
+
+
+# ------------------------------------------------------------------ other users (hardening round 2)
+
+OTHER_UID = 65534  # nobody: the "other user" of the tests that run as root
+
+
+def become_other_user() -> None:
+    """Drop root for *OTHER_UID*. The interpreter lives under /root, which the other user may
+    not read, so everything the worker needs is imported before this (this module's imports)."""
+    os.setgroups([])
+    os.setgid(OTHER_UID)
+    os.setuid(OTHER_UID)
+
+
+def other_user_commits(name: str, results: Any) -> None:
+    """As the other user: open the root-owned store and commit once; report the version or the
+    error."""
+    become_other_user()
+    try:
+        with Store.open(name, int, allow_other_owner=True) as st:
+            results.put(("committed", st.set(st.version + 1)))
+    except BaseException as exc:
+        results.put(("error", f"{type(exc).__module__}.{type(exc).__name__}: {exc}"))
+
+
+def other_user_waits(name: str, registered: Event, results: Any) -> None:
+    """As the other user: register with a short wait (which must time out, not fail), tell the
+    test, then wait for the test's commit; report each outcome."""
+    become_other_user()
+    try:
+        with Store.open(name, int, allow_other_owner=True) as st:
+            after = st.version
+            try:
+                st.wait(after, timeout=0.2)
+                results.put(("first wait", "returned"))
+            except TimeoutError:
+                results.put(("first wait", "TimeoutError"))
+            registered.set()
+            results.put(("second wait", st.wait(after, timeout=60)))
+    except BaseException as exc:
+        registered.set()
+        results.put(("error", f"{type(exc).__module__}.{type(exc).__name__}: {exc}"))
+
+
+def other_user_removes(name: str, results: Any) -> None:
+    """As the other user: ``shmstore.remove()`` a root-owned store; report what it raised."""
+    become_other_user()
+    try:
+        results.put(("removed", remove(name)))
+    except BaseException as exc:
+        results.put(("error", type(exc).__name__))
+
+
+def register_and_die(name: str) -> None:
+    """Register as a reader of *name* and exit without closing: a dead reader's entry and its
+    semaphore stay behind for someone else to reclaim."""
+    st = Store.open(name, int, allow_other_owner=True)
+    with contextlib.suppress(TimeoutError):
+        st.wait(st.version, timeout=0.01)
+    os._exit(0)
+
+
+def sleep_in_huge_timeout(name: str, waiting: Event, results: Any) -> None:
+    """Wait with ``timeout=sys.float_info.max`` (a common "forever") until the test commits;
+    report (CPU seconds, wall seconds) spent in that wait."""
+    st = Store.open(name, int)
+    try:
+        after = st.version
+        waiting.set()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        got = st.wait(after, timeout=sys.float_info.max, spin=False)
+        results.put((got, time.process_time() - cpu0, time.monotonic() - wall0))
+    finally:
+        st.close()
+
+
+def reclaimer_stopped_in_sweep(name: str, reached: Event) -> None:
+    """Reclaim dead readers (as a tool does), but freeze inside the sweep: this process then
+    holds the registry lock until it is killed."""
+    st = Store.open(name, int)
+    freeze_at(Registry._sweep_locked, "removed = 0", reached)
+    st.reclaim_dead_readers()
