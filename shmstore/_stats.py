@@ -50,6 +50,10 @@ class StoreStatistics:
     mirror_behind: int = 0
     mirror_bucket: str = ""
     mirror_origin: str = ""
+    # This handle's sleeps that ran out although a commit had come: a lost (or raced) wake-up.
+    # 0 is what the wake-up protocol promises; sleeps are capped, so such a reader is late, not
+    # stuck.
+    late_wakeups: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

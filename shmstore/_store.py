@@ -965,6 +965,7 @@ class Store(Generic[T]):
             wait_mode=self._gate.mode,
             removed=removed,
             **mirror,
+            late_wakeups=self._gate.late_wakeups,
         )
 
     # ---------------------------------------------------------------- counters

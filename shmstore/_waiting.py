@@ -114,6 +114,8 @@ class WaitGate:
         self._name = name
         self._poll_only = poll
         self._typical_ns = _EWMA_SEED
+        self.late_wakeups = 0
+        """Sleeps that ran out although a commit had come (a lost or raced wake-up)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -205,13 +207,21 @@ class WaitGate:
             waiter = self.waiter
             assert waiter is not None  # registered above, with the condition held since
             self._mutex.release()
+            posted = True
             try:
-                waiter.sleep(_MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP))
+                posted = waiter.sleep(
+                    _MAX_SLEEP if remaining is None else min(remaining, _MAX_SLEEP)
+                )
             finally:
                 self._mutex.acquire()
                 self._sleeper = False
                 if self._parked:
                     self._cond.notify_all()
+            if not posted and self._head() > after:
+                # The sleep ran out although a commit had come: its wake-up was lost (or the
+                # post raced the time limit). Sleeps are capped, so this is late, not never;
+                # the count is what tells (tests assert it stays 0; statistics() shows it).
+                self.late_wakeups += 1
 
     def _register_locked(
         self, deadline: float | None, interrupted: Callable[[], bool] | None

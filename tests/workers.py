@@ -249,6 +249,8 @@ def ping_pong_echo(ping_name: str, pong_name: str, rounds: int, spin: bool) -> N
         for _ in range(rounds):
             version = ping.wait(version, timeout=10, spin=spin)
             pong.set(version)
+        # Sleeps are capped (1 s), so a lost wake-up would only be late: count those.
+        assert ping.statistics().late_wakeups == 0, "a wake-up was lost"
     finally:
         ping.close()
         pong.close()
