@@ -14,7 +14,10 @@ were that short (an exponential moving average of how long ``wait()`` took, seed
 A reader of a busy store then sees a commit within a microsecond; a reader of a quiet store never
 spins, and a sleeping reader costs no CPU. The spin is bounded per call, so the worst case --
 commits arriving just after every spin ends -- costs at most ``SPIN_NS`` of CPU per wait.
-Spinning holds the GIL, so the asyncio thread does not spin (``spin=False``).
+Spinning holds the GIL, so the asyncio thread does not spin (``spin=False``). Each turn of the
+spin yields the CPU (``sched_yield``): a writer that shares our CPU would otherwise wait for our
+spin to end -- measured with both processes pinned to one CPU: 66 us one way without the yield,
+18 us with it (a raw semaphore ping-pong there: 2-3 us); across CPUs it costs about a microsecond.
 
 Coroutines use the same gate (there is one wait engine): ``wait_async`` parks a future in the
 gate, and one background thread per handle, alive only while some coroutine waits, waits in the
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -156,10 +160,12 @@ class WaitGate:
                     SPIN_NS, int(timeout * 1e9) if timeout is not None else SPIN_NS
                 )
                 head_of = self._head
+                relax = os.sched_yield
                 while clock() < stop:
                     head = head_of()
                     if head > after:
                         return head
+                    relax()  # lets a writer that shares our CPU run (else it waits for us)
             deadline = (
                 None if timeout is None else time.monotonic() + timeout - (clock() - started) / 1e9
             )
