@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -37,6 +36,9 @@ import msgspec
 import shmstore
 from shmstore import Store
 from shmstore.fsm import FsmSnapshotDTO, FsmState, TransitionDTO, TransitionStatus
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from core import per_call, timer_overhead  # the same timing as the core benchmark
 
 LIMIT = 1.2  # issue 12: within 1.2x of today's
 GATED = ("encode", "decode", "get() changed", "set()")
@@ -169,29 +171,6 @@ def snapshot(kind: str, i: int, entries: int) -> Any:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def timer_overhead(n: int = 100_000) -> int:
-    clock = time.perf_counter_ns
-    samples = []
-    for _ in range(n):
-        t0 = clock()
-        samples.append(clock() - t0)
-    return int(statistics.median(samples))
-
-
-def per_call(
-    op: Callable[[], Any], calls: int, overhead: int, before: Callable[[], Any] | None = None
-) -> list[int]:
-    clock = time.perf_counter_ns
-    samples = []
-    for _ in range(calls):
-        if before is not None:
-            before()
-        t0 = clock()
-        op()
-        samples.append(clock() - t0 - overhead)
-    return samples
 
 
 class Case:
