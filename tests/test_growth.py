@@ -199,3 +199,28 @@ def test_checkpoint_of_a_large_value_restores_into_a_small_store(
         assert st.get_with_version() == (blob(1, 1 << 20), 1)
         assert st.set(blob(2, 2 << 20)) == 2
         st.unlink()
+
+
+def test_async_store_handles_follow_a_growth(store_name: str) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from shmstore import AsyncStore  # noqa: PLC0415
+
+    async def main() -> None:
+        with Store.create(store_name, bytes, slot_size=4096) as writer:
+            writer.set(blob(1, 100))
+            reader = AsyncStore.open(store_name, bytes)
+            try:
+                waiting = asyncio.create_task(reader.wait(1, timeout=JOIN))
+                await asyncio.to_thread(wait_for_registrations, writer, 1)
+                writer.set(blob(2, 2 << 20))  # moves the store while the coroutine sleeps
+                assert await waiting == 2
+                assert reader.get_with_version() == (blob(2, 2 << 20), 2)
+                assert reader.capacity >= 2 << 20
+                assert await reader.set(blob(3, 3 << 20)) == 3  # and writes into the new ring
+            finally:
+                reader.close()
+            assert writer.get_with_version() == (blob(3, 3 << 20), 3)
+            writer.unlink()
+
+    asyncio.run(main())
