@@ -89,6 +89,10 @@ MAX_VERSION: Final = 1 << 62
 _OPEN_OR_CREATE_TRIES: Final = 5
 _FOLLOW_TRIES: Final = 100
 _CONTENDED_SLICE: Final = 0.05  # a contended writer looks for an exclusive writer this often
+# What a timed or try lock may answer short of having the lock. EINTR: POSIX says a mutex lock
+# never returns it (glibc restarts the wait; checked), so it is here only to mean "try again"
+# should a C library ever pass it through.
+_LOCK_NOT_YET: Final = frozenset({errno.EBUSY, errno.ETIMEDOUT, errno.EINTR})
 
 _live_handles: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
@@ -808,7 +812,7 @@ class Store(Generic[T]):
         raise if an exclusive writer keeps it. Returns holding it."""
         lock = self._lock
         words = self._words
-        while rc in (errno.EBUSY, errno.ETIMEDOUT):
+        while rc in _LOCK_NOT_YET:
             holder = int(words[W_EXCLUSIVE])
             if holder:
                 rc = lock.try_acquire()  # free now only if that writer is gone
