@@ -39,6 +39,7 @@ from shmstore.fsm import FsmSnapshotDTO, FsmState, TransitionDTO, TransitionStat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from core import per_call, timer_overhead  # the same timing as the core benchmark
+from values import fsm
 
 LIMIT = 1.2  # issue 12: within 1.2x of today's
 GATED = ("encode", "decode", "get() changed", "set()")
@@ -144,30 +145,9 @@ KINDS: dict[str, tuple[Any, Any]] = {
 
 
 def snapshot(kind: str, i: int, entries: int) -> Any:
-    """The same deterministic snapshot, as either type."""
+    """The same deterministic snapshot (the one every benchmark uses), as either type."""
     snap_t, trans_t = KINDS[kind]
-    history = tuple(
-        trans_t(
-            from_state=FsmState(k % 5 + 1),
-            to_state=FsmState((k + 1) % 5 + 1),
-            trigger_event=f"EVENT_{k}",
-            ts_mono=1000.0 + i + k / 10,
-            ts_wall=1.7e9 + i + k / 10,
-        )
-        for k in range(entries)
-    )
-    return snap_t(
-        version=i,
-        state=FsmState.ACTIVE,
-        reason="transition requested by scheduler",
-        ts_mono=1000.0 + i,
-        ts_wall=1.7e9 + i,
-        snapshot_id=str(uuid.UUID(int=i)),
-        prev_state=FsmState.IDLE,
-        fsm_instance_id="6f1c1a9e-0000-4000-8000-000000000001",
-        history=history,
-        context_data={f"key_{k}": f"value-{k}-{i}" for k in range(8)},
-    )
+    return fsm(i, entries, snap_t, trans_t)
 
 
 # ----------------------------------------------------------------------------- timing

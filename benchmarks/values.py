@@ -29,11 +29,17 @@ def small(i: int) -> Small:
     return Small(i, "sensor-front-left", 0.5 + i, True, ["alpha", "beta", "gamma", "delta"])
 
 
-def fsm(i: int, entries: int = 8) -> FsmSnapshotDTO:
+def fsm(
+    i: int,
+    entries: int = 8,
+    snapshot_type: Any = FsmSnapshotDTO,
+    transition_type: Any = TransitionDTO,
+) -> Any:
     """Deterministic (ids and times derived from *i*), so that fsm(i) == fsm(i) in any process:
-    the throughput scenario checks every value it reads against its own copy."""
+    the throughput scenario checks every value it reads against its own copy. The types may be
+    replaced by others of the same fields (benchmarks/fsm.py compares DTO designs)."""
     history = tuple(
-        TransitionDTO(
+        transition_type(
             from_state=FsmState(k % 5 + 1),
             to_state=FsmState((k + 1) % 5 + 1),
             trigger_event=f"EVENT_{k}",
@@ -42,7 +48,7 @@ def fsm(i: int, entries: int = 8) -> FsmSnapshotDTO:
         )
         for k in range(entries)
     )
-    return FsmSnapshotDTO(
+    return snapshot_type(
         version=i,
         state=FsmState.ACTIVE,
         reason="transition requested by scheduler",

@@ -170,7 +170,7 @@ class WaitGate:
                 None if timeout is None else time.monotonic() + timeout - (clock() - started) / 1e9
             )
             if self._poll_only or not TIMED_WAIT:
-                return self._poll(after, deadline, timeout)
+                return self._poll(after, deadline)
             with self._mutex:
                 self._sticky = True
                 got = self._wait_locked(after, deadline, None)
@@ -280,6 +280,23 @@ class WaitGate:
     ) -> int | None:
         """:meth:`_wait_locked` without a registry entry: re-read HEAD with back-off, sleeping
         on the condition (released meanwhile), which close and new coroutines notify."""
+        return self._poll_loop(after, deadline, interrupted, self._park)
+
+    def _poll(self, after: int, deadline: float | None) -> int:
+        """Polling for a thread, without the condition: re-read HEAD, sleeping meanwhile."""
+        got = self._poll_loop(after, deadline, None, time.sleep)
+        assert got is not None  # never interrupted
+        return got
+
+    def _poll_loop(
+        self,
+        after: int,
+        deadline: float | None,
+        interrupted: Callable[[], bool] | None,
+        pause_for: Callable[[float], object],
+    ) -> int | None:
+        """Re-read HEAD with back-off from 50 us to 5 ms, pausing with *pause_for*; ``None`` as
+        soon as *interrupted()* says so, ``TimeoutError`` at *deadline*."""
         pause = _POLL_MIN
         while True:
             if self._closing:
@@ -294,23 +311,7 @@ class WaitGate:
                 if remaining <= 0:
                     raise TimeoutError
                 pause = min(pause, remaining)
-            self._park(pause)
-            pause = min(pause * 2, _POLL_MAX)
-
-    def _poll(self, after: int, deadline: float | None, timeout: float | None) -> int:
-        pause = _POLL_MIN
-        while True:
-            if self._closing:
-                raise StateStoreError(f"store {self._name!r} was closed while waiting")
-            head = self._head()
-            if head > after:
-                return head
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                pause = min(pause, remaining)
-            time.sleep(pause)
+            pause_for(pause)
             pause = min(pause * 2, _POLL_MAX)
 
     # ---------------------------------------------------------------- coroutines
