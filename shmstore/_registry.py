@@ -85,6 +85,7 @@ __all__ = [
     "SWEEP_INTERVAL",
     "Registry",
     "Waiter",
+    "pid_alive",
     "registered_semaphore_names",
     "unlink_semaphore",
 ]
@@ -129,7 +130,9 @@ def _byte_locked(fd: int, offset: int) -> bool:
     return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* exists (``kill(pid, 0)``; another user's counts as alive). A reused
+    pid looks alive: the fallback where no kernel-held lock tells liveness."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -341,7 +344,7 @@ class Registry:
         """Whether the entry's owner lives. With OFD locks, a successful probe takes the lock."""
         if _OFD:
             return not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
-        return _pid_alive(self._q[entry_word(index, REG_PID)])
+        return pid_alive(self._q[entry_word(index, REG_PID)])
 
     def _forget_sem(self, index: int) -> None:
         cached = self._sems.pop(index, None)
@@ -367,7 +370,7 @@ class Registry:
                 if _OFD:
                     if not _byte_lock(self.fd, LIVENESS_BASE + candidate, fcntl.F_WRLCK):
                         continue  # a live owner holds it
-                elif state == _IN_USE and _pid_alive(q[entry_word(candidate, REG_PID)]):
+                elif state == _IN_USE and pid_alive(q[entry_word(candidate, REG_PID)]):
                     continue
                 if state == _IN_USE:
                     removed += 1  # its owner died: reclaim it for ourselves
@@ -475,7 +478,7 @@ class Registry:
             elif _OFD:
                 alive = _byte_locked(self.fd, LIVENESS_BASE + index)
             else:
-                alive = _pid_alive(pid)
+                alive = pid_alive(pid)
             out.append((index, pid, alive))
         return out
 

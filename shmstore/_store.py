@@ -69,7 +69,7 @@ from ._provision import (
     Attached,
     CreateOptions,
 )
-from ._registry import Registry
+from ._registry import Registry, pid_alive
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
 from ._stats import MirrorStatus, StoreStatistics
@@ -1143,7 +1143,7 @@ class Store(Generic[T]):
         m = self._segment.map
         return MirrorStatus(
             role=role,
-            connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_pid_alive(pid),
+            connected=bool(state & MIRROR_CONNECTED) and pid != 0 and pid_alive(pid),
             pid=pid,
             last_sync_ns=int(words[W_MIRROR_SYNC]),
             behind=int(words[W_MIRROR_BEHIND]),
@@ -1344,15 +1344,3 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _mirror_pid_alive(pid: int) -> bool:
-    """Whether the mirroring process *pid* still lives (a killed publisher or follower leaves
-    its "connected" bit set; the pid tells the truth)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
