@@ -140,14 +140,13 @@ class Ring:
         "_crc",
         "_i",
         "_nslots",
+        "_plain_max",
         "_q",
         "_reuse",
         "_s",
-        "_seq_at",
+        "_slot_at",
         "_slots_at",
-        "_start_at",
         "_stride",
-        "_word_at",
         "capacity",
         "generation",
         "reads",
@@ -189,11 +188,14 @@ class Ring:
         self.capacity = capacity
         """The largest payload a slot of this ring holds."""
         # Per slot, precomputed for the one-frame read: seq's u64 index, the u32 index of the
-        # slot header (length and crc follow it) and where the payload starts.
+        # payload length (the crc follows it) and where the payload starts.
         bases = [slots_at + i * self._stride for i in range(geometry.slots)]
-        self._seq_at = [base >> 3 for base in bases]
-        self._word_at = [base >> 2 for base in bases]
-        self._start_at = [base + SLOT_HEADER_SIZE for base in bases]
+        self._slot_at = [
+            (base >> 3, (base >> 2) + SLOT_LEN_I, base + SLOT_HEADER_SIZE) for base in bases
+        ]
+        # The longest payload the plain path of read_newest_value takes: a slice copy, no CRC,
+        # below the in-place and reusable-buffer sizes, within the slot.
+        self._plain_max = -1 if crc else min(capacity, IN_PLACE_MIN - 1, LARGE_PAYLOAD - 1)
         # Only the negative-control test turns this off, to show the torture test detects tearing.
         self.verify = True
         # This handle's slot copies and the attempts it had to repeat (cached reads not counted).
@@ -322,11 +324,13 @@ class Ring:
         return data, ts_ns
 
     def read_newest_value(
-        self, decode: Callable[[bytes | memoryview], Any], in_place: bool
+        self, decode: Callable[[bytes | bytearray | memoryview], Any], in_place: bool
     ) -> tuple[Any, int]:
         """The newest message, decoded: ``(value, version)``, ``(None, 0)`` while empty.
 
-        The hot path of a changed ``get()``, in one frame with per-slot offsets precomputed.
+        The hot path of a changed ``get()``: one frame, the slot's offsets looked up in one
+        tuple, and a payload of at most :attr:`_plain_max` bytes (the common case) copied by one
+        slice of the mapping and decoded after the seq re-check, with no other branch taken.
         With *in_place*, a payload of at least :data:`IN_PLACE_MIN` bytes is decoded straight
         from the mapping and the slot's seq re-checked afterwards, which saves the copy. That is
         sound only because the decode is thrown away unless seq held across it: a torn buffer
@@ -339,66 +343,86 @@ class Ring:
         when the store grew past this ring and :class:`DecodeFailed` for a stable slot that
         does not decode.
         """
-        q = self._q
-        s = self._s
-        i = self._i
-        nslots = self._nslots
-        seq_at = self._seq_at
-        word_at = self._word_at
-        start_at = self._start_at
-        capacity = self._capacity
-        crc = self._crc
-        verify = self.verify
         deadline = 0.0
         spins = 0
         while True:
-            version = q[_HEAD]
+            version = self._q[_HEAD]
             if version == 0:
                 return None, 0
-            slot = version % nslots
-            seq = seq_at[slot]
+            slot = self._slot_at[version % self._nslots]
+            seq, length_at, start = slot
             stable = version << 1
-            if s[seq] == stable:
-                word = word_at[slot]
-                length = i[word + SLOT_LEN_I]
-                start = start_at[slot]
-                if length > capacity:
-                    if s[seq] == stable:
-                        raise CorruptStoreError(
-                            f"slot of version {version} claims {length} bytes, "
-                            f"more than the slot size {capacity}"
-                        )
-                elif in_place and length >= IN_PLACE_MIN:
-                    failure: Exception | None = None
-                    view = self._bytes[start : start + length]
-                    try:
-                        value = decode(view)
-                    except Exception as exc:  # torn bytes may raise anything; judged below
-                        failure, value = exc, None
-                    finally:
-                        view.release()
-                    if not verify or s[seq] == stable:
-                        if failure is not None:
-                            raise DecodeFailed(failure, version)
-                        self.reads += 1
-                        return value, version
-                else:
-                    if length < LARGE_PAYLOAD or not self._reuse:
-                        data: bytes | memoryview = bytes(self._buf[start : start + length])
-                    else:
-                        data = self._copy_large(start, length)
-                    sum_ = i[word + SLOT_CRC_I] if crc else 0
-                    if (not verify or s[seq] == stable) and (not crc or zlib.crc32(data) == sum_):
+            if self._s[seq] == stable:
+                length = self._i[length_at]
+                if length <= self._plain_max:
+                    data = self._buf[start : start + length]  # a private copy (bytes of a mmap)
+                    if self._s[seq] == stable or not self.verify:
                         try:
                             value = decode(data)
                         except Exception as exc:
                             raise DecodeFailed(exc, version) from exc
                         self.reads += 1
                         return value, version
-            if q[W_GENERATION] != self.generation:
+                else:
+                    got = self._read_big(decode, in_place, version, slot, length)
+                    if got is not None:
+                        return got
+            if self._q[W_GENERATION] != self.generation:
                 raise RingMoved  # this ring stopped at the growth; the caller follows
             spins += 1
             deadline = self._retry(spins, deadline, version)
+
+    def _read_big(
+        self,
+        decode: Callable[[bytes | bytearray | memoryview], Any],
+        in_place: bool,
+        version: int,
+        slot: tuple[int, int, int],
+        length: int,
+    ) -> tuple[Any, int] | None:
+        """One attempt of :meth:`read_newest_value` at a payload the plain path does not take:
+        in place, into the reusable buffer, CRC-checked, or a length the slot cannot hold.
+        ``None`` if the writer raced it."""
+        seq, length_at, start = slot
+        stable = version << 1
+        s = self._s
+        if length > self._capacity:
+            if s[seq] == stable:
+                raise CorruptStoreError(
+                    f"slot of version {version} claims {length} bytes, "
+                    f"more than the slot size {self._capacity}"
+                )
+            return None
+        if in_place and length >= IN_PLACE_MIN:
+            failure: Exception | None = None
+            view = self._bytes[start : start + length]
+            try:
+                value = decode(view)
+            except Exception as exc:  # torn bytes may raise anything; judged below
+                failure, value = exc, None
+            finally:
+                view.release()
+            if self.verify and s[seq] != stable:
+                return None
+            if failure is not None:
+                raise DecodeFailed(failure, version)
+            self.reads += 1
+            return value, version
+        if length < LARGE_PAYLOAD or not self._reuse:
+            data: bytes | bytearray | memoryview = self._buf[start : start + length]
+        else:
+            data = self._copy_large(start, length)
+        crc = self._i[length_at + (SLOT_CRC_I - SLOT_LEN_I)] if self._crc else 0
+        if self.verify and s[seq] != stable:
+            return None
+        if self._crc and zlib.crc32(data) != crc:
+            return None
+        try:
+            value = decode(data)
+        except Exception as exc:
+            raise DecodeFailed(exc, version) from exc
+        self.reads += 1
+        return value, version
 
     def _retry(self, spins: int, deadline: float, version: int) -> float:
         """Bookkeeping of a failed read attempt: spin a little, then yield the CPU, and give
