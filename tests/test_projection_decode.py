@@ -82,7 +82,7 @@ PROJECTIONS: list[type[msgspec.Struct]] = [
     NoFields,
     Everything,
 ]
-FAST = {tp: projection_decoder(tp) for tp in PROJECTIONS}
+FAST = {tp: projection_decoder(tp, walk_min=0) for tp in PROJECTIONS}  # walk small ones too
 PLAIN = {tp: msgspec.msgpack.Decoder(tp).decode for tp in PROJECTIONS}
 FIELDS = Wide.__struct_fields__
 
@@ -217,7 +217,7 @@ class Tagged(msgspec.Struct, frozen=True, rename="camel", tag="v1"):
 def test_renamed_and_tagged_stored_types_are_walked() -> None:
     payload = msgspec.msgpack.encode(Renamed(7, "s", [1, 2, 3]))
     damaged = payload[: payload.index(msgspec.msgpack.encode("longTail"))] + b"\xc1"
-    decode = projection_decoder(RenamedHead)
+    decode = projection_decoder(RenamedHead, walk_min=0)
     assert decode(damaged) == decode(payload) == RenamedHead("s")
 
 
@@ -227,7 +227,7 @@ def test_projections_a_shorter_map_could_fool_take_the_plain_decode(projected: t
     see the whole map, so a damaged tail fails them as it fails the plain decode."""
     payload = msgspec.msgpack.encode(Renamed(7, "s", [1, 2, 3]))
     damaged = payload[: payload.index(msgspec.msgpack.encode("longTail"))] + b"\xc1"
-    decode = projection_decoder(projected)
+    decode = projection_decoder(projected, walk_min=0)
     plain = msgspec.msgpack.Decoder(projected).decode
     assert outcome(decode, payload) == outcome(plain, payload)
     with pytest.raises(msgspec.DecodeError):
@@ -237,7 +237,7 @@ def test_projections_a_shorter_map_could_fool_take_the_plain_decode(projected: t
 def test_a_layout_the_walk_cannot_use_still_decodes_right() -> None:
     """A big container before the last projected key makes the walk give up (and pause): every
     read, the paused ones and the retries after them, gives the plain decode's value."""
-    decode = projection_decoder(PastContainers)
+    decode = projection_decoder(PastContainers, walk_min=0)
     slow = wide(tags=["t"] * 500, after="after")
     quick = msgspec.structs.replace(slow, tags=[], after="quick")
     for i in range(300):
@@ -253,3 +253,19 @@ def test_a_projected_store_read_uses_the_walk(store_name: str) -> None:
             value = wide(version=size, note="é" * 40, history=[{"k": i} for i in range(size)])
             st.set(value)
             assert view.get() == ThroughNote("é" * 40, size)
+
+
+def test_only_payloads_of_4_kb_and_more_are_walked() -> None:
+    """Below 4 KB msgspec's own skip is cheaper than the walk: a small payload takes the plain
+    decode (a damaged tail fails it), a big one the walk (the same damage does not matter)."""
+    decode = projection_decoder(HeadOnly)
+    for size, walked in ((100, False), (5000, True)):
+        value = wide(note="n" * size)
+        payload = msgspec.msgpack.encode(value)
+        damaged = payload[: payload.index(msgspec.msgpack.encode("tags"))] + b"\xc1"
+        assert decode(payload) == HeadOnly(1, 2)
+        if walked:
+            assert decode(damaged) == HeadOnly(1, 2)
+        else:
+            with pytest.raises(msgspec.DecodeError):
+                decode(damaged)
