@@ -8,6 +8,7 @@ mapping while the writer rewrites it.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from multiprocessing.synchronize import Barrier, Event
@@ -15,7 +16,8 @@ from typing import Any
 
 import msgspec
 
-from shmstore import CorruptStoreError, Store
+from shmstore import CorruptStoreError, Store, _ring
+from shmstore._projection import projection_decoder
 
 BARRIER_WAIT = 60  # a dead sibling must fail the test, not hang it
 
@@ -63,19 +65,42 @@ def entry_writer(name: str, payloads: int, start: Barrier, stop: Event) -> None:
         st.close()
 
 
-def projection_reader(name: str, start: Barrier, results: Any, seconds: float) -> None:
+def projection_reader(
+    name: str, start: Barrier, results: Any, seconds: float, *, control: bool = False
+) -> None:
     """Read the projection for *seconds*; report (reads, bad, distinct): bad counts heads
-    that do not check and reads that failed."""
+    that do not check and reads that failed.
+
+    With *control* (the negative control) the seq re-check is off, each read goes through the
+    same seqlock read as ``Projection.get`` but yields the CPU after taking the first bytes of
+    the head (so the writer can lap it there), and the reader stops at its first bad head
+    after a good read (or at *seconds*)."""
     st = Store.open(name, Entry)
     view = st.projection(EntryHead)
+    walk = projection_decoder(EntryHead, walk_min=0)
+
+    def halting_walk(data: bytes | memoryview) -> EntryHead:
+        first = bytes(data[:12])  # the seq entry and the start of the note's
+        os.sched_yield()  # the writer may lap us right here
+        return walk(first + bytes(data[12:]))
+
+    def read() -> EntryHead | None:
+        if not control:
+            return view.get()
+        try:
+            return st._ring.read_newest_value(halting_walk, True)[0]
+        except _ring.DecodeFailed as failed:
+            raise CorruptStoreError(str(failed)) from failed
+
+    st._ring.verify = not control
     reads = bad = 0
     seen: set[int] = set()
     start.wait(BARRIER_WAIT)
     give_up = time.monotonic() + seconds
     try:
-        while time.monotonic() < give_up:
+        while time.monotonic() < give_up and not (control and bad and reads):
             try:
-                head = view.get()
+                head = read()
             except CorruptStoreError:
                 bad += 1
                 continue

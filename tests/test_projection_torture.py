@@ -18,15 +18,19 @@ ctx = mp.get_context("spawn")
 JOIN = 120  # seconds: a hang detector, not a performance bound
 
 
-def test_projection_reads_are_never_torn(store_name: str) -> None:
-    readers, seconds = 2, 4.0
+def run(store_name: str, readers: int, seconds: float, control: bool) -> list[Any]:
+    """Readers against a writer for *seconds*; their (reads, bad, distinct)."""
     # Two slots: the writer laps a reader's slot every second commit.
     with Store.create(store_name, Entry, slots=2, slot_size=16384):
         start = ctx.Barrier(readers + 1)
         stop = ctx.Event()
         results = ctx.Queue()
         procs = [
-            ctx.Process(target=projection_reader, args=(store_name, start, results, seconds))
+            ctx.Process(
+                target=projection_reader,
+                args=(store_name, start, results, seconds),
+                kwargs={"control": control},
+            )
             for _ in range(readers)
         ]
         procs.append(ctx.Process(target=entry_writer, args=(store_name, 64, start, stop)))
@@ -46,7 +50,19 @@ def test_projection_reads_are_never_torn(store_name: str) -> None:
             for p in procs:
                 p.join(JOIN)
         assert [p.exitcode for p in procs] == [0] * len(procs)
-    for reads, bad, distinct in stats:
+    return stats
+
+
+def test_projection_reads_are_never_torn(store_name: str) -> None:
+    for reads, bad, distinct in run(store_name, readers=2, seconds=4.0, control=False):
         assert bad == 0
         assert reads > 0
         assert distinct > 10  # the store changed under the reader
+
+
+def test_negative_control_detects_torn_walks_without_the_recheck(store_name: str) -> None:
+    """The same readers with the re-check off, lapped mid-read, must see a bad head: this is
+    what proves the test above could fail."""
+    ((reads, bad, _distinct),) = run(store_name, readers=1, seconds=60.0, control=True)
+    assert reads > 0
+    assert bad > 0, "the checker saw no torn head even with the re-check disabled"
