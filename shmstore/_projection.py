@@ -79,7 +79,8 @@ from typing import Any, Final, Generic, TypeVar
 import msgspec
 import msgspec.inspect as mi
 
-from ._errors import SchemaMismatchError
+from ._codec import Codec
+from ._errors import CorruptStoreError, SchemaMismatchError
 
 __all__ = ["Projection", "check_projection", "projection_decoder"]
 
@@ -304,6 +305,24 @@ def check_projection(stored: Any, projected: Any) -> None:
             )
 
 
+def _decode_confirmed(
+    read: Callable[[Callable[[Any], Any]], tuple[Any, int]],
+    decode: Callable[[Buffer], Any],
+    projected: Any,
+) -> tuple[Any, int]:
+    """Read a private copy of the newest payload, then decode it: raises
+    :class:`CorruptStoreError` for a (confirmed) payload that does not decode."""
+    data, version = read(bytes)
+    if not version:
+        return None, 0
+    try:
+        return decode(data), version
+    except Exception as exc:  # as the store's read: never a raw msgspec or Python error
+        raise CorruptStoreError(
+            f"version {version} does not decode as {projected.__qualname__}: {exc}"
+        ) from exc
+
+
 class Projection(Generic[P]):
     """Some fields of a store's newest value, decoded alone: ``get()`` and
     ``get_with_version()`` as on the store. Made by ``Store.projection``."""
@@ -320,6 +339,12 @@ class Projection(Generic[P]):
         self._head = head
         decode = projection_decoder(projected)
         self._read: Callable[[], tuple[P | None, int]] = lambda: read(decode)
+        if not Codec(projected).decode_in_place:
+            # The read may decode straight from the mapping and judge the decode afterwards,
+            # which the store allows for its own type; a projection type whose decoding runs
+            # user code (``__post_init__``) must never see torn bytes, so its read takes a
+            # private copy and the decode runs only once the seqlock has confirmed it.
+            self._read = lambda: _decode_confirmed(read, decode, projected)
         self._cache: tuple[int, P | None] = (0, None)
 
     def get(self) -> P | None:
