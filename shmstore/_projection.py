@@ -59,6 +59,10 @@ skip reads at most ``_SKIP_BUDGET`` values; a length field of up to 4 GB only mo
 which is checked against the buffer before the copy; and msgspec is handed a private copy of at
 most the payload.
 
+The store decides whether its read may decode in place from its own type. A projection type
+whose decoding runs user code (a ``__post_init__``) must never see torn bytes even so: its
+:class:`Projection` reads a private copy and decodes it after the read has confirmed it.
+
 Soundness before any read
 -------------------------
 A projection is only sound if every field it asks for is there, with the same wire type, in
