@@ -77,6 +77,7 @@ The projected value is cached per version like ``get()``'s.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
@@ -342,20 +343,29 @@ class Projection(Generic[P]):
         self.type = projected
         self._head = head
         decode = projection_decoder(projected)
-        self._read: Callable[[], tuple[P | None, int]] = lambda: read(decode)
+        self._read: Callable[[], tuple[P | None, int]] = functools.partial(read, decode)
         if not Codec(projected).decode_in_place:
             # The read may decode straight from the mapping and judge the decode afterwards,
             # which the store allows for its own type; a projection type whose decoding runs
             # user code (``__post_init__``) must never see torn bytes, so its read takes a
             # private copy and the decode runs only once the seqlock has confirmed it.
-            self._read = lambda: _decode_confirmed(read, decode, projected)
+            self._read = functools.partial(_decode_confirmed, read, decode, projected)
         self._cache: tuple[int, P | None] = (0, None)
 
     def get(self) -> P | None:
-        """The projected fields of the newest value; ``None`` while the store is empty."""
-        return self.get_with_version()[0]
+        """The projected fields of the newest value; ``None`` while the store is empty.
+        Raises :class:`CorruptStoreError` for a value that does not decode as the projection
+        and :class:`~shmstore.StateStoreError` once the store is closed."""
+        version, value = self._cache  # get_with_version's, inline: one frame less
+        if self._head() == version:
+            return value
+        value, version = self._read()
+        self._cache = (version, value)
+        return value
 
     def get_with_version(self) -> tuple[P | None, int]:
+        """``(projected fields, version)`` of the newest value; ``(None, 0)`` while the store
+        is empty. Raises as :meth:`get`."""
         version, value = self._cache
         if self._head() == version:
             return value, version
