@@ -7,7 +7,7 @@ import sys
 import msgspec
 import pytest
 
-from shmstore import AsyncStore, CorruptStoreError, SchemaMismatchError, Store
+from shmstore import AsyncStore, CorruptStoreError, SchemaMismatchError, StateStoreError, Store
 
 
 class Reading(msgspec.Struct, frozen=True):
@@ -42,6 +42,8 @@ def test_projection_decodes_only_its_fields_and_follows_commits(store_name: str)
             assert ast.projection(Head).get() == Head(2, "ACTIVE")
         finally:
             ast.close()
+    with pytest.raises(StateStoreError, match="is closed"):
+        view.get()
 
 
 def test_projection_follows_a_growth(store_name: str) -> None:
