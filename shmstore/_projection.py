@@ -193,11 +193,10 @@ def projection_decoder(projected: Any, walk_min: int = _WALK_MIN) -> Callable[[B
     on torn bytes, anything."""
     plain = msgspec.msgpack.Decoder(projected).decode
     info = mi.type_info(projected)
-    config = projected.__struct_config__
-    if not isinstance(info, mi.StructType) or info.array_like or config.tag is not None:
-        return plain
-    if config.forbid_unknown_fields:
-        return plain
+    if not isinstance(info, mi.StructType) or info.array_like:
+        return plain  # not a map on the wire (check_projection refuses these anyway)
+    if info.tag_field is not None or info.forbid_unknown_fields:
+        return plain  # a shorter map could decode differently (above)
     needed = frozenset(msgspec.msgpack.encode(f.encode_name) for f in info.fields)
     size_of = _SIZE
     skip = _skip
