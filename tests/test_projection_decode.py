@@ -206,7 +206,7 @@ class RenamedHead(msgspec.Struct, frozen=True, rename="camel"):
     second_field: str
 
 
-class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Strict(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True):
     first_field: int
 
 
@@ -221,11 +221,20 @@ def test_renamed_and_tagged_stored_types_are_walked() -> None:
     assert decode(damaged) == decode(payload) == RenamedHead("s")
 
 
-@pytest.mark.parametrize("projected", [Strict, Tagged])
-def test_projections_a_shorter_map_could_fool_take_the_plain_decode(projected: type) -> None:
+@pytest.mark.parametrize(
+    ("projected", "value"),
+    [
+        # its key first and unknown ones after: a map of the first entry alone would decode
+        (Strict, {"firstField": 7, "secondField": "s", "longTail": [1, 2, 3]}),
+        (Tagged, Renamed(7, "s", [1, 2, 3])),
+    ],
+)
+def test_projections_a_shorter_map_could_fool_take_the_plain_decode(
+    projected: type, value: Any
+) -> None:
     """forbid_unknown_fields rejects the tail's keys; a tagged type checks the tag: both must
-    see the whole map, so a damaged tail fails them as it fails the plain decode."""
-    payload = msgspec.msgpack.encode(Renamed(7, "s", [1, 2, 3]))
+    see the whole map, so they give what the plain decode gives, and a damaged tail fails."""
+    payload = msgspec.msgpack.encode(value)
     damaged = payload[: payload.index(msgspec.msgpack.encode("longTail"))] + b"\xc1"
     decode = projection_decoder(projected, walk_min=0)
     plain = msgspec.msgpack.Decoder(projected).decode
