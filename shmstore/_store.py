@@ -502,7 +502,7 @@ class Store(Generic[T]):
             return value
         # _refresh() inlined: on the changed path a Python frame is a tenth of a small decode.
         try:
-            value, version = self._ring.read_newest_value(self._raw_decode, self._in_place)
+            value, version = self._ring.read_newest_value(self._raw_decode, self._in_place, head)
         except (RingMoved, DecodeFailed, ValueError):
             value, version = self._read_decoded(self._raw_decode)  # follows, or translates
         if version:
