@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import msgspec
 import pytest
 
-from shmstore import AsyncStore, SchemaMismatchError, Store
+from shmstore import AsyncStore, CorruptStoreError, SchemaMismatchError, StateStoreError, Store
 
 
 class Reading(msgspec.Struct, frozen=True):
@@ -40,6 +42,8 @@ def test_projection_decodes_only_its_fields_and_follows_commits(store_name: str)
             assert ast.projection(Head).get() == Head(2, "ACTIVE")
         finally:
             ast.close()
+    with pytest.raises(StateStoreError, match="is closed"):
+        view.get()
 
 
 def test_projection_follows_a_growth(store_name: str) -> None:
@@ -122,3 +126,39 @@ def test_fsm_readers_can_read_only_the_state(store_name: str) -> None:
             st.unlink()
 
     asyncio.run(main())
+
+
+class CheckedHead(msgspec.Struct, frozen=True):
+    """A projection whose decoding runs user code: it must never run on unconfirmed bytes."""
+
+    version: int
+    state: str
+
+    def __post_init__(self) -> None:
+        frames = []
+        frame = sys._getframe()
+        while frame is not None:
+            frames.append(frame.f_code.co_name)
+            frame = frame.f_back
+        DECODED_INSIDE.append("read_newest_value" in frames)
+        if self.version < 0:
+            raise ValueError("a negative version")
+
+
+DECODED_INSIDE: list[bool] = []
+
+
+def test_a_projection_that_runs_user_code_decodes_only_confirmed_copies(store_name: str) -> None:
+    with Store.create(store_name, Reading) as st:
+        view = st.projection(CheckedHead)
+        assert view.get() is None
+        for version, size in ((1, 10), (2, 5000)):  # copied, and in place for its own type
+            st.set(Reading(version, "S", list(range(size))))
+            assert view.get() == CheckedHead(version, "S")
+        assert DECODED_INSIDE  # it ran (for the decodes and the comparisons)...
+        assert True not in DECODED_INSIDE  # ...but never inside the seqlock read
+        st.set(Reading(-1, "S", list(range(5000))))
+        with pytest.raises(CorruptStoreError, match="does not decode as CheckedHead"):
+            view.get()
+        # Its own decode still runs in place: the store's type runs no user code.
+        assert st.projection(Head).get() == Head(-1, "S")

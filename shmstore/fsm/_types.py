@@ -320,8 +320,9 @@ def trimmed_history(
 
 class FsmStateView(msgspec.Struct, frozen=True):
     """The head of a snapshot, for readers that only need the state: a projection of
-    :class:`FsmSnapshotDTO` (``Store.projection``), decoded without building the history.
-    At 100 history entries it costs about a quarter of a full snapshot's decode."""
+    :class:`FsmSnapshotDTO` (``Store.projection``), decoded without building -- or, for a big
+    snapshot, even parsing -- the history. At 100 history entries a changed read costs about a
+    seventh to a fifth of a full snapshot's decode (``benchmarks/core.py``)."""
 
     version: int
     state: FsmState
