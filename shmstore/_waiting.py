@@ -23,7 +23,8 @@ close() waits for the sleeper to leave before it gives the entry back and the st
 Adaptive spinning. On the reference VM a semaphore wake-up costs ~24 us one way (an idle vCPU
 has to be woken by the host), while a commit is a few microseconds. So, like an adaptive mutex, a
 waiting thread first re-reads HEAD in a loop for up to ``SPIN`` -- but only while recent waits
-were that short (an exponential moving average of how long ``wait()`` took, seeded pessimistic).
+were that short (an exponential moving average of how long ``wait()`` took, seeded pessimistic;
+``spin=False`` waits do not count, they never spin).
 A reader of a busy store then sees a commit within a microsecond; a reader of a quiet store never
 spins, and a sleeping reader costs no CPU. The spin is bounded per call, so the worst case --
 commits arriving just after every spin ends -- costs at most ``SPIN`` of CPU per wait.
@@ -185,7 +186,8 @@ class WaitGate:
                 sleep_for = _MAX_SLEEP
             else:
                 deadline = started + timeout
-                sleep_for = min(deadline - now(), _MAX_SLEEP)
+                remaining = deadline - now()
+                sleep_for = remaining if remaining < _MAX_SLEEP else _MAX_SLEEP  # min() costs more
             waiter = self.waiter
             if waiter is not None and TIMED_WAIT and sleep_for > 0:
                 # The common case, straight to the semaphore and straight back: this thread
@@ -233,7 +235,10 @@ class WaitGate:
         except TimeoutError:
             raise TimeoutError(f"no version after {after} within {timeout} s") from None
         finally:
-            self._typical += (now() - started - self._typical) * 0.25
+            # Learn only from waits that may spin: a spin=False wait is the caller's choice
+            # (the asyncio thread, a benchmark), and this line is on its wake-up's path.
+            if spin:
+                self._typical += (now() - started - self._typical) * 0.25
 
     def _wait_locked(
         self, after: int, deadline: float | None, interrupted: Callable[[], bool] | None
