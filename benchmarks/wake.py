@@ -13,6 +13,8 @@ What it measures:
     nobody waits on) before it posts: the commit's cost without shmstore's wake-up machinery (the
     registry's post loop, the waiting side's bookkeeping). ``shmstore spin=False`` minus this row
     is what that machinery costs.
+* **same run**: the ping-pong rounds are taken in blocks (``--blocks``), every peer in turn, so
+  that the machine's drifting speed weighs on all peers alike;
 * **placement**: each ping-pong runs twice, its two processes pinned to different CPUs
   ("split") and to the same CPU ("same"), because placement dominates wake-up latency.
 * **fan-out**: one writer, N reader processes blocked in ``wait()``; the time from just before
@@ -239,6 +241,9 @@ def _fmt(ns: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20_000, help="ping-pong round trips")
+    parser.add_argument(
+        "--blocks", type=int, default=5, help="ping-pong rounds are taken in this many blocks"
+    )
     parser.add_argument("--fanout-commits", type=int, default=400)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -261,11 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     for where in placements:
         _placement = PLACEMENTS[where]
         _pin(_placement[0])
-        pingpong[where] = {}
         for label, run in peers:
-            print(f"  ping-pong {label} ({where}) ...", file=sys.stderr, flush=True)
-            run(min(1000, args.rounds))  # warm-up in a separate pair of processes
-            pingpong[where][label] = _quantiles(run(args.rounds))
+            print(f"  ping-pong {label} ({where}): warm-up ...", file=sys.stderr, flush=True)
+            run(min(1000, args.rounds))  # in a separate pair of processes
+        # The VM's speed drifts (other tenants, the host): peers measured one after the other
+        # would compare different machines. So the rounds are taken in blocks, the peers in
+        # turn, and each peer's quantiles come from all of its blocks.
+        samples: dict[str, list[int]] = {label: [] for label, _run in peers}
+        for block in range(args.blocks):
+            print(f"  ping-pong ({where}): block {block + 1}/{args.blocks}", file=sys.stderr)
+            for label, run in peers:
+                samples[label] += run(max(1, args.rounds // args.blocks))
+        pingpong[where] = {label: _quantiles(got) for label, got in samples.items()}
     _placement = None
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
@@ -273,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     for where, results in pingpong.items():
         cpus = PLACEMENTS[where]
         print(
-            f"\none-way latency (round trip / 2), {args.rounds} round trips, "
+            f"\none-way latency (round trip / 2), {args.rounds} round trips in {args.blocks} "
+            "blocks, peers in turn, "
             f"processes on CPUs {cpus[0]} and {cpus[1]} ({where})"
         )
         print(f"{'system':<30}{'p50':>10}{'p99':>10}{'p99.9':>10}  p50 vs raw semaphore")
