@@ -7,6 +7,8 @@ What it measures:
     our ``pong.wait()``; a full commit and a wake-up each way. Back-to-back waits are short, so
     ``wait()`` spins briefly before sleeping (see ``shmstore/_waiting.py``);
   - ``shmstore spin=False``: the same, always sleeping on the semaphore;
+  - ``shmstore spin=False, excl.``: the same with each store's one writer its exclusive writer
+    (``keep_writer_lock()``: commits skip the writer lock);
   - ``multiprocessing.Queue``: ``put`` / ``get`` each way;
   - ``posix_ipc semaphore``: ``release`` / ``acquire`` each way, the floor under shmstore's wake-up;
   - ``posix_ipc semaphore + set()``: the same, each side committing to a store of its own (which
@@ -75,9 +77,13 @@ def _quantiles(samples: list[int]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- ping-pong peers
 
 
-def _store_echo(ping: str, pong: str, rounds: int, spin: bool, cpu: int | None) -> None:
+def _store_echo(
+    ping: str, pong: str, rounds: int, spin: bool, cpu: int | None, *, exclusive: bool
+) -> None:
     _pin(cpu)
     a, b = Store.open(ping, int), Store.open(pong, int)
+    if exclusive:
+        b.keep_writer_lock()
     version = 0
     for _ in range(rounds):
         version = a.wait(version, timeout=30, spin=spin)
@@ -86,11 +92,17 @@ def _store_echo(ping: str, pong: str, rounds: int, spin: bool, cpu: int | None) 
     b.close()
 
 
-def pingpong_store(rounds: int, spin: bool = True) -> list[int]:
+def pingpong_store(rounds: int, spin: bool = True, exclusive: bool = False) -> list[int]:
     ping, pong = f"bench-ping-{os.getpid()}", f"bench-pong-{os.getpid()}"
     a, b = Store.create(ping, int), Store.create(pong, int)
+    if exclusive:
+        a.keep_writer_lock()
     try:
-        echo = ctx.Process(target=_store_echo, args=(ping, pong, rounds, spin, _echo_cpu()))
+        echo = ctx.Process(
+            target=_store_echo,
+            args=(ping, pong, rounds, spin, _echo_cpu()),
+            kwargs={"exclusive": exclusive},
+        )
         echo.start()
         clock = time.perf_counter_ns
         samples = []
@@ -256,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     peers: list[tuple[str, Callable[[int], list[int]]]] = [
         ("shmstore", pingpong_store),
         ("shmstore spin=False", lambda rounds: pingpong_store(rounds, spin=False)),
+        (
+            "shmstore spin=False, excl.",
+            lambda rounds: pingpong_store(rounds, spin=False, exclusive=True),
+        ),
         ("multiprocessing.Queue", pingpong_queue),
         ("posix_ipc semaphore", pingpong_semaphore),
         ("posix_ipc semaphore + set()", lambda rounds: pingpong_semaphore(rounds, commit=True)),
