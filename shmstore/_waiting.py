@@ -218,12 +218,12 @@ class WaitGate:
                     finally:
                         mutex.acquire()
                         self._sleeper = False
+                        if not posted and head > after:
+                            self.late_wakeups += 1  # see _wait_locked (counted under the lock)
                         if self._parked:
                             self._cond.notify_all()
                         mutex.release()
                     if head > after:
-                        if not posted:
-                            self.late_wakeups += 1  # see _wait_locked
                         return head
             if self._poll_only or not TIMED_WAIT:
                 return self._poll(after, deadline)
