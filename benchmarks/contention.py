@@ -6,7 +6,8 @@
   own lock. Reported: time per successful increment (wall time / W x K), retries, and lost
   updates (must be 0).
 * ``fanout``: one writer, N reader processes blocked waiting; time from just before the commit
-  until the last reader has it (CLOCK_MONOTONIC is system-wide).
+  until the last reader has it (CLOCK_MONOTONIC is system-wide). The writer runs on CPU 0, its
+  readers share CPU 1 (``placement``).
 * ``throughput``: a writer commits as fast as it can for a while N readers poll the newest value
   and check it (every value carries its own checksum). Reported: commits/s, reads/s, torn reads.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import msgspec
 from peers import PEERS, Peer
+from placement import MEASURER_CPU, pin, start_on_peer_cpu
 from values import SIZES
 
 import shmstore
@@ -208,8 +210,9 @@ def fanout(case: dict[str, Any]) -> dict[str, Any]:
         for _ in range(readers)
     ]
     try:
+        pin(MEASURER_CPU)  # the writer; its readers share the other CPU (see placement)
         for p in procs:
-            p.start()
+            start_on_peer_cpu(p)
         for _ in procs:
             while not ready.acquire(timeout=0.01):
                 if case["system"] != "shmstore":

@@ -13,8 +13,10 @@ and 8 context keys, ~1.2 KB as MessagePack, and with 100 transitions, ~10.7 KB; 
   the CPU's branch predictor learn its bytes, which a reader of a changing store never gets.
 
 Every operation is timed per call with ``perf_counter_ns``; the timer's own median cost is measured
-first and subtracted. Each figure is the median over all calls of all rounds. Ratios are against
-the floors measured in the same run, next to the targets of the core issue.
+first and subtracted. Each time is the median over all calls of all rounds. Each round measures
+the floors and then the ops, and a ratio is the median over rounds of op / floor in one round:
+this VM's CPU speed drifts within a run, so a floor measured a while before an op does not price
+it. The targets of the core issue are printed beside the ratios.
 
 Run:  python benchmarks/core.py [--calls N] [--rounds R] [--cases small,fsm,...] [--json PATH]
 """
@@ -128,30 +130,46 @@ def bench_case(
             reader.get()
             head = PROJECTIONS.get(label)
             view = reader.projection(head) if head is not None else None
-            for _ in range(rounds):
+            # Each round measures the floors and then the ops, and each ratio is the median over
+            # rounds of op / floor within one round: this VM's CPU speed drifts by up to 2x
+            # within a run, so a floor measured seconds before an op does not price it.
+            round_ratios: dict[str, list[float]] = {op: [] for op in BASES}
+
+            def floors() -> dict[str, float]:
                 # The floors cycle through the same 64 values the store does: one value encoded
                 # or decoded over and over lets the CPU's branch predictor learn its bytes.
-                samples["encode"] += per_call(
+                enc = per_call(
                     lambda: encoder.encode(values[next(floor_turn) % 64]), calls, overhead
                 )
-                samples["decode"] += per_call(
+                dec = per_call(
                     lambda: decoder.decode(payloads[next(floor_turn) % 64]), calls, overhead
                 )
-                samples["get() unchanged"] += per_call(reader.get, calls, overhead)
-                samples["get() changed"] += per_call(reader.get, calls, overhead, commit_next)
+                samples["encode"] += enc
+                samples["decode"] += dec
+                d = statistics.median(dec)
+                return {"decode": d, "encode+decode": statistics.median(enc) + d}
+
+            def measure(op: str, fn: Callable[[], Any], floor: dict[str, float], **kw: Any) -> None:
+                got = per_call(fn, calls, overhead, **kw)
+                samples[op] += got
+                round_ratios[op].append(statistics.median(got) / floor[BASES[op]])
+
+            for _ in range(rounds):
+                floor = floors()
+                measure("get() unchanged", reader.get, floor)
+                measure("get() changed", reader.get, floor, before=commit_next)
                 if view is not None:
-                    samples["projection changed"] += per_call(
-                        view.get, calls, overhead, commit_next
-                    )
-                samples["set()"] += per_call(
-                    lambda: writer.set(values[next(counter) % 64]), calls, overhead
-                )
+                    measure("projection changed", view.get, floor, before=commit_next)
+                measure("set()", lambda: writer.set(values[next(counter) % 64]), floor)
             # The FSM worker's case: one writer that keeps the writer lock.
             exclusive = Store.open(name, tp).keep_writer_lock()
             try:
                 for _ in range(rounds):
-                    samples["set() exclusive"] += per_call(
-                        lambda: exclusive.set(values[next(counter) % 64]), calls, overhead
+                    floor = floors()
+                    measure(
+                        "set() exclusive",
+                        lambda: exclusive.set(values[next(counter) % 64]),
+                        floor,
                     )
             finally:
                 exclusive.close()
@@ -162,8 +180,7 @@ def bench_case(
         shmstore.remove(name)
     samples = {k: v for k, v in samples.items() if v}
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    floor = {"decode": medians["decode"], "encode+decode": medians["encode"] + medians["decode"]}
-    ratios = {op: medians[op] / floor[base] for op, base in BASES.items() if op in medians}
+    ratios = {op: statistics.median(r) for op, r in round_ratios.items() if r}
     return {
         "case": label,
         "value_bytes": len(payload),
@@ -227,8 +244,8 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=20_000, help="timed calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=5_000, help="timed calls per op and round")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--cases", default=",".join(c[0] for c in CASES), help="comma-separated subset of cases"

@@ -35,6 +35,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import placement  # noqa: E402
 from core import machine  # noqa: E402
 from peers import PEERS, Peer  # noqa: E402
 from values import SIZES  # noqa: E402
@@ -356,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario or size: {', '.join(unknown)}")
     info = machine()
+    info["wake placement"] = placement.describe()
     print(
         f"shmstore benchmark harness -- {info['cpu']}, {info['cores']} cores, "
-        f"Linux {info['kernel']}, Python {info['python']}"
+        f"Linux {info['kernel']}, Python {info['python']}\n"
+        f"wake and fan-out: {info['wake placement']}"
     )
     cases = plan(args)
     skipped: dict[str, str] = {}

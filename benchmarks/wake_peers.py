@@ -1,7 +1,8 @@
 """Wake-up latency peers for the harness: a ping-pong between two processes carrying the value.
 
 One-way latency = round trip / 2, where a round trip is: publish the value, the echo process wakes,
-reads it and publishes it back, we wake and read it.
+reads it and publishes it back, we wake and read it. The two processes are pinned to different
+CPUs (``placement``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from typing import Any
 
 import msgspec
+from placement import MEASURER_CPU, pin, start_on_peer_cpu
 from values import SIZES
 
 import shmstore
@@ -83,7 +85,7 @@ def _shmstore(size: str, calls: int, rounds: int) -> list[float]:
     value = make(1)
     try:
         echo = ctx.Process(target=_shm_echo, args=(ping, pong, value_type, total), daemon=True)
-        echo.start()
+        start_on_peer_cpu(echo)
 
         def round_trip(i: int) -> None:
             version = a.set(value)
@@ -114,7 +116,7 @@ def _queue(size: str, calls: int, rounds: int) -> list[float]:
     q_in, q_out = ctx.Queue(), ctx.Queue()
     total = max(10, calls // 10) + calls * rounds
     echo = ctx.Process(target=_queue_echo, args=(q_in, q_out, total), daemon=True)
-    echo.start()
+    start_on_peer_cpu(echo)
 
     def round_trip(i: int) -> None:
         q_in.put(value)
@@ -157,7 +159,7 @@ def _zeromq(size: str, calls: int, rounds: int) -> list[float]:
     pub, sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
     pub.bind(down)
     echo = ctx.Process(target=_zmq_echo, args=(down, up, value_type), daemon=True)
-    echo.start()
+    start_on_peer_cpu(echo)
     sub.connect(up)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     # PUB/SUB drops messages until both subscriptions are live: say hello until one comes back.
@@ -220,7 +222,7 @@ def _iceoryx(size: str, calls: int, rounds: int) -> list[float]:
     ready = ctx.Event()
     total = max(10, calls // 10) + calls * rounds
     echo = ctx.Process(target=_iox_echo, args=(ping, pong, ready, total), daemon=True)
-    echo.start()
+    start_on_peer_cpu(echo)
     if not ready.wait(60):
         raise TimeoutError("iceoryx2 echo did not start")
 
@@ -242,4 +244,7 @@ _RUNNERS = {
 
 
 def run(system: str, size: str, calls: int, rounds: int) -> list[float]:
+    """One-way latencies, this process on the measuring CPU and the echo on the peer CPU (see
+    ``placement``). The harness runs each case in a process of its own."""
+    pin(MEASURER_CPU)
     return _RUNNERS[system](size, calls, rounds)
