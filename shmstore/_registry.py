@@ -214,8 +214,11 @@ class Registry:
     ) -> None:
         self._q = words
         self._capacity = geometry.registry_capacity
-        # The writer's scan after every commit reads these words; their indexes, precomputed.
-        self._entry_at = [entry_word(index, 0) for index in range(self._capacity)]
+        # The writer's scan after every commit: (index, state word, generation word) per entry.
+        self._scan = [
+            (index, entry_word(index, REG_STATE), entry_word(index, REG_GEN))
+            for index in range(self._capacity)
+        ]
         self._name = name
         self._created_ns = created_ns
         self._writer_lock = lock
@@ -223,7 +226,8 @@ class Registry:
         self._mode = mode
         self._gid = gid
         self._thread_lock = threading.Lock()  # OFD locks do not exclude the threads of one fd
-        self._sems: dict[int, tuple[int, Any]] = {}  # index -> (generation, open semaphore)
+        # Per entry, the writer's open semaphore of its current claim: (generation, semaphore).
+        self._sems: list[tuple[int, Any] | None] = [None] * self._capacity
         self._own: set[int] = set()
         self._last_sweep = 0.0
 
@@ -265,37 +269,34 @@ class Registry:
     # ------------------------------------------------------------------ writer side
 
     def notify(self) -> None:
-        """Wake every registered reader. Call after the writer lock is released (the barrier)."""
+        """Wake every registered reader. Call after the writer lock is released (the barrier).
+
+        This runs after every commit, so it is one pass with as little Python per entry as
+        possible: two loads (state, generation), the cached semaphore of that claim, its value,
+        and the post."""
         q = self._q
-        high = q[W_REG_HIGH]
-        if high == 0:
-            return
-        stale = False
         sems = self._sems
-        entry_at = self._entry_at
-        for index in range(min(high, self._capacity)):
-            w = entry_at[index]
-            if q[w + REG_STATE] != _IN_USE:
+        stale = False
+        # A slice past the end stops at the capacity: a damaged high-water mark reads no further.
+        for index, state_at, gen_at in self._scan[: q[W_REG_HIGH]]:
+            if q[state_at] != _IN_USE:
                 continue
-            gen = q[w + REG_GEN]
-            cached = sems.get(index)
-            if cached is None or cached[0] != gen:
-                sem = self._open_sem(index, gen)
+            cached = sems[index]
+            if cached is not None and cached[0] == q[gen_at]:
+                sem = cached[1]
+            else:
+                sem = self._open_sem(index, q[gen_at])
                 if sem is None:
                     continue
-            else:
-                sem = cached[1]
-            if not _VALUE or sem.value == 0:
-                sem.release()
-            else:
+            if _VALUE and sem.value:
                 stale = True  # a reader that has not consumed its last wake-up: slow, or dead
+            else:
+                sem.release()
         if stale and time.monotonic() - self._last_sweep > SWEEP_INTERVAL:
             self.sweep(blocking=False)
 
     def _open_sem(self, index: int, gen: int) -> Any:
-        old = self._sems.pop(index, None)
-        if old is not None:
-            old[1].close()
+        self._forget_sem(index)
         try:
             sem = posix_ipc.Semaphore(self._sem_name(index, gen))
         except posix_ipc.Error:
@@ -347,8 +348,9 @@ class Registry:
         return pid_alive(self._q[entry_word(index, REG_PID)])
 
     def _forget_sem(self, index: int) -> None:
-        cached = self._sems.pop(index, None)
+        cached = self._sems[index]
         if cached is not None:
+            self._sems[index] = None
             cached[1].close()
 
     # ------------------------------------------------------------------ reader side
@@ -484,13 +486,12 @@ class Registry:
 
     def close(self) -> None:
         """Forget the writer's semaphore cache (this process only)."""
-        for _gen, sem in self._sems.values():
-            sem.close()
-        self._sems.clear()
+        for index in range(self._capacity):
+            self._forget_sem(index)
 
     def after_fork_in_child(self, fd: int) -> None:
         """The parent's entries stay the parent's: forget them without touching them."""
         self.fd = fd
         self._own.clear()
-        self._sems.clear()
+        self._sems = [None] * self._capacity
         self._thread_lock = threading.Lock()

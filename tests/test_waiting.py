@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from test_multiprocess import JOIN, collect
+from wake_workers import interrupted_in_a_lone_wait, register
 from workers import (
     block_forever_in_wait,
     ping_pong_echo,
@@ -85,6 +88,12 @@ def test_timeout_raises_after_the_timeout(store_name: str) -> None:
         with pytest.raises(TimeoutError, match=r"no version after 1 within 0.3 s"):
             st.wait(1, timeout=0.3)
         assert time.monotonic() - t0 >= 0.3
+        assert st._gate.waiter is not None  # registered: the next waits sleep as the lone waiter
+        for timeout in (0.3, 1.5):  # 1.5 s: longer than one semaphore sleep (capped at 1 s)
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match=rf"no version after 1 within {timeout} s"):
+                st.wait(1, timeout=timeout, spin=False)
+            assert time.monotonic() - t0 >= timeout
         assert st.get_with_version() == (1, 1)
 
 
@@ -280,12 +289,16 @@ def test_subscription_times_out(store_name: str) -> None:
             next(sub)
 
 
+@pytest.mark.parametrize("lone", [False, True], ids=["registering", "registered"])
 def test_a_lost_wake_up_shows_as_a_late_one(
-    store_name: str, monkeypatch: pytest.MonkeyPatch
+    store_name: str, monkeypatch: pytest.MonkeyPatch, lone: bool
 ) -> None:
     """The detector the lost-wake-up tests rely on: sleeps are capped, so a lost post delays a
-    reader instead of stranding it -- and is counted."""
+    reader instead of stranding it -- and is counted. Both for a first wait (which registers)
+    and for a registered handle's lone waiter (straight to the semaphore)."""
     with Store.create(store_name, int) as writer, Store.open(store_name, int) as reader:
+        if lone:
+            register(reader)
         monkeypatch.setattr(writer._registry, "notify", lambda: None)  # a lost wake-up
         got: list[int] = []
         t = threading.Thread(target=lambda: got.append(reader.wait(0, timeout=60, spin=False)))
@@ -299,3 +312,136 @@ def test_a_lost_wake_up_shows_as_a_late_one(
         assert got == [1]  # late, not never
         assert reader.statistics().late_wakeups == 1
         assert writer.statistics().late_wakeups == 0
+
+
+def asleep(st: Store[int]) -> None:
+    """Until a thread of *st* sleeps on its semaphore (no event to wait on: poll)."""
+    deadline = time.monotonic() + JOIN
+    while not st._gate._sleeper:
+        assert time.monotonic() < deadline, "nobody went to sleep"
+        time.sleep(0.005)
+
+
+def parked(st: Store[int], count: int) -> None:
+    """Until *count* threads of *st* wait for its sleeper (no event to wait on: poll)."""
+    deadline = time.monotonic() + JOIN
+    while st._gate._parked < count:
+        assert time.monotonic() < deadline, "the other waiters did not arrive"
+        time.sleep(0.005)
+
+
+def test_threads_that_join_a_lone_sleeper_all_wake(store_name: str) -> None:
+    """A thread alone sleeps on the semaphore without the shared machinery; threads arriving
+    meanwhile wait for it, and its wake-up wakes them too."""
+    with Store.create(store_name, int) as writer, Store.open(store_name, int) as st:
+        register(st)
+        got: list[int] = []
+        first = threading.Thread(target=lambda: got.append(st.wait(0, timeout=60, spin=False)))
+        first.start()
+        asleep(st)
+
+        def join(spin: bool) -> None:
+            got.append(st.wait(0, timeout=60, spin=spin))
+
+        others = [threading.Thread(target=join, args=(spin,)) for spin in (False, True)]
+        for t in others:
+            t.start()
+        parked(st, 2)
+        writer.set(1)
+        for t in [first, *others]:
+            t.join(JOIN)
+            assert not t.is_alive()
+        assert got == [1, 1, 1]
+        assert st.statistics().late_wakeups == 0  # the commit's post woke them, not the cap
+        assert len(st._registry.entries()) == 1
+
+
+def test_close_ends_a_lone_sleepers_wait(store_name: str) -> None:
+    with Store.create(store_name, int) as writer:
+        st = Store.open(store_name, int)
+        register(st)
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                st.wait(0, timeout=60, spin=False)
+            except StateStoreError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        asleep(st)
+        st.close()
+        t.join(JOIN)
+        assert not t.is_alive()
+        assert len(errors) == 1
+        assert "closed" in str(errors[0])
+        assert writer._registry.entries() == []
+        assert semaphores_of(store_name) == set()
+
+
+def test_a_coroutine_joins_a_lone_sleeping_thread(store_name: str) -> None:
+    """The coroutines' server thread waits for the lone sleeper like any thread; one commit
+    resolves both, through the one registry entry."""
+    with Store.create(store_name, int) as writer, Store.open(store_name, int) as st:
+        register(st)
+        got: list[int] = []
+        t = threading.Thread(target=lambda: got.append(st.wait(0, timeout=60, spin=False)))
+        t.start()
+        asleep(st)
+
+        async def main() -> int:
+            task = asyncio.ensure_future(st.wait_async(0, timeout=60))
+            deadline = time.monotonic() + JOIN
+            while st._gate._parked < 1:  # the server thread waits for the sleeper
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            writer.set(1)
+            return await task
+
+        assert asyncio.run(main()) == 1
+        t.join(JOIN)
+        assert got == [1]
+        assert st.statistics().late_wakeups == 0
+        assert len(st._registry.entries()) == 1
+
+
+def test_ctrl_c_ends_a_lone_sleepers_wait_and_leaves_the_gate_usable(store_name: str) -> None:
+    with Store.create(store_name, int):
+        results = ctx.Queue()
+        p = ctx.Process(target=interrupted_in_a_lone_wait, args=(store_name, results))
+        p.start()
+        assert collect(results, [p], 1) == ["registered"]
+        # Best effort to land the signal in the semaphore sleep (a signal just before it is seen
+        # when the capped sleep ends, within a second): the main thread shows as sleeping.
+        stat = Path(f"/proc/{p.pid}/stat")
+        deadline = time.monotonic() + JOIN
+        while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(p.pid, signal.SIGINT)
+        (report,) = collect(results, [p], 1)
+        p.join(JOIN)
+        assert p.exitcode == 0
+    assert report == ("interrupted", False, 0)
+
+
+def test_the_writer_posts_a_new_claim_of_a_reused_entry(store_name: str) -> None:
+    """The writer caches each entry's semaphore by claim; a new claim of the same entry (a new
+    generation, a new semaphore) must be posted, not the previous claimant's."""
+    with Store.create(store_name, int) as writer:
+        with Store.open(store_name, int) as first:
+            register(first)
+            writer.set(1)  # the writer opens and caches the first claim's semaphore
+            assert [index for index, _pid, _alive in writer._registry.entries()] == [0]
+        with Store.open(store_name, int) as second:
+            register(second)
+            assert [index for index, _pid, _alive in writer._registry.entries()] == [0]
+            got: list[int] = []
+            t = threading.Thread(target=lambda: got.append(second.wait(1, timeout=60, spin=False)))
+            t.start()
+            asleep(second)
+            writer.set(2)
+            t.join(JOIN)
+            assert got == [2]
+            assert second.statistics().late_wakeups == 0  # posted, not woken by the cap
