@@ -141,7 +141,6 @@ class Store(Generic[T]):
         "_fence",
         "_gate",
         "_gid",
-        "_head",
         "_in_place",
         "_in_use",
         "_info",
@@ -194,8 +193,8 @@ class Store(Generic[T]):
         self._max_value_size = info.max_value_size
         # Decode big payloads straight from the mapping (see Ring.read_newest_value).
         self._in_place = self._codec.decode_in_place and not info.flags & FLAG_CRC
-        # `version` and the wait gate load HEAD through this (get() indexes the words itself).
-        self._head = self._ring.head
+        # The header words: HEAD is indexed here directly (get(), the wait gate's and the
+        # projections' HEAD loads), a frame cheaper than a method of the ring.
         self._words = self._ring.words
         self._cache: tuple[int, T | None] = (0, None)
         self._lock: WriteLock
@@ -483,7 +482,7 @@ class Store(Generic[T]):
 
     def _version_or_closed(self) -> int:
         try:
-            return self._head()
+            return self._words[W_HEAD]
         except ValueError:
             raise self._closed_error() from None
 
