@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from typing import Any
@@ -85,6 +86,23 @@ def _rmw_once(system: str, peer: Peer, handle: Any, size: str) -> int:
     return 0
 
 
+def collect(results: Any, procs: list[Any], timeout: float) -> list[Any]:
+    """One result from each worker process; raise at once if one of them died without
+    giving it (a peer that crashes under contention), or after *timeout* seconds."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < len(procs):
+        try:
+            got.append(results.get(timeout=0.2))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a worker process died (exit code {dead[0]})") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result from every worker within {timeout} s") from None
+    return got
+
+
 def _rmw_worker(case: dict[str, Any], spec: Any, count: int, start: Any, results: Any) -> None:
     system, size = case["system"], case["size"]
     peer = spec.attach()
@@ -118,7 +136,7 @@ def rmw(case: dict[str, Any]) -> dict[str, Any]:
             p.start()
         start.wait(60)
         t0 = time.perf_counter_ns()
-        retries = sum(results.get(timeout=600) for _ in procs)
+        retries = sum(collect(results, procs, 240))
         elapsed = time.perf_counter_ns() - t0
         for p in procs:
             p.join(60)
@@ -225,7 +243,7 @@ def fanout(case: dict[str, Any]) -> dict[str, Any]:
                 st.set(value)
             else:
                 pub.send(msgspec.msgpack.encode(value))
-        woke = [results.get(timeout=120) for _ in procs]
+        woke = collect(results, procs, 120)
         for p in procs:
             p.join(60)
     finally:
@@ -292,7 +310,7 @@ def throughput(case: dict[str, Any]) -> dict[str, Any]:
             commits += 1
         elapsed = time.monotonic() - t0
         stop.value = 1
-        counts = [results.get(timeout=60) for _ in procs]
+        counts = collect(results, procs, 60)
         for p in procs:
             p.join(60)
         writer.close()

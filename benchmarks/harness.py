@@ -44,6 +44,7 @@ READ_WRITE = ("read_unchanged", "read_changed", "write")
 WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc", "iceoryx2 event (no payload)")
 SCENARIOS = (*READ_WRITE, "wake", "rmw", "fanout", "throughput")
 VARIANTS = {"rmw": ("writers", (1, 2, 4)), "fanout": ("readers", (1, 2, 4, 8))}
+CASE_TIMEOUT = 300  # seconds; the slowest case takes well under a minute here
 
 
 # ------------------------------------------------------------ one case (child)
@@ -375,14 +376,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         label = f"{case['scenario']} / {system} / {case['size']}"
         print(f"  [{i}/{len(cases)}] {label} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--run-case", json.dumps(case)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--run-case", json.dumps(case)],
+                capture_output=True,
+                text=True,
+                timeout=CASE_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(
+                [], 1, "", f"no result within {CASE_TIMEOUT} s (a hang)"
+            )
         if proc.returncode != 0:
+            # A peer that fails a case (a crash, a hang) is reported as such; the run goes on.
             tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
             print(f"  case failed: {label}: {tail[0]}", file=sys.stderr)
             results.append({**case, "error": tail[0]})
