@@ -44,6 +44,7 @@ READ_WRITE = ("read_unchanged", "read_changed", "write")
 WAKE_SYSTEMS = ("shmstore", "multiprocessing.Queue", "ZeroMQ ipc", "iceoryx2 event (no payload)")
 SCENARIOS = (*READ_WRITE, "wake", "rmw", "fanout", "throughput")
 VARIANTS = {"rmw": ("writers", (1, 2, 4)), "fanout": ("readers", (1, 2, 4, 8))}
+KEYS = ("writers", "readers")
 CASE_TIMEOUT = 300  # seconds; the slowest case takes well under a minute here
 
 
@@ -157,35 +158,64 @@ def _systems(scenario: str) -> tuple[str, ...]:
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cases in the order they run: per scenario and size, every system in turn, and the
+    per-call scenarios in ``args.passes`` such passes. This VM's CPU speed drifts by up to 2-3x
+    within a run; systems measured minutes apart would compare the drift, not the systems, so
+    each figure is the median of its passes, taken seconds from the other systems' passes."""
     calls, rounds = (300, 3) if args.quick else (3000, 5)
     cases = []
     for scenario in args.scenarios:
         key, variants = VARIANTS.get(scenario, ("", (None,)))
-        for system in _systems(scenario):
-            if args.systems and system not in args.systems:
-                continue
-            for size in args.sizes:
-                if system.endswith("(no payload)") and size != args.sizes[0]:
-                    continue  # carries nothing: one size says it all
-                n = calls if size in ("100B", "fsm") else max(30, calls // 10)
-                if scenario == "wake":
-                    n = max(50, n // 3)
-                if scenario == "fanout":
-                    n = max(20, n // 10)  # paced 2 ms apart
-                for variant in variants:
-                    case: dict[str, Any] = {
-                        "scenario": scenario,
-                        "system": system,
-                        "size": size,
-                        "calls": n,
-                        "rounds": rounds,
-                    }
-                    if key:
-                        case[key] = variant
-                    if scenario == "throughput":
-                        case.update(readers=2, seconds=0.5 if args.quick else 2.0)
-                    cases.append(case)
+        passes = args.passes if scenario in (*READ_WRITE, "wake") else 1
+        systems = [s for s in _systems(scenario) if not args.systems or s in args.systems]
+        for size in args.sizes:
+            n = calls if size in ("100B", "fsm") else max(30, calls // 10)
+            if scenario == "wake":
+                n = max(50, n // 3)
+            if scenario == "fanout":
+                n = max(20, n // 10)  # paced 2 ms apart
+            for turn in range(passes):
+                for system in systems:
+                    if system.endswith("(no payload)") and size != args.sizes[0]:
+                        continue  # carries nothing: one size says it all
+                    for variant in variants:
+                        case: dict[str, Any] = {
+                            "scenario": scenario,
+                            "system": system,
+                            "size": size,
+                            "calls": n,
+                            "rounds": rounds,
+                            "pass": turn,
+                        }
+                        if key:
+                            case[key] = variant
+                        if scenario == "throughput":
+                            case.update(readers=2, seconds=0.5 if args.quick else 2.0)
+                        cases.append(case)
     return cases
+
+
+def merge_passes(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per case over its passes: the median of the pass medians, the percentiles
+    of the middle pass, every round median kept."""
+    merged: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        if "error" in r:
+            continue
+        key = tuple((k, v) for k, v in r.items() if k in ("scenario", "system", "size", *KEYS))
+        merged.setdefault(key, []).append(r)
+    out = []
+    for passes in merged.values():
+        if len(passes) == 1:
+            out.append(passes[0])
+            continue
+        runs = sorted(passes, key=lambda r: r["median_ns"])
+        middle = dict(runs[len(runs) // 2])
+        middle["pass_medians_ns"] = [r["median_ns"] for r in runs]
+        middle["round_medians_ns"] = [m for r in runs for m in r["round_medians_ns"]]
+        middle["spread_ns"] = [runs[0]["median_ns"], runs[-1]["median_ns"]]
+        out.append(middle)
+    return out
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -330,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="value sizes (default: all; with --quick, 100B and fsm)",
     )
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=3,
+        help="passes over the systems of the read, write and wake scenarios (default 3)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plots", metavar="DIR")
     parser.add_argument(
@@ -395,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({**case, "error": tail[0]})
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    ok = [r for r in results if "error" not in r]
+    ok = merge_passes(results)
     report(ok, skipped, args.sizes)
     print(f"\n{len(ok)} case(s) in {time.monotonic() - started:.0f} s")
     if args.plots:
@@ -403,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": results, "skipped": skipped}, f, indent=2)
+            failed = [r for r in results if "error" in r]
+            json.dump(
+                {"machine": info, "results": ok + failed, "skipped": skipped, "passes": results},
+                f,
+                indent=2,
+            )
         print(f"wrote {args.json}")
     return 1 if len(ok) < len(results) else 0
 
