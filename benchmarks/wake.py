@@ -22,7 +22,8 @@ What it measures:
 * **fan-out**: one writer, N reader processes blocked in ``wait()``; the time from just before
   ``set()`` until the *last* reader has returned from ``wait()`` with the new version
   (CLOCK_MONOTONIC is system-wide, so the readers' timestamps compare with the writer's). Commits
-  are paced so that every reader is asleep again before the next one.
+  are paced so that every reader is asleep again before the next one. The writer runs on CPU 0,
+  its readers share CPU 1 (``placement``).
 
 Run:  python benchmarks/wake.py [--rounds N] [--json PATH]
 """
@@ -46,6 +47,7 @@ from shmstore import Store
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from core import machine
+from placement import MEASURER_CPU, pin, start_on_peer_cpu
 
 ctx = mp.get_context("spawn")
 
@@ -220,8 +222,9 @@ def fanout(readers: int, commits: int, pace: float) -> list[int]:
             ctx.Process(target=_fan_reader, args=(name, commits, results, ready))
             for _ in range(readers)
         ]
+        pin(MEASURER_CPU)  # the writer; the readers share the other CPU (see placement)
         for p in procs:
-            p.start()
+            start_on_peer_cpu(p)
         for _ in procs:
             if not ready.acquire(timeout=60):
                 raise RuntimeError(
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         fan[n] = _quantiles(fanout(n, args.fanout_commits, pace=0.002))
     print(
         f"\nfan-out: commit until the last of N waiting readers has it ({args.fanout_commits}), "
-        "processes not pinned (N readers share the machine's CPUs)"
+        "writer on CPU 0, the N readers sharing CPU 1"
     )
     print(f"{'readers':<10}{'p50':>10}{'p99':>10}{'p99.9':>10}")
     for n, q in fan.items():
