@@ -81,7 +81,9 @@ def rmw_table(results: list[dict[str, Any]]) -> list[str]:
             got = {r["writers"]: r for r in rows if r["system"] == system and r["size"] == size}
             cells.append(" / ".join(fmt(got[w]["median_ns"]) for w in writers if w in got))
         out.append(f"| {NAMES.get(system, system)} W={label} | " + " | ".join(cells) + " |")
-    lost = sum(r["lost_updates"] for r in rows)
+    lost: dict[str, int] = {}
+    for r in rows:
+        lost[r["system"]] = lost.get(r["system"], 0) + r["lost_updates"]
     retries = {
         (r["system"], r["size"], r["writers"]): r["retries"]
         for r in rows
@@ -89,7 +91,9 @@ def rmw_table(results: list[dict[str, Any]]) -> list[str]:
     }
     out.append("")
     out.append(
-        f"Lost updates over all systems: {lost}. shmstore's CAS retries at W=4: "
+        "Lost updates: "
+        + ", ".join(f"{system} {n}" for system, n in lost.items())
+        + ". shmstore's CAS retries at W=4: "
         + ", ".join(f"{s} {retries.get(('shmstore', s, 4), '-')}" for s in SIZES)
         + "."
     )
