@@ -649,7 +649,7 @@ class Store(Generic[T]):
         ``ValueError``): ``TimeoutError`` when it passes, and ``timeout=0`` is a non-blocking
         check. A timeout holds whatever writers do: registering never waits for the writer lock.
         While recent waits were short (< 0.1 ms), it first re-reads the version for up to
-        0.1 ms before sleeping, which turns a ~24 us wake-up into ~1 us; ``spin=False`` never
+        0.1 ms before sleeping, which turns a ~16 us wake-up into ~4 us; ``spin=False`` never
         spins. The first blocking call registers this handle as a reader of the store (see
         ``max_readers``); the registration lasts until :meth:`close`. A read-only handle cannot
         register (that writes the segment): it polls instead, see :attr:`wait_mode`.

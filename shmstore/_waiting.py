@@ -20,11 +20,11 @@ goes through the general loop, so the fast path adds no case to the argument abo
 loop's first turn, without the loop. HEAD is read before the role is handed back, because
 close() waits for the sleeper to leave before it gives the entry back and the store unmaps.
 
-Adaptive spinning. On the reference VM a semaphore wake-up costs ~24 us one way (an idle vCPU
-has to be woken by the host), while a commit is a few microseconds. So, like an adaptive mutex, a
-waiting thread first re-reads HEAD in a loop for up to ``SPIN`` -- but only while recent waits
-were that short (an exponential moving average of how long ``wait()`` took, seeded pessimistic;
-``spin=False`` waits do not count, they never spin).
+Adaptive spinning. On the reference VM a sleeping wake-up costs ~16 us one way between two CPUs
+(~6 us of it the semaphore: an idle vCPU has to be woken by the host), while a commit is a few
+microseconds. So, like an adaptive mutex, a waiting thread first re-reads HEAD in a loop for up
+to ``SPIN`` -- but only while recent waits were that short (an exponential moving average of how
+long ``wait()`` took, seeded pessimistic; ``spin=False`` waits do not count, they never spin).
 A reader of a busy store then sees a commit within a microsecond; a reader of a quiet store never
 spins, and a sleeping reader costs no CPU. The spin is bounded per call, so the worst case --
 commits arriving just after every spin ends -- costs at most ``SPIN`` of CPU per wait.

@@ -384,7 +384,7 @@ def test_bench_runs_the_benchmark_programs() -> None:
 
 
 def test_harness_quick_run_structure(tmp_path: Path) -> None:
-    """The peer harness on one tiny case: output and JSON structure, never timings."""
+    """The peer harness on tiny cases in two passes: output and JSON structure, never timings."""
     out = tmp_path / "h.json"
     result = cli(
         "bench",
@@ -397,6 +397,8 @@ def test_harness_quick_run_structure(tmp_path: Path) -> None:
         "shmstore,multiprocessing.Queue",
         "--sizes",
         "100B",
+        "--passes",
+        "2",
         "--json",
         str(out),
         timeout=HANG,
@@ -414,7 +416,9 @@ def test_harness_quick_run_structure(tmp_path: Path) -> None:
     }
     for r in data["results"]:
         assert r["median_ns"] > 0
-        assert len(r["round_medians_ns"]) == 3
+        assert len(r["pass_medians_ns"]) == 2  # one result per case, over its two passes
+        assert min(r["pass_medians_ns"]) <= r["median_ns"] <= max(r["pass_medians_ns"])
+        assert len(r["round_medians_ns"]) == 2 * 3
         if r["scenario"] == "wake":
             assert r["p50_ns"] <= r["p99_ns"] <= r["p999_ns"]
     assert "msgspec" in data["machine"]["packages"]

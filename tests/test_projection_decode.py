@@ -189,9 +189,11 @@ def test_the_walk_never_reads_past_the_last_projected_key() -> None:
     payload = msgspec.msgpack.encode(value)
     cut = payload.index(msgspec.msgpack.encode("tags"))
     damaged = payload[:cut] + b"\xc1" * 50  # 0xc1: never used in MessagePack
+    # Fresh decoders: the shared ones may be pausing after another test's garbage.
+    head, through = (projection_decoder(tp, walk_min=0) for tp in (HeadOnly, ThroughDatetime))
     for _ in range(2):  # the first read learns the layout, the second uses it
-        assert FAST[HeadOnly](damaged) == HeadOnly(1, 2)
-        assert FAST[ThroughDatetime](memoryview(damaged)) == ThroughDatetime(value.when, True)
+        assert head(damaged) == HeadOnly(1, 2)
+        assert through(memoryview(damaged)) == ThroughDatetime(value.when, True)
     with pytest.raises(msgspec.DecodeError):
         PLAIN[HeadOnly](damaged)
 
