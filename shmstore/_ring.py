@@ -301,6 +301,16 @@ class Ring:
         self.commit(payload, ts_ns)
         self._q[_BASE] = version
 
+    def _check_oversized(self, version: int, seq: int, length: int) -> None:
+        """A slot of *version* claims *length* bytes, more than it holds. A writer never stores
+        such a length: if the slot's seq still holds, the slot is damaged (raise); otherwise a
+        writer raced the read, and the caller retries."""
+        if self._s[seq] == version << 1:
+            raise CorruptStoreError(
+                f"slot of version {version} claims {length} bytes, "
+                f"more than the slot size {self._capacity}"
+            )
+
     def read(self, version: int) -> tuple[bytes | memoryview, int] | None:
         """Copy message *version* out of its slot: ``(payload, ts_ns)``, or ``None`` if the slot no
         longer (or not yet) holds it consistently, in which case the caller re-reads HEAD."""
@@ -313,12 +323,7 @@ class Ring:
         word = base >> 2
         length = self._i[word + SLOT_LEN_I]
         if length > self._capacity:
-            # A writer never stores such a length; if seq still holds, the slot is damaged.
-            if q[seq] == stable:
-                raise CorruptStoreError(
-                    f"slot of version {version} claims {length} bytes, "
-                    f"more than the slot size {self._capacity}"
-                )
+            self._check_oversized(version, seq, length)
             return None
         crc = self._i[word + SLOT_CRC_I]
         ts_ns = q[seq + SLOT_TS_Q]
@@ -402,11 +407,7 @@ class Ring:
         stable = version << 1
         s = self._s
         if length > self._capacity:
-            if s[seq] == stable:
-                raise CorruptStoreError(
-                    f"slot of version {version} claims {length} bytes, "
-                    f"more than the slot size {self._capacity}"
-                )
+            self._check_oversized(version, seq, length)
             return None
         if in_place and length >= IN_PLACE_MIN:
             failure: Exception | None = None
