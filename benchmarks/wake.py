@@ -59,8 +59,8 @@ _placement: tuple[int, int] | None = None
 
 
 def _pin(cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
+    if cpu is not None:
+        pin(cpu)
 
 
 def _echo_cpu() -> int | None:

@@ -265,7 +265,31 @@ class RobustMutexLock:
         self._anchor = None
 
 
-class FlockLock:
+class _Blocking:
+    """``with lock:`` for the locks whose blocking acquire needs no recovery step: acquire,
+    then release on the way out."""
+
+    __slots__ = ()
+
+    def acquire(self) -> int:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class FlockLock(_Blocking):
     """``threading.Lock`` for threads plus ``flock`` on this handle's descriptor for processes."""
 
     __slots__ = ("_owner", "_thread_lock", "fd")
@@ -297,17 +321,6 @@ class FlockLock:
 
     def recover(self, rc: int) -> None:
         raise AssertionError("flock reports errors by raising")  # pragma: no cover
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def try_acquire(self) -> int:
         if not self._thread_lock.acquire(blocking=False):
@@ -361,7 +374,7 @@ class FlockLock:
         pass
 
 
-class ReadOnlyLock:
+class ReadOnlyLock(_Blocking):
     """The writer lock of a handle that maps the segment read-only: it cannot be taken (that
     would write), and :meth:`held_elsewhere` only looks. See the module essay."""
 
@@ -389,17 +402,6 @@ class ReadOnlyLock:
 
     def recover(self, rc: int) -> None:
         raise AssertionError("a read-only handle never holds the lock")  # pragma: no cover
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        pass
 
     def held_elsewhere(self) -> bool:
         if self._offset is not None:
