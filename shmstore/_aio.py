@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
 from ._projection import Projection
+from ._replication import Replication
 from ._stats import MirrorStatus, StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
@@ -63,6 +64,7 @@ SYNC_PROPERTIES: Final = (
     "readonly",
     "wait_mode",
     "mirror_status",
+    "replication",
 )
 
 
@@ -125,6 +127,8 @@ class AsyncStore(Generic[T]):
         def wait_mode(self) -> str: ...
         @property
         def mirror_status(self) -> MirrorStatus: ...
+        @property
+        def replication(self) -> Replication: ...
 
     def __init__(self, store: Store[T]) -> None:
         self.store = store

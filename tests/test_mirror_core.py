@@ -21,8 +21,8 @@ from shmstore import (
 )
 from shmstore import _layout as L
 from shmstore._codec import fingerprint_of, type_name_of
-from shmstore._store import MirrorHooks
 from shmstore.metrics import prometheus_text
+from shmstore.replication import create_replica
 
 
 class Point(msgspec.Struct):
@@ -33,7 +33,7 @@ class Point(msgspec.Struct):
 def _replica(
     name: str, tp: Any = Point, slots: int = 4, max_value_size: int | None = 1024
 ) -> Store[Any]:
-    return MirrorHooks.create_replica(
+    return create_replica(
         name,
         fingerprint=fingerprint_of(tp),
         type_name=type_name_of(tp),
@@ -87,7 +87,7 @@ def test_replica_checks_the_origin_schema_and_reads_like_a_store(store_name: str
     with _replica(store_name) as rep:
         assert rep.mirror_status.role == "replica"
         assert not rep.writable
-        assert MirrorHooks(rep).commit_replicated(_encode(Point(1, 2)), 7, 123) == 7
+        assert rep.replication.commit_at(_encode(Point(1, 2)), 7, 123) == 7
         with Store.open(store_name, Point) as reader:
             assert reader.get() == Point(1, 2)
             assert reader.version == 7
@@ -129,15 +129,15 @@ def test_every_process_refuses_local_writes_to_a_replica(store_name: str) -> Non
 
 def test_commit_replicated_never_goes_back(store_name: str) -> None:
     with _replica(store_name) as rep:
-        MirrorHooks(rep).commit_replicated(_encode(Point(1, 1)), 5, 1)
+        rep.replication.commit_at(_encode(Point(1, 1)), 5, 1)
         for stale in (5, 4):
             with pytest.raises(StateVersionError, match="not newer"):
-                MirrorHooks(rep).commit_replicated(_encode(Point(9, 9)), stale, 1)
+                rep.replication.commit_at(_encode(Point(9, 9)), stale, 1)
         assert rep.get() == {"x": 1, "y": 1}
         with pytest.raises(SnapshotTooLargeError):
-            MirrorHooks(rep).commit_replicated(b"\x00" * 1025, 6, 1)
+            rep.replication.commit_at(b"\x00" * 1025, 6, 1)
         with pytest.raises(InvalidSnapshotError):
-            MirrorHooks(rep).commit_replicated(b"\xc1", 6, 1)  # not MessagePack
+            rep.replication.commit_at(b"\xc1", 6, 1)  # not MessagePack
         assert rep.version == 5
 
 
@@ -152,10 +152,10 @@ def test_a_replica_grows_with_the_origins_values(store_name: str) -> None:
         _replica(store_name, Blob, max_value_size=1 << 16) as rep,
         Store.open(store_name, Blob) as reader,
     ):
-        MirrorHooks(rep).commit_replicated(_encode(Blob(b"a" * 10)), 1, 1)
+        rep.replication.commit_at(_encode(Blob(b"a" * 10)), 1, 1)
         assert reader.get() == Blob(b"a" * 10)
         big = Blob(b"b" * 5000)
-        MirrorHooks(rep).commit_replicated(_encode(big), 9, 2)
+        rep.replication.commit_at(_encode(big), 9, 2)
         assert reader.get_with_version() == (big, 9)
         assert rep.statistics().growths >= 1
 
@@ -164,7 +164,7 @@ def test_an_ordinary_store_is_not_a_replica(store_name: str) -> None:
     with Store.create(store_name, Point) as st:
         assert st.mirror_status.role == ""
         with pytest.raises(StateStoreError, match="not a replica"):
-            MirrorHooks(st).commit_replicated(_encode(Point(1, 1)), 1, 1)
+            st.replication.commit_at(_encode(Point(1, 1)), 1, 1)
 
 
 @pytest.mark.parametrize("jump", [1, 2, 3, 4, 9])
@@ -172,11 +172,11 @@ def test_skipped_versions_show_as_the_exact_lag(store_name: str, jump: int) -> N
     """A replica that jumps over missed versions: subscribers see exactly how many, because the
     slots of the skipped versions never held them."""
     with _replica(store_name, slots=4) as rep, Store.open(store_name, Point) as reader:
-        MirrorHooks(rep).commit_replicated(_encode(Point(1, 0)), 1, 1)
+        rep.replication.commit_at(_encode(Point(1, 0)), 1, 1)
         sub = reader.subscribe()
         assert sub.poll() == (1, Point(1, 0))
         target = 1 + jump
-        MirrorHooks(rep).commit_replicated(_encode(Point(target, 0)), target, 2)
+        rep.replication.commit_at(_encode(Point(target, 0)), target, 2)
         if jump == 1:
             assert sub.poll() == (2, Point(2, 0))
         else:
@@ -196,8 +196,8 @@ def test_mirror_status_in_statistics_and_prometheus(store_name: str) -> None:
     with Store.create(store_name, Point) as origin:
         assert origin.statistics().mirror_role == ""
         assert "shmstore_mirror" not in prometheus_text([origin.statistics()])
-        MirrorHooks(origin).claim("bkt")
-        MirrorHooks(origin).set_status(connected=True, last_sync_ns=5_000_000_000, behind=3)
+        origin.replication.claim("bkt")
+        origin.replication.set_status(connected=True, last_sync_ns=5_000_000_000, behind=3)
         s = origin.statistics()
         assert (s.mirror_role, s.mirror_connected, s.mirror_behind) == ("origin", True, 3)
         assert (s.mirror_bucket, s.mirror_origin, s.mirror_last_sync_ns) == (
@@ -213,15 +213,15 @@ def test_mirror_status_in_statistics_and_prometheus(store_name: str) -> None:
         )
         assert "shmstore_mirror_behind_versions" in text
         assert "shmstore_mirror_last_sync_seconds" in text
-        MirrorHooks(origin).set_status(connected=False)
+        origin.replication.set_status(connected=False)
         assert not origin.statistics().mirror_connected
         assert origin.statistics().mirror_behind == 3  # left as it was
 
 
 def _claim_and_exit(name: str) -> None:
     with Store.open(name, Point) as st:
-        MirrorHooks(st).claim("bkt")
-        MirrorHooks(st).set_status(connected=True)
+        st.replication.claim("bkt")
+        st.replication.set_status(connected=True)
 
 
 def test_a_dead_mirroring_process_reads_as_disconnected(store_name: str) -> None:

@@ -7,7 +7,7 @@ schema check, because the replica records the origin's fingerprint and type name
 
 Following is latest-value: the follower watches the bucket's key (JetStream delivers the newest
 entry first, then each new one) and commits each record's value bytes at the record's version
-(``MirrorHooks.commit_replicated``), skipping any version it already has, so restarts and
+(``store.replication.commit_at``), skipping any version it already has, so restarts and
 re-deliveries never regress or duplicate. Versions the follower never saw (it was slow, or
 away) are jumped over; subscribers of the replica get ``SubscriberLaggedError`` with the exact
 number. A watch can go quiet without an error when the server restarts under it, so the
@@ -28,7 +28,8 @@ import time
 from typing import Any, Final
 
 from .._errors import StateStoreError, StoreExistsError, StoreNotFoundError
-from .._store import MirrorHooks, Store
+from .._store import Store
+from ..replication import create_replica
 from ._connect import ConnectOptions, connect, describe_error
 from ._wire import KEY, Record, decode_record, default_bucket, validate_bucket
 
@@ -111,7 +112,7 @@ class Follower:
                     await nc.close()
             if self._replica is not None:
                 with contextlib.suppress(StateStoreError):
-                    MirrorHooks(self._replica).set_status(connected=False)
+                    self._replica.replication.set_status(connected=False)
                 self._replica.close()
                 self._replica = None
 
@@ -127,7 +128,7 @@ class Follower:
                 f"store {self.local_name!r} exists and is not a replica of {self.name!r}; "
                 "remove it or follow into another local name (--as)"
             )
-        MirrorHooks(replica).claim(self.bucket)
+        replica.replication.claim(self.bucket)
         return replica
 
     def _on_connected(self, up: bool) -> None:
@@ -139,7 +140,7 @@ class Follower:
     def _status(self, *, connected: bool, sync: bool = False, behind: int | None = None) -> None:
         replica = self._replica
         if replica is not None and not replica.closed:
-            MirrorHooks(replica).set_status(
+            replica.replication.set_status(
                 connected=connected, last_sync_ns=time.time_ns() if sync else None, behind=behind
             )
 
@@ -186,7 +187,7 @@ class Follower:
         replica = self._replica
         if replica is None:
             replica = self._replica = self._create(record)
-        if record.fingerprint != MirrorHooks(replica).fingerprint:
+        if record.fingerprint != replica.replication.fingerprint:
             self._refuse(
                 record.version,
                 f"origin {self.name!r} now holds {record.type_name}, which does not match "
@@ -195,9 +196,7 @@ class Follower:
             return
         if record.version > replica.version:
             try:
-                MirrorHooks(replica).commit_replicated(
-                    record.value, record.version, record.commit_ns
-                )
+                replica.replication.commit_at(record.value, record.version, record.commit_ns)
             except StateStoreError as exc:
                 self._refuse(record.version, str(exc))
                 return
@@ -215,7 +214,7 @@ class Follower:
 
     def _create(self, record: Record) -> Store[Any]:
         try:
-            replica = MirrorHooks.create_replica(
+            replica = create_replica(
                 self.local_name,
                 fingerprint=record.fingerprint,
                 type_name=record.type_name,
@@ -231,5 +230,5 @@ class Follower:
             existing = self._open_existing()
             assert existing is not None
             return existing
-        MirrorHooks(replica).claim(self.bucket)
+        replica.replication.claim(self.bucket)
         return replica

@@ -38,7 +38,7 @@ import msgspec
 
 from .. import __version__
 from .._errors import StateStoreError, StateVersionError
-from .._store import MirrorHooks, Store
+from .._store import Store
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._wire import (
@@ -125,7 +125,7 @@ class Publisher:
             )
         self._store = store
         self._origin = f"{socket.gethostname()}/{self.name}"
-        MirrorHooks(store).claim(self.bucket)
+        store.replication.claim(self.bucket)
         nc = None
         try:
             nc = await connect(self.options, on_connected=self._on_connected, stop=self._stop)
@@ -140,7 +140,7 @@ class Publisher:
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
             with contextlib.suppress(StateStoreError):
-                MirrorHooks(store).set_status(connected=False)
+                store.replication.set_status(connected=False)
             if nc is not None:
                 with contextlib.suppress(Exception):
                     await nc.close()
@@ -151,7 +151,7 @@ class Publisher:
         self._connected = up
         store = self._store
         if store is not None and not store.closed:
-            MirrorHooks(store).set_status(connected=self._live())
+            store.replication.set_status(connected=self._live())
         if not up:
             self._revision = None  # a put may have landed or not: ask the bucket again
 
@@ -216,12 +216,12 @@ class Publisher:
                         await requests.unsubscribe()
                         requests = None
                     self._serving = requests is not None
-                    MirrorHooks(store).set_status(connected=self._live())
+                    store.replication.set_status(connected=self._live())
                 except MirrorError:
                     raise
                 except Exception as exc:  # NATS down, leader election, timeouts: retry
                     self._revision = None
-                    MirrorHooks(store).set_status(connected=False, behind=head - self.published)
+                    store.replication.set_status(connected=False, behind=head - self.published)
                     log.debug("put failed: %s", describe_error(exc, self.options))
                     await self._pause(RETRY_WAIT)
                     continue
@@ -234,9 +234,9 @@ class Publisher:
                 try:  # a round trip to the server: "last sync" is a confirmation, not a hope
                     await asyncio.wait_for(nc.flush(), HEARTBEAT * 2)
                 except Exception:
-                    MirrorHooks(store).set_status(connected=False)
+                    store.replication.set_status(connected=False)
                 else:
-                    MirrorHooks(store).set_status(
+                    store.replication.set_status(
                         connected=self._live(),
                         last_sync_ns=time.time_ns(),
                         behind=store.version - self.published,
@@ -281,7 +281,7 @@ class Publisher:
                             self.bucket,
                             current.version,
                         )
-            value, version, commit_ns = MirrorHooks(store).get_encoded()
+            value, version, commit_ns = store.replication.read_encoded()
             if version <= self.published:
                 return  # already in the bucket: never put a version twice, never go back
             record = Record(
@@ -290,7 +290,7 @@ class Publisher:
                 store=self.name,
                 version=version,
                 commit_ns=commit_ns,
-                fingerprint=MirrorHooks(store).fingerprint,
+                fingerprint=store.replication.fingerprint,
                 type_name=store.type_name,
                 slots=store.geometry.slots,
                 slot_size=store.geometry.slot_size,
@@ -308,7 +308,7 @@ class Publisher:
                 self._revision = None  # someone else put: look at what is there now
                 continue
             self.published = version
-            MirrorHooks(store).set_status(
+            store.replication.set_status(
                 connected=self._live(), last_sync_ns=time.time_ns(), behind=store.version - version
             )
             return
@@ -336,7 +336,7 @@ class Publisher:
             )
         store = self._store
         if store is not None and not store.closed:
-            MirrorHooks(store).set_status(
+            store.replication.set_status(
                 connected=self._live(), behind=store.version - self.published
             )
 
@@ -360,7 +360,7 @@ class Publisher:
         self.active = active
         store = self._store
         if store is not None and not store.closed:
-            MirrorHooks(store).set_status(connected=self._live())
+            store.replication.set_status(connected=self._live())
 
     # ------------------------------------------------------------------ remote writes
 

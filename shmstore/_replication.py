@@ -1,0 +1,224 @@
+"""Replication as an interface of the core: what a replication backend does to a store.
+
+``shmstore.mirror`` keeps replicas on other hosts current through NATS JetStream; another
+backend would need exactly the same four things from a store, and this module is that contract
+(public as :mod:`shmstore.replication`, per handle as ``Store.replication``):
+
+1. **Create a replica** (``shmstore.replication.create_replica``): a store that records the
+   origin's schema and refuses ``set()`` in every process, so its only writer is the backend.
+2. **Read the newest value encoded** (:meth:`Replication.read_encoded`): the bytes in the ring,
+   with their version and commit time -- no decode and re-encode round trip.
+3. **Commit at the origin's version** (:meth:`Replication.commit_at`): the origin's bytes, its
+   version and its commit time, into a replica; versions only increase, and skipped versions
+   show to subscribers as an exact lag, as a lap of the ring does.
+4. **The mirror block** of the header (:meth:`Replication.claim`, :meth:`Replication.set_status`,
+   :func:`read_mirror_status`): role, bucket, origin, the mirroring process, connected, last
+   sync, versions behind -- what ``statistics()``, ``shmstore stat`` and Prometheus show.
+
+The commit at a version is the store's commit protocol (writer lock, follow or make a move,
+slot, HEAD, notify) with the version taken from the origin instead of HEAD + 1; it is kept
+beside the backend interface rather than in ``Store`` because no other caller needs it, and it is
+off every hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from ._attachment import Attachment
+from ._errors import SnapshotTooLargeError, StateStoreError, StateVersionError
+from ._layout import (
+    MIRROR_BUCKET_FIELD,
+    MIRROR_CONNECTED,
+    MIRROR_ORIGIN_FIELD,
+    MIRROR_ROLE_MASK,
+    MIRROR_ROLE_ORIGIN,
+    MIRROR_ROLE_REPLICA,
+    OFF_MIRROR_BUCKET,
+    OFF_MIRROR_ORIGIN,
+    W_GENERATION,
+    W_HEAD,
+    W_MIRROR_BEHIND,
+    W_MIRROR_PID,
+    W_MIRROR_STATE,
+    W_MIRROR_SYNC,
+    W_REG_HIGH,
+    read_text_field,
+    text_field,
+)
+from ._registry import pid_alive
+from ._stats import MirrorStatus
+
+__all__ = ["MAX_VERSION", "Replication", "read_mirror_status"]
+
+# A version the writer would not reach in centuries; past it the header is damaged, and the
+# slot sequence 2v would no longer fit its u64.
+MAX_VERSION: Final = 1 << 62
+
+
+class Replication:
+    """One handle's replication interface (``Store.replication``): see the module. One
+    mirroring process per store writes the mirror block; commits to a replica are serialized
+    by the writer lock as usual. Every method raises :class:`StateStoreError` on a closed
+    handle."""
+
+    __slots__ = ("_att",)
+
+    def __init__(self, attachment: Attachment) -> None:
+        self._att = attachment
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The 16-byte schema fingerprint recorded in the store's header."""
+        return self._att.info.fingerprint
+
+    @property
+    def type_name(self) -> str:
+        """The type name recorded in the store's header."""
+        return self._att.info.type_name
+
+    @property
+    def is_replica(self) -> bool:
+        """Whether the store is a replica (refuses ``set()``; only :meth:`commit_at` writes)."""
+        return self._att.replica
+
+    def read_encoded(self) -> tuple[bytes, int, int]:
+        """The newest value as the encoded bytes in the ring, with its version and commit time
+        (ns since the epoch); ``(b"", 0, 0)`` while empty."""
+        att = self._att
+        with att.in_use:
+            att.check_open()
+            payload, version, ts_ns = att.read_newest()
+            if payload is None:
+                return b"", 0, 0
+            return bytes(payload), version, ts_ns
+
+    def commit_at(self, payload: bytes, version: int, commit_ns: int) -> int:
+        """Commit the origin's encoded *payload* as the origin's *version* (with the origin's
+        commit time *commit_ns*) into this replica; return *version*.
+
+        *version* must be greater than the replica's version; versions in between may be
+        skipped (latest-value semantics): subscribers then get :class:`SubscriberLaggedError`
+        with the exact number skipped, as for a lap of the ring, because the slots of skipped
+        versions never held them. Raises :class:`StateStoreError` if the store is not a
+        replica, :class:`StateVersionError` (nothing written) if *version* is not newer,
+        ``ValueError`` for an impossible version, :class:`SnapshotTooLargeError` if the payload
+        is larger than the store's ``max_value_size`` and :class:`InvalidSnapshotError` if it
+        does not decode.
+        """
+        att = self._att
+        if not att.replica:
+            att.check_open()
+            raise StateStoreError(f"store {att.name!r} is not a replica")
+        if not 0 < version < MAX_VERSION:
+            raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
+        limit = att.info.max_value_size
+        if len(payload) > limit:
+            raise SnapshotTooLargeError(
+                f"replicated value is {len(payload)} bytes; replica {att.name!r} holds at "
+                f"most {limit} bytes (its max_value_size)"
+            )
+        data = bytes(payload)
+        att.codec.validate(data)
+        lock = att.lock
+        words = att.words
+        with att.in_use:
+            att.check_open()
+            try:
+                # Inside the try, as in Store's commit: an interrupt right after the lock call
+                # returns must still release it. (A replica has no exclusive writer: its handles
+                # may not write, so none can keep the lock.)
+                rc = lock.try_acquire()
+                if rc:
+                    att.writer.acquire_contended(rc)
+                ring = att.ring
+                if words[W_GENERATION] != ring.generation:
+                    ring = att.follow_move()  # another process grew the replica
+                head = int(words[W_HEAD])
+                if version > head:
+                    if len(data) > ring.capacity:
+                        ring = att.grow(len(data))  # the origin's values grew: so do the slots
+                    ring.commit_at(version, data, commit_ns)
+            finally:
+                lock.release()  # also the barrier between publishing HEAD and notify()
+            if version <= head:
+                raise StateVersionError(
+                    version - 1,
+                    head,
+                    f"replicated version {version} is not newer than replica {att.name!r} "
+                    f"at version {head}",
+                )
+            if words[W_REG_HIGH]:
+                att.registry.notify()
+            return version
+
+    def claim(self, bucket: str) -> None:
+        """Record this process as the store's mirroring process; on an origin, also mark the
+        store as the origin mirrored through NATS bucket *bucket*. Starts "disconnected"."""
+        att = self._att
+        with att.in_use:
+            att.check_open()
+            m = att.segment.map
+            if not att.replica:
+                m[OFF_MIRROR_BUCKET : OFF_MIRROR_BUCKET + MIRROR_BUCKET_FIELD] = text_field(
+                    bucket, MIRROR_BUCKET_FIELD
+                )
+                m[OFF_MIRROR_ORIGIN : OFF_MIRROR_ORIGIN + MIRROR_ORIGIN_FIELD] = text_field(
+                    att.name, MIRROR_ORIGIN_FIELD
+                )
+            att.words[W_MIRROR_PID] = os.getpid()
+        self.set_status(connected=False)
+
+    def set_status(
+        self, *, connected: bool, last_sync_ns: int | None = None, behind: int | None = None
+    ) -> None:
+        """Record the mirror's state in the header; *last_sync_ns* and *behind* stay as they
+        are when ``None``. Each word is one aligned store: readers never see half of one."""
+        att = self._att
+        with att.in_use:
+            att.check_open()
+            words = att.words
+            role = MIRROR_ROLE_REPLICA if att.replica else MIRROR_ROLE_ORIGIN
+            if last_sync_ns is not None:
+                words[W_MIRROR_SYNC] = last_sync_ns
+            if behind is not None:
+                words[W_MIRROR_BEHIND] = max(0, behind)
+            words[W_MIRROR_STATE] = role | (MIRROR_CONNECTED if connected else 0)
+
+
+def read_mirror_status(att: Attachment) -> MirrorStatus:
+    """The header's mirror block. The caller holds ``att.in_use`` (several loads of the
+    mapping: not under ``close()``)."""
+    att.check_open()
+    words = att.words
+    state = int(words[W_MIRROR_STATE])
+    pid = int(words[W_MIRROR_PID])
+    if att.replica:
+        role = "replica"
+    elif state & MIRROR_ROLE_MASK == MIRROR_ROLE_ORIGIN:
+        role = "origin"
+    else:
+        role = ""
+    m = att.segment.map
+    return MirrorStatus(
+        role=role,
+        connected=bool(state & MIRROR_CONNECTED) and pid != 0 and pid_alive(pid),
+        pid=pid,
+        last_sync_ns=int(words[W_MIRROR_SYNC]),
+        behind=int(words[W_MIRROR_BEHIND]),
+        bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
+        origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
+    )
+
+
+def replica_error(att: Attachment) -> StateStoreError:
+    """The error a local ``set()`` on a replica raises: where to write instead."""
+    with att.in_use:
+        status = read_mirror_status(att)
+    return StateStoreError(
+        f"store {att.name!r} is a replica of store {status.origin!r} (NATS bucket "
+        f"{status.bucket!r}) and refuses local writes; write to the origin instead: "
+        f"`shmstore mirror set {status.origin} VALUE --server URL --bucket {status.bucket}` "
+        "or shmstore.mirror.RemoteStore"
+    )
