@@ -5,6 +5,8 @@ alone; another backend would implement against the same names:
 
 - :func:`create_replica` makes the local copy: a store that records the origin's schema and
   refuses ``set()`` in every process;
+- :func:`validate_name` checks a store name as ``Store.create`` would (for names that arrive
+  from the network);
 - ``store.replication`` (a :class:`Replication`) reads the newest value as encoded bytes
   (:meth:`~Replication.read_encoded`), commits the origin's bytes at the origin's version
   (:meth:`~Replication.commit_at`) and keeps the header's mirror block
@@ -22,12 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 from . import _provision
+from ._names import validate_name
 from ._provision import DEFAULT_MAX_READERS, DEFAULT_SLOT_SIZE, DEFAULT_SLOTS, CreateOptions
 from ._replication import MAX_VERSION, Replication
 from ._stats import MirrorStatus
 from ._store import Store
 
-__all__ = ["MAX_VERSION", "MirrorStatus", "Replication", "create_replica"]
+__all__ = ["MAX_VERSION", "MirrorStatus", "Replication", "create_replica", "validate_name"]
 
 
 def create_replica(

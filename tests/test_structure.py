@@ -136,6 +136,45 @@ def test_no_import_cycles() -> None:
             visit(module)
 
 
+# The core's public face for outer packages: the façade and the replication interface.
+PUBLIC_CORE = {"shmstore", "shmstore.replication"}
+
+
+def test_the_mirror_uses_the_core_through_public_names_only() -> None:
+    """shmstore.mirror is what another replication backend would be: it may import the core's
+    façade and ``shmstore.replication``, never a private core module."""
+    offences = []
+    for path, tree in _modules().items():
+        if not path.startswith("mirror/"):
+            continue
+        for imported in _imports_of(path, tree):
+            # `from .. import Store` names an attribute of the package, not a module
+            module = imported if _is_module(imported) else imported.rsplit(".", 1)[0]
+            if not module.startswith("shmstore.mirror") and module not in PUBLIC_CORE:
+                offences.append(f"{path} imports {module}")
+    assert offences == []
+
+
+def _is_module(dotted: str) -> bool:
+    relative = Path(*dotted.split(".")[1:])
+    return (PACKAGE / relative).with_suffix(".py").exists() or (PACKAGE / relative).is_dir()
+
+
+def test_no_module_or_class_holds_everything() -> None:
+    """One concept per module: no module past ~600 lines, no class past ~500."""
+    too_big = []
+    for path, tree in _modules().items():
+        lines = len((PACKAGE / path).read_text().splitlines())
+        if lines > 600:
+            too_big.append(f"{path}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > 500:
+                    too_big.append(f"{path}: class {node.name}: {size} lines")
+    assert too_big == []
+
+
 def test_async_store_declares_every_store_member() -> None:
     public = {name for name in dir(Store) if not name.startswith("_")}
     passed_through = set(_aio.SYNC_METHODS) | set(_aio.SYNC_PROPERTIES)

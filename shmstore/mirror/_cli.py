@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from .._errors import StateVersionError
+from .. import StateVersionError
 from ._connect import ConnectOptions
 
 __all__ = ["add_mirror_parser"]

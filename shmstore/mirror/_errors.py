@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._errors import StateStoreError
+from .. import StateStoreError
 
 __all__ = ["MirrorError", "NoPublisherError"]
 

@@ -27,8 +27,7 @@ import logging
 import time
 from typing import Any, Final
 
-from .._errors import StateStoreError, StoreExistsError, StoreNotFoundError
-from .._store import Store
+from .. import StateStoreError, Store, StoreExistsError, StoreNotFoundError
 from ..replication import create_replica
 from ._connect import ConnectOptions, connect, describe_error
 from ._wire import KEY, Record, decode_record, default_bucket, validate_bucket

@@ -36,9 +36,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .. import __version__
-from .._errors import StateStoreError, StateVersionError
-from .._store import Store
+from .. import StateStoreError, StateVersionError, Store, __version__
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._wire import (

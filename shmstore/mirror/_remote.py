@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from .._errors import StateVersionError
+from .. import StateVersionError
 from ._connect import ConnectOptions, connect, describe_error, require_nats
 from ._errors import MirrorError, NoPublisherError
 from ._wire import SetReply, default_bucket, set_subject, validate_bucket

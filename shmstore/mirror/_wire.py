@@ -17,8 +17,8 @@ from typing import Final
 
 import msgspec
 
-from .._errors import StateStoreError
-from .._names import validate_name
+from .. import StateStoreError
+from ..replication import validate_name
 
 __all__ = [
     "KEY",
