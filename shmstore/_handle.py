@@ -42,9 +42,9 @@ class Handle(Generic[T]):
     """A handle on a store, for reading and waiting; :class:`shmstore.Store` adds making
     stores and writing. A handle may be shared by the threads of one process."""
 
-    # Slots, not a __dict__: past 30 attributes CPython stops sharing instance-dict keys and
-    # every attribute load on the hot paths gets slower (~100 instructions per get()). Most are
-    # references to the attachment's parts that the hot paths use: one attribute load each.
+    # Slots, not a __dict__: an attribute load on the hot paths is then one descriptor call
+    # (a __dict__ past 30 keys stops sharing keys and costs ~100 instructions more per get()).
+    # Most are references to the attachment's parts that the hot paths use: one load each.
     __slots__ = (
         "__weakref__",
         "_app_counters",
@@ -56,17 +56,13 @@ class Handle(Generic[T]):
         "_in_place",
         "_in_use",
         "_info",
-        "_lock",
-        "_max_value_size",
         "_pid",
         "_raw_decode",
-        "_raw_encode",
         "_registry",
         "_ring",
         "_segment",
         "_words",
         "_writable",
-        "_writer",
     )
 
     # ---------------------------------------------------------------- construction
@@ -81,14 +77,10 @@ class Handle(Generic[T]):
         # another layer (replication) followed a move first -- harmless, see _attachment.
         self._ring: Ring = att.ring
         self._words = att.words  # HEAD is indexed here directly: a frame cheaper than a method
-        self._lock = att.lock
-        self._writer = att.writer
         self._registry = att.registry
         self._gate = att.gate
         self._in_use = att.in_use
         self._raw_decode = self._codec.raw_decode
-        self._raw_encode = self._codec.raw_encode
-        self._max_value_size = att.info.max_value_size
         # Decode big payloads straight from the mapping (see Ring.read_newest_value).
         self._in_place = self._codec.decode_in_place and not att.info.flags & FLAG_CRC
         self._cache: tuple[int, T | None] = (0, None)

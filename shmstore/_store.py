@@ -34,6 +34,7 @@ from ._provision import (
     DEFAULT_MAX_READERS,
     DEFAULT_SLOT_SIZE,
     DEFAULT_SLOTS,
+    Attached,
     CreateOptions,
 )
 from ._replication import MAX_VERSION, replica_error
@@ -54,7 +55,16 @@ class Store(Handle[T]):
     be shared by the threads of one process.
     """
 
-    __slots__ = ()
+    # What only writing uses; the rest is the Handle's (see there why slots).
+    __slots__ = ("_lock", "_max_value_size", "_raw_encode", "_writer")
+
+    def __init__(self, attached: Attached) -> None:
+        super().__init__(attached)
+        att = self._att
+        self._lock = att.lock
+        self._writer = att.writer
+        self._raw_encode = self._codec.raw_encode
+        self._max_value_size = att.info.max_value_size
 
     @overload
     @classmethod
