@@ -30,8 +30,14 @@ from typing import Any
 
 import msgspec
 
-from ._errors import StateStoreError, StateVersionError, SubscriberLaggedError
-from ._names import validate_name
+from ._errors import (
+    StateStoreError,
+    StateVersionError,
+    StoreNotFoundError,
+    SubscriberLaggedError,
+)
+from ._names import segment_name, validate_name
+from ._stats import ReaderEntry
 from ._store import Store, remove
 from .mirror._cli import add_mirror_parser
 
@@ -170,9 +176,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _unattributed(name: str, readers: list[ReaderEntry]) -> list[ReaderEntry]:
+    """The live registry entries whose liveness lock no process visible in ``/proc`` holds:
+    their owners are in another PID namespace (a container), and their recorded PIDs mean
+    nothing here."""
+    from ._inventory import SHM_DIR, listing_supported  # noqa: PLC0415
+    from ._ofd import LIVENESS_BASE, OFD_SUPPORTED  # noqa: PLC0415
+    from ._procview import lock_holders  # noqa: PLC0415
+
+    alive = [r for r in readers if r.alive]
+    if not alive or not OFD_SUPPORTED or not listing_supported():
+        return []
+    path = SHM_DIR / segment_name(name).lstrip("/")
+    held = lock_holders(path, [LIVENESS_BASE + r.index for r in alive])
+    return [r for r in alive if LIVENESS_BASE + r.index not in held]
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     with _opened(args.name) as st:
         stats = st.statistics()
+        readers = st.readers()
     if args.prometheus:
         from .metrics import prometheus_text  # noqa: PLC0415
 
@@ -182,18 +205,27 @@ def cmd_stat(args: argparse.Namespace) -> int:
     for drop in ("lag", "reads", "retries"):  # this short-lived handle's own: meaningless here
         data.pop(drop)
     data["readers_dead"] = data["readers_registered"] - data["readers_alive"]
+    unseen = _unattributed(args.name, readers)
     times = {key: _when(data[key]) for key in ("created_ns", "last_update_ns")}
     if args.json:
         data["created_utc"] = times["created_ns"]
         data["last_update_utc"] = times["last_update_ns"]
+        data["readers_unattributed"] = [{"entry": r.index, "pid": r.pid} for r in unseen]
         _out(_json(data))
         return EXIT_OK
+    data["readers_unattributed"] = len(unseen)
     width = max(map(len, data))
     for key, value in data.items():
         shown = str(value)
         if key in times:
             when = times[key]
             shown += f"  ({when}, {_age(value)} ago)" if when else "  (never)"
+        elif key == "readers_unattributed" and unseen:
+            entries = ", ".join(f"entry {r.index} (pid {r.pid} in its namespace)" for r in unseen)
+            shown += (
+                f"  ({entries}: alive, but no process this one can see holds it: "
+                "another PID namespace, e.g. another container)"
+            )
         _out(f"{key:<{width}}  {shown}")
     return EXIT_OK
 
@@ -256,9 +288,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from ._inventory import SHM_DIR, find_orphans, gc_verdict, listing_supported  # noqa: PLC0415
+    from ._procview import process_visibility  # noqa: PLC0415
+    from ._segment import attached_elsewhere  # noqa: PLC0415
 
     if not listing_supported():
         raise CliError("gc needs /dev/shm and /proc (Linux)")
+    visibility = process_visibility()
+    if not visibility.complete:
+        print(
+            f"shmstore: warning: gc may not see every process that uses a store: "
+            f"{visibility.reason}. Stores with live readers, a held writer lock or an open "
+            "handle are kept anyway; to see everything, run gc on the host or in a container "
+            "that shares the PID namespace",
+            file=sys.stderr,
+        )
     orphans = find_orphans()
     if orphans.unreadable_processes:
         raise CliError(
@@ -268,16 +311,35 @@ def cmd_gc(args: argparse.Namespace) -> int:
     doing = "removing" if args.yes else "would remove"
     prefix = args.prefix or ""
     # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
-    strays = [] if prefix else list(orphans.stray_semaphores)
+    # Nor is one garbage when /proc may not show a process that still has it open.
+    strays = [] if prefix or not visibility.complete else list(orphans.stray_semaphores)
+    if orphans.stray_semaphores and not visibility.complete:
+        _out(
+            f"keeping {len(orphans.stray_semaphores)} semaphore(s) of removed stores: a process "
+            "this one cannot see may still have them open"
+        )
     doomed: list[str] = []
-    kept = 0
+    kept = busy = 0
+    elsewhere = "" if visibility.complete else " (in another PID namespace)"
     for name in orphans.unused_stores:
         if not name.startswith(prefix):
             continue
         try:
+            attached = bool(attached_elsewhere(name))  # asked before our own handle opens it
+        except StoreNotFoundError:
+            continue  # removed meanwhile
+        except StateStoreError:
+            attached = False  # not ours to read: the open below says so
+        if attached:
+            _out(f"keeping store {name!r}: in use: a process has it open{elsewhere}")
+            busy += 1
+            continue
+        try:
             with _opened(name) as st:
                 verdict = gc_verdict(
-                    st.statistics(), older_than=args.older_than, everything=args.all
+                    st.statistics(),
+                    older_than=args.older_than,
+                    everything=args.all,
                 )
         except StateStoreError as exc:
             if not args.all:
@@ -288,7 +350,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             if not verdict.remove:
                 _out(f"keeping store {name!r}: {verdict.reason}")
-                kept += 1
+                if verdict.in_use:
+                    busy += 1
+                else:
+                    kept += 1
                 continue
             reason = verdict.reason
         _out(f"{doing} store {name!r}: {reason}")
@@ -323,6 +388,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     kept_note = (
         f"; kept {kept} unused store(s) (--older-than AGE or --all to remove)" if kept else ""
     )
+    if busy:
+        kept_note += f"; kept {busy} store(s) in use by processes /proc does not show"
     if args.yes:
         _out(f"removed {total} object(s); reclaimed {reclaimed} dead reader entr(ies){kept_note}")
     else:

@@ -27,6 +27,23 @@ garbage: nothing can use them.
 What the default cannot see: a store whose only users were writers, or readers that never waited
 (only waiting registers a reader), leaves no trace of how its processes ended. Such a store is
 kept until ``--older-than`` or ``--all`` says otherwise.
+
+In use, whatever ``/proc`` shows
+--------------------------------
+``/proc`` shows only the processes of this process's PID namespace. Run inside a container that
+shares ``/dev/shm`` with others, ``gc`` sees none of the other containers' processes, so "no
+process maps it" proves nothing there (``_procview``). Three signals of the kernel hold across
+PID namespaces, and any one of them makes a store **in use**, never removed, not even by
+``--all``:
+
+* a registered reader whose liveness lock is held (``readers_alive``, ``_registry``);
+* the writer lock held (a writer inside ``set()``, or an exclusive writer);
+* an open handle anywhere: every handle holds a shared OFD lock on the segment while it is open
+  (``_segment.attached_elsewhere``). This covers writers and readers that never waited; only a
+  process of a shmstore older than that lock escapes it, and then only outside ``/proc``'s view.
+
+And ``gc`` says, first thing, when it cannot see every process. Semaphores of removed stores are
+then kept: one may still be open in a handle this process cannot see.
 """
 
 from __future__ import annotations
@@ -141,6 +158,7 @@ class Verdict:
 
     remove: bool
     reason: str
+    in_use: bool = False  # kept because something outside /proc's view uses it
 
 
 def _ago(seconds: float) -> str:
@@ -157,10 +175,15 @@ def gc_verdict(
     everything: bool = False,
     now_ns: int | None = None,
 ) -> Verdict:
-    """Decide about a store that no live process has open (see the module docstring).
+    """Decide about a store that no visible process maps (see the module docstring).
 
-    *stats* is read from a fresh handle; *older_than* is in seconds.
+    *stats* is read from a fresh handle; *older_than* is in seconds. (A store that some handle
+    holds open, ``attached_elsewhere``, is in use too: asked before that fresh handle opens.)
     """
+    if stats.readers_alive:
+        return Verdict(False, f"in use: {stats.readers_alive} live reader(s) registered", True)
+    if stats.writer_lock_held:
+        return Verdict(False, "in use: a writer holds its writer lock", True)
     now = time.time_ns() if now_ns is None else now_ns
     idle = max(0.0, (now - max(stats.created_ns, stats.last_update_ns)) / 1e9)
     dead = stats.readers_registered - stats.readers_alive

@@ -72,7 +72,7 @@ from ._provision import (
 from ._registry import Registry, pid_alive
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
-from ._stats import MirrorStatus, StoreStatistics
+from ._stats import MirrorStatus, ReaderEntry, StoreStatistics
 from ._subscription import Subscription
 from ._waiting import WaitGate
 from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
@@ -1030,6 +1030,14 @@ class Store(Generic[T]):
             if self._segment.readonly:
                 raise self._readonly_error()
             return self._registry.sweep()
+
+    def readers(self) -> list[ReaderEntry]:
+        """The registry's entries in use, read at one moment (for tools): whether each owner is
+        alive comes from its liveness lock, which holds across PID namespaces; its ``pid`` is
+        the one it had in its own namespace, a hint for people only."""
+        with self._in_use:
+            self._check_open()
+            return [ReaderEntry(i, pid, alive) for i, pid, alive in self._registry.entries()]
 
     # ---------------------------------------------------------------- lifecycle
 
