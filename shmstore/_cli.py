@@ -397,6 +397,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import run_doctor  # noqa: PLC0415
+
+    return run_doctor()
+
+
 BENCHMARKS = ("harness", "core", "wake", "fsm", "mirror")
 
 
@@ -535,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix",
         metavar="TEXT",
         help="only stores whose names start with TEXT (stray semaphores are then left alone)",
+    )
+
+    verb(
+        "doctor",
+        cmd_doctor,
+        "check what stores need here (/dev/shm, PID namespace, locks, semaphores, limits); "
+        "exit 1 if a check fails",
     )
 
     p = verb(
