@@ -48,6 +48,7 @@ then kept: one may still be open in a handle this process cannot see.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -108,10 +109,13 @@ class Orphans:
     unreadable_processes: int  # processes whose mappings we could not inspect
 
 
-def _mapped_objects() -> tuple[set[str], int]:
-    """Names of the ``/dev/shm`` files of ours that some live process maps (segments, and
-    semaphores: glibc maps each open named semaphore), and how many processes were unreadable."""
+def _mapped_objects() -> tuple[set[str], set[int], int]:
+    """What live processes map in ``/dev/shm``: the names of our files (segments), the inodes of
+    every file, and how many processes were unreadable. Semaphores are told by inode: glibc's
+    ``sem_open`` creates one as a temporary file, maps it and only then links it under its name,
+    so its creator's maps show ``sem.XXXXXX (deleted)``, never the name."""
     mapped: set[str] = set()
+    inodes: set[int] = set()
     unreadable = 0
     marker = f"{SHM_DIR}/"
     for proc in Path("/proc").iterdir():
@@ -127,14 +131,23 @@ def _mapped_objects() -> tuple[set[str], int]:
         for line in maps.splitlines():
             where = line.find(marker)
             if where >= 0:
+                with contextlib.suppress(IndexError, ValueError):
+                    inodes.add(int(line.split(maxsplit=5)[4]))
                 file = line[where + len(marker) :].split(" ")[0]
                 if OS_PREFIX in file:
                     mapped.add(file)
-    return mapped, unreadable
+    return mapped, inodes, unreadable
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def find_orphans() -> Orphans:
-    mapped, unreadable = _mapped_objects()
+    mapped, inodes, unreadable = _mapped_objects()
     unused = [name for name in list_store_names() if segment_name(name).lstrip("/") not in mapped]
     segments = {p.name for p in SHM_DIR.glob(OS_PREFIX + "*")}
     # A semaphore whose segment is gone may still be open in a handle of the unlinked store
@@ -142,7 +155,9 @@ def find_orphans() -> Orphans:
     stray = sorted(
         p.name
         for p in SHM_DIR.glob(f"sem.{OS_PREFIX}*")
-        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments and p.name not in mapped
+        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments
+        and p.name not in mapped
+        and _inode(p) not in inodes
     )
     if os.geteuid() == 0:
         unreadable = 0  # root reads every process's maps; failures are exits mid-scan
