@@ -56,8 +56,8 @@ def _namespaces_available() -> str | None:
     return None
 
 
-_WHY_NOT = _namespaces_available()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+WHY_NO_NAMESPACES = _namespaces_available()
+pytestmark = pytest.mark.skipif(WHY_NO_NAMESPACES is not None, reason=WHY_NO_NAMESPACES or "")
 
 
 def _unshare(argv: list[str], shm: str | None) -> list[str]:
