@@ -131,6 +131,30 @@ def test_the_pod_mounts_one_memory_backed_volume_at_dev_shm_in_both_containers()
     assert "configMap" in volumes[app]
 
 
+def blocks(language: str) -> list[str]:
+    text = (DEPLOYMENT.parent / "deployment.md").read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
+
+
+def test_the_page_shows_the_files_as_they_are() -> None:
+    shown = blocks("yaml")
+    assert shown == [(DEPLOYMENT / f).read_text() for f in ("docker-compose.yml", "pod.yaml")]
+
+
+def test_the_page_python_runs_twice() -> None:
+    (script,) = blocks("python")
+    for _ in range(2):  # it cleans up after itself
+        run = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("segment ")
+
+
 def test_the_parser_reads_what_it_claims() -> None:
     text = 'a:\n  b: 1  # note\n  c:\n    - x\n    - k: "y:z"\n      m: [1, "2"]\n  d: true\n'
     assert parse_yaml(text) == {"a": {"b": "1", "c": ["x", {"k": "y:z", "m": [1, "2"]}], "d": True}}
