@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 from workers import freeze_at
 
-from shmstore import StateVersionError, Store, SubscriberLaggedError
+from shmstore import StateStoreError, StateVersionError, Store, SubscriberLaggedError
 from shmstore._ring import Ring
 
 WAIT = 120.0  # seconds: bounds a hang, never a duration
@@ -126,7 +127,43 @@ def wait_for_lock(name: str) -> None:
         hold_until_stdin_closes()
 
 
+def keep(name: str) -> None:
+    """Become the store's exclusive writer (a keeper thread holds the writer lock); say the
+    keeper thread's id."""
+    with Store.open(name, int) as st:
+        st.keep_writer_lock()
+        (keeper,) = [t for t in threading.enumerate() if t.name.startswith("shmstore-writer")]
+        say(f"keeper tid {keeper.native_id}")
+        hold_until_stdin_closes()
+
+
+def set_from_tid(name: str, tid: str) -> None:
+    """Call ``set()`` from a thread whose id is *tid* (thread ids of a fresh PID namespace count
+    up from 1: start threads until one has it); report what ``set()`` said."""
+    with Store.open(name, int) as st:
+        outcome: list[str] = []
+
+        def attempt() -> None:
+            if threading.get_native_id() != int(tid):
+                return
+            try:
+                st.set(5)
+                outcome.append("committed")
+            except StateStoreError as exc:
+                outcome.append(f"refused: {exc}")
+
+        while not outcome:
+            t = threading.Thread(target=attempt)
+            t.start()
+            t.join()
+            if t.native_id is not None and t.native_id > int(tid):
+                outcome.append("missed the thread id")
+        report(outcome=outcome[0])
+
+
 VERBS = {
+    "keep": keep,
+    "set_from_tid": set_from_tid,
     "idle": idle,
     "wait": wait,
     "commit": commit,

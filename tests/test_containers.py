@@ -283,6 +283,36 @@ def test_a_waiting_writer_killed_in_another_namespace_leaves_the_holder_its_lock
             assert errno.errorcode.get(rc, rc) == "EBUSY"
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            "mutex",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="glibc's unlock of a robust mutex checks only the thread id: a refused "
+                "set() in another namespace whose thread id equals the exclusive writer's "
+                "keeper unlocks the keeper's mutex (and crashes on its robust list)",
+            ),
+        ),
+        "flock",
+    ],
+)
+def test_a_refused_writer_in_another_namespace_leaves_the_exclusive_writer_its_lock(
+    store_name: str, kind: str
+) -> None:
+    with Store.create(store_name, int, writer_lock=kind) as st:
+        with contained("keep", store_name) as keeper:
+            tid = keeper.line().removeprefix("keeper tid ")
+            refused = run_contained("set_from_tid", store_name, tid)
+            assert refused.returncode == 0, f"the refused writer died: {refused.returncode}"
+            assert json.loads(refused.stdout)["outcome"].startswith("refused: ")
+            rc = st._lock.try_acquire()
+            if rc in (0, errno.EOWNERDEAD):
+                st._lock.release()
+            assert errno.errorcode.get(rc, rc) == "EBUSY"
+
+
 # ---------------------------------------------------------------------------- liveness
 
 
