@@ -20,8 +20,9 @@ id, and thread ids are per PID namespace -- every container's first process is p
 writer that *waits* for the lock is killed, the kernel walks its robust list and, if the lock's
 recorded owner equals the dying thread's id, marks the lock "owner died" -- though the owner is
 a live thread of another container with the same id. The next writer then takes the lock while
-that owner is still writing (``tests/test_containers.py`` shows it happen). The ``flock`` writer
-lock belongs to an open file description and has no such confusion.
+that owner is still writing; and glibc lets a thread whose id equals the owner's unlock the
+mutex (``tests/test_containers.py`` shows both happen). The ``flock`` writer lock belongs to an
+open file description and has no such confusion.
 """
 
 from __future__ import annotations
