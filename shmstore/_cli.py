@@ -36,8 +36,7 @@ from ._errors import (
     StoreNotFoundError,
     SubscriberLaggedError,
 )
-from ._names import segment_name, validate_name
-from ._stats import ReaderEntry
+from ._names import validate_name
 from ._store import Store, remove
 from .mirror._cli import add_mirror_parser
 
@@ -176,23 +175,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _unattributed(name: str, readers: list[ReaderEntry]) -> list[ReaderEntry]:
-    """The live registry entries whose liveness lock no process visible in ``/proc`` holds:
-    their owners are in another PID namespace (a container), and their recorded PIDs mean
-    nothing here."""
-    from ._inventory import SHM_DIR, listing_supported  # noqa: PLC0415
-    from ._ofd import LIVENESS_BASE, OFD_SUPPORTED  # noqa: PLC0415
-    from ._procview import lock_holders  # noqa: PLC0415
-
-    alive = [r for r in readers if r.alive]
-    if not alive or not OFD_SUPPORTED or not listing_supported():
-        return []
-    path = SHM_DIR / segment_name(name).lstrip("/")
-    held = lock_holders(path, [LIVENESS_BASE + r.index for r in alive])
-    return [r for r in alive if LIVENESS_BASE + r.index not in held]
-
-
 def cmd_stat(args: argparse.Namespace) -> int:
+    from ._inventory import unattributed_readers  # noqa: PLC0415
+
     with _opened(args.name) as st:
         stats = st.statistics()
         readers = st.readers()
@@ -205,7 +190,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     for drop in ("lag", "reads", "retries"):  # this short-lived handle's own: meaningless here
         data.pop(drop)
     data["readers_dead"] = data["readers_registered"] - data["readers_alive"]
-    unseen = _unattributed(args.name, readers)
+    unseen = unattributed_readers(args.name, readers)
     times = {key: _when(data[key]) for key in ("created_ns", "last_update_ns")}
     if args.json:
         data["created_utc"] = times["created_ns"]
@@ -287,7 +272,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from ._inventory import SHM_DIR, find_orphans, gc_verdict, listing_supported  # noqa: PLC0415
+    from ._inventory import (  # noqa: PLC0415
+        SHM_DIR,
+        find_orphans,
+        gc_blind_spot,
+        gc_verdict,
+        listing_supported,
+    )
     from ._procview import process_visibility  # noqa: PLC0415
     from ._segment import attached_elsewhere  # noqa: PLC0415
 
@@ -295,13 +286,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise CliError("gc needs /dev/shm and /proc (Linux)")
     visibility = process_visibility()
     if not visibility.complete:
-        print(
-            f"shmstore: warning: gc may not see every process that uses a store: "
-            f"{visibility.reason}. Stores with live readers, a held writer lock or an open "
-            "handle are kept anyway; to see everything, run gc on the host or in a container "
-            "that shares the PID namespace",
-            file=sys.stderr,
-        )
+        print(f"shmstore: warning: {gc_blind_spot(visibility)}", file=sys.stderr)
     orphans = find_orphans()
     if orphans.unreadable_processes:
         raise CliError(

@@ -58,17 +58,21 @@ from pathlib import Path
 
 from ._layout import HEADER_SIZE, MAGIC, NAME_FIELD, OFF_STORE_NAME
 from ._names import OS_PREFIX, segment_name
-from ._stats import StoreStatistics
+from ._ofd import LIVENESS_BASE, OFD_SUPPORTED
+from ._procview import Visibility, lock_holders
+from ._stats import ReaderEntry, StoreStatistics
 
 __all__ = [
     "SHM_DIR",
     "Orphans",
     "Verdict",
     "find_orphans",
+    "gc_blind_spot",
     "gc_verdict",
     "list_store_names",
     "listing_supported",
     "parse_duration",
+    "unattributed_readers",
 ]
 
 SHM_DIR = Path("/dev/shm")
@@ -164,7 +168,28 @@ def find_orphans() -> Orphans:
     return Orphans(unused, stray, unreadable)
 
 
+def unattributed_readers(name: str, readers: list[ReaderEntry]) -> list[ReaderEntry]:
+    """The live registry entries of store *name* whose liveness lock no process visible in
+    ``/proc`` holds: their owners are in another PID namespace (a container), and the PIDs they
+    recorded mean nothing here (``_procview``)."""
+    alive = [r for r in readers if r.alive]
+    if not alive or not OFD_SUPPORTED or not listing_supported():
+        return []
+    path = SHM_DIR / segment_name(name).lstrip("/")
+    held = lock_holders(path, [LIVENESS_BASE + r.index for r in alive])
+    return [r for r in alive if LIVENESS_BASE + r.index not in held]
+
+
 # ---------------------------------------------------------------------------- the gc policy
+
+
+def gc_blind_spot(visibility: Visibility) -> str:
+    """What ``gc`` says first when ``/proc`` may not show every process (one line)."""
+    return (
+        f"gc may not see every process that uses a store: {visibility.reason}. Stores with "
+        "live readers, a held writer lock or an open handle are kept anyway; to see "
+        "everything, run gc on the host or in a container that shares the PID namespace"
+    )
 
 
 @dataclass(frozen=True)
