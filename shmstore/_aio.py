@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
 from ._projection import Projection
 from ._replication import Replication
-from ._stats import MirrorStatus, StoreStatistics
+from ._stats import MirrorStatus, ReaderEntry, StoreStatistics
 from ._store import AppCounters, Store
 from ._subscription import Subscription
 
@@ -41,6 +41,7 @@ SYNC_METHODS: Final = (
     "statistics",
     "checkpoint",
     "reclaim_dead_readers",
+    "readers",
     "projection",
     "keep_writer_lock",
     "unlink",
@@ -87,6 +88,7 @@ class AsyncStore(Generic[T]):
         statistics: Callable[[], StoreStatistics]
         checkpoint: Callable[[str | os.PathLike[str]], int]
         reclaim_dead_readers: Callable[[], int]
+        readers: Callable[[], list[ReaderEntry]]
         projection: Callable[[type[P]], Projection[P]]
         keep_writer_lock: Callable[[], Store[T]]
         unlink: Callable[[], None]

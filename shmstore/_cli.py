@@ -30,7 +30,12 @@ from typing import Any
 
 import msgspec
 
-from ._errors import StateStoreError, StateVersionError, SubscriberLaggedError
+from ._errors import (
+    StateStoreError,
+    StateVersionError,
+    StoreNotFoundError,
+    SubscriberLaggedError,
+)
 from ._names import validate_name
 from ._store import Store, remove
 from .mirror._cli import add_mirror_parser
@@ -171,8 +176,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
+    from ._inventory import unattributed_readers  # noqa: PLC0415
+
     with _opened(args.name) as st:
         stats = st.statistics()
+        readers = st.readers()
     if args.prometheus:
         from .metrics import prometheus_text  # noqa: PLC0415
 
@@ -182,18 +190,27 @@ def cmd_stat(args: argparse.Namespace) -> int:
     for drop in ("lag", "reads", "retries"):  # this short-lived handle's own: meaningless here
         data.pop(drop)
     data["readers_dead"] = data["readers_registered"] - data["readers_alive"]
+    unseen = unattributed_readers(args.name, readers)
     times = {key: _when(data[key]) for key in ("created_ns", "last_update_ns")}
     if args.json:
         data["created_utc"] = times["created_ns"]
         data["last_update_utc"] = times["last_update_ns"]
+        data["readers_unattributed"] = [{"entry": r.index, "pid": r.pid} for r in unseen]
         _out(_json(data))
         return EXIT_OK
+    data["readers_unattributed"] = len(unseen)
     width = max(map(len, data))
     for key, value in data.items():
         shown = str(value)
         if key in times:
             when = times[key]
             shown += f"  ({when}, {_age(value)} ago)" if when else "  (never)"
+        elif key == "readers_unattributed" and unseen:
+            entries = ", ".join(f"entry {r.index} (pid {r.pid} in its namespace)" for r in unseen)
+            shown += (
+                f"  ({entries}: alive, but no process this one can see holds it: "
+                "another PID namespace, e.g. another container)"
+            )
         _out(f"{key:<{width}}  {shown}")
     return EXIT_OK
 
@@ -255,10 +272,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from ._inventory import SHM_DIR, find_orphans, gc_verdict, listing_supported  # noqa: PLC0415
+    from ._inventory import (  # noqa: PLC0415
+        SHM_DIR,
+        find_orphans,
+        gc_blind_spot,
+        gc_verdict,
+        listing_supported,
+    )
+    from ._procview import process_visibility  # noqa: PLC0415
+    from ._segment import attached_elsewhere  # noqa: PLC0415
 
     if not listing_supported():
         raise CliError("gc needs /dev/shm and /proc (Linux)")
+    visibility = process_visibility()
+    if not visibility.complete:
+        print(f"shmstore: warning: {gc_blind_spot(visibility)}", file=sys.stderr)
     orphans = find_orphans()
     if orphans.unreadable_processes:
         raise CliError(
@@ -268,16 +296,35 @@ def cmd_gc(args: argparse.Namespace) -> int:
     doing = "removing" if args.yes else "would remove"
     prefix = args.prefix or ""
     # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
-    strays = [] if prefix else list(orphans.stray_semaphores)
+    # Nor is one garbage when /proc may not show a process that still has it open.
+    strays = [] if prefix or not visibility.complete else list(orphans.stray_semaphores)
+    if orphans.stray_semaphores and not visibility.complete:
+        _out(
+            f"keeping {len(orphans.stray_semaphores)} semaphore(s) of removed stores: a process "
+            "this one cannot see may still have them open"
+        )
     doomed: list[str] = []
-    kept = 0
+    kept = busy = 0
+    elsewhere = "" if visibility.complete else " (in another PID namespace)"
     for name in orphans.unused_stores:
         if not name.startswith(prefix):
             continue
         try:
+            attached = bool(attached_elsewhere(name))  # asked before our own handle opens it
+        except StoreNotFoundError:
+            continue  # removed meanwhile
+        except StateStoreError:
+            attached = False  # not ours to read: the open below says so
+        if attached:
+            _out(f"keeping store {name!r}: in use: a process has it open{elsewhere}")
+            busy += 1
+            continue
+        try:
             with _opened(name) as st:
                 verdict = gc_verdict(
-                    st.statistics(), older_than=args.older_than, everything=args.all
+                    st.statistics(),
+                    older_than=args.older_than,
+                    everything=args.all,
                 )
         except StateStoreError as exc:
             if not args.all:
@@ -288,7 +335,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             if not verdict.remove:
                 _out(f"keeping store {name!r}: {verdict.reason}")
-                kept += 1
+                if verdict.in_use:
+                    busy += 1
+                else:
+                    kept += 1
                 continue
             reason = verdict.reason
         _out(f"{doing} store {name!r}: {reason}")
@@ -323,11 +373,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     kept_note = (
         f"; kept {kept} unused store(s) (--older-than AGE or --all to remove)" if kept else ""
     )
+    if busy:
+        kept_note += f"; kept {busy} store(s) in use by processes /proc does not show"
     if args.yes:
         _out(f"removed {total} object(s); reclaimed {reclaimed} dead reader entr(ies){kept_note}")
     else:
         _out(f"{total} object(s) to remove; run with --yes to remove them{kept_note}")
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import run_doctor  # noqa: PLC0415
+
+    return run_doctor()
 
 
 BENCHMARKS = ("harness", "core", "wake", "fsm", "mirror")
@@ -468,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix",
         metavar="TEXT",
         help="only stores whose names start with TEXT (stray semaphores are then left alone)",
+    )
+
+    verb(
+        "doctor",
+        cmd_doctor,
+        "check what stores need here (/dev/shm, PID namespace, locks, semaphores, limits); "
+        "exit 1 if a check fails",
     )
 
     p = verb(

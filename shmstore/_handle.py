@@ -27,7 +27,7 @@ from ._projection import Projection, check_projection
 from ._provision import Attached
 from ._replication import Replication, read_mirror_status
 from ._ring import DecodeFailed, Ring, RingMoved
-from ._stats import MirrorStatus, StoreStatistics
+from ._stats import MirrorStatus, ReaderEntry, StoreStatistics
 from ._subscription import Subscription
 
 __all__ = ["Handle"]
@@ -346,6 +346,14 @@ class Handle(Generic[T]):
             if self._segment.readonly:
                 raise self._att.readonly_error()
             return self._registry.sweep()
+
+    def readers(self) -> list[ReaderEntry]:
+        """The registry's entries in use, read at one moment (for tools): whether each owner is
+        alive comes from its liveness lock, which holds across PID namespaces; its ``pid`` is
+        the one it had in its own namespace, a hint for people only."""
+        with self._in_use:
+            self._check_open()
+            return [ReaderEntry(i, pid, alive) for i, pid, alive in self._registry.entries()]
 
     # ---------------------------------------------------------------- lifecycle
 

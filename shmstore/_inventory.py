@@ -27,10 +27,28 @@ garbage: nothing can use them.
 What the default cannot see: a store whose only users were writers, or readers that never waited
 (only waiting registers a reader), leaves no trace of how its processes ended. Such a store is
 kept until ``--older-than`` or ``--all`` says otherwise.
+
+In use, whatever ``/proc`` shows
+--------------------------------
+``/proc`` shows only the processes of this process's PID namespace. Run inside a container that
+shares ``/dev/shm`` with others, ``gc`` sees none of the other containers' processes, so "no
+process maps it" proves nothing there (``_procview``). Three signals of the kernel hold across
+PID namespaces, and any one of them makes a store **in use**, never removed, not even by
+``--all``:
+
+* a registered reader whose liveness lock is held (``readers_alive``, ``_registry``);
+* the writer lock held (a writer inside ``set()``, or an exclusive writer);
+* an open handle anywhere: every handle holds a shared OFD lock on the segment while it is open
+  (``_segment.attached_elsewhere``). This covers writers and readers that never waited; only a
+  process of a shmstore older than that lock escapes it, and then only outside ``/proc``'s view.
+
+And ``gc`` says, first thing, when it cannot see every process. Semaphores of removed stores are
+then kept: one may still be open in a handle this process cannot see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -40,17 +58,21 @@ from pathlib import Path
 
 from ._layout import HEADER_SIZE, MAGIC, NAME_FIELD, OFF_STORE_NAME
 from ._names import OS_PREFIX, segment_name
-from ._stats import StoreStatistics
+from ._ofd import LIVENESS_BASE, OFD_SUPPORTED
+from ._procview import Visibility, lock_holders
+from ._stats import ReaderEntry, StoreStatistics
 
 __all__ = [
     "SHM_DIR",
     "Orphans",
     "Verdict",
     "find_orphans",
+    "gc_blind_spot",
     "gc_verdict",
     "list_store_names",
     "listing_supported",
     "parse_duration",
+    "unattributed_readers",
 ]
 
 SHM_DIR = Path("/dev/shm")
@@ -91,10 +113,13 @@ class Orphans:
     unreadable_processes: int  # processes whose mappings we could not inspect
 
 
-def _mapped_objects() -> tuple[set[str], int]:
-    """Names of the ``/dev/shm`` files of ours that some live process maps (segments, and
-    semaphores: glibc maps each open named semaphore), and how many processes were unreadable."""
+def _mapped_objects() -> tuple[set[str], set[int], int]:
+    """What live processes map in ``/dev/shm``: the names of our files (segments), the inodes of
+    every file, and how many processes were unreadable. Semaphores are told by inode: glibc's
+    ``sem_open`` creates one as a temporary file, maps it and only then links it under its name,
+    so its creator's maps show ``sem.XXXXXX (deleted)``, never the name."""
     mapped: set[str] = set()
+    inodes: set[int] = set()
     unreadable = 0
     marker = f"{SHM_DIR}/"
     for proc in Path("/proc").iterdir():
@@ -110,14 +135,23 @@ def _mapped_objects() -> tuple[set[str], int]:
         for line in maps.splitlines():
             where = line.find(marker)
             if where >= 0:
+                with contextlib.suppress(IndexError, ValueError):
+                    inodes.add(int(line.split(maxsplit=5)[4]))
                 file = line[where + len(marker) :].split(" ")[0]
                 if OS_PREFIX in file:
                     mapped.add(file)
-    return mapped, unreadable
+    return mapped, inodes, unreadable
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def find_orphans() -> Orphans:
-    mapped, unreadable = _mapped_objects()
+    mapped, inodes, unreadable = _mapped_objects()
     unused = [name for name in list_store_names() if segment_name(name).lstrip("/") not in mapped]
     segments = {p.name for p in SHM_DIR.glob(OS_PREFIX + "*")}
     # A semaphore whose segment is gone may still be open in a handle of the unlinked store
@@ -125,14 +159,37 @@ def find_orphans() -> Orphans:
     stray = sorted(
         p.name
         for p in SHM_DIR.glob(f"sem.{OS_PREFIX}*")
-        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments and p.name not in mapped
+        if p.name[len("sem.") :].rsplit(".", 1)[0] not in segments
+        and p.name not in mapped
+        and _inode(p) not in inodes
     )
     if os.geteuid() == 0:
         unreadable = 0  # root reads every process's maps; failures are exits mid-scan
     return Orphans(unused, stray, unreadable)
 
 
+def unattributed_readers(name: str, readers: list[ReaderEntry]) -> list[ReaderEntry]:
+    """The live registry entries of store *name* whose liveness lock no process visible in
+    ``/proc`` holds: their owners are in another PID namespace (a container), and the PIDs they
+    recorded mean nothing here (``_procview``)."""
+    alive = [r for r in readers if r.alive]
+    if not alive or not OFD_SUPPORTED or not listing_supported():
+        return []
+    path = SHM_DIR / segment_name(name).lstrip("/")
+    held = lock_holders(path, [LIVENESS_BASE + r.index for r in alive])
+    return [r for r in alive if LIVENESS_BASE + r.index not in held]
+
+
 # ---------------------------------------------------------------------------- the gc policy
+
+
+def gc_blind_spot(visibility: Visibility) -> str:
+    """What ``gc`` says first when ``/proc`` may not show every process (one line)."""
+    return (
+        f"gc may not see every process that uses a store: {visibility.reason}. Stores with "
+        "live readers, a held writer lock or an open handle are kept anyway; to see "
+        "everything, run gc on the host or in a container that shares the PID namespace"
+    )
 
 
 @dataclass(frozen=True)
@@ -141,6 +198,7 @@ class Verdict:
 
     remove: bool
     reason: str
+    in_use: bool = False  # kept because something outside /proc's view uses it
 
 
 def _ago(seconds: float) -> str:
@@ -157,10 +215,15 @@ def gc_verdict(
     everything: bool = False,
     now_ns: int | None = None,
 ) -> Verdict:
-    """Decide about a store that no live process has open (see the module docstring).
+    """Decide about a store that no visible process maps (see the module docstring).
 
-    *stats* is read from a fresh handle; *older_than* is in seconds.
+    *stats* is read from a fresh handle; *older_than* is in seconds. (A store that some handle
+    holds open, ``attached_elsewhere``, is in use too: asked before that fresh handle opens.)
     """
+    if stats.readers_alive:
+        return Verdict(False, f"in use: {stats.readers_alive} live reader(s) registered", True)
+    if stats.writer_lock_held:
+        return Verdict(False, "in use: a writer holds its writer lock", True)
     now = time.time_ns() if now_ns is None else now_ns
     idle = max(0.0, (now - max(stats.created_ns, stats.last_update_ns)) / 1e9)
     dead = stats.readers_registered - stats.readers_alive

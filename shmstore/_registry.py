@@ -63,11 +63,9 @@ OFD locks (macOS) the writer lock serializes registrations, as a fallback.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -78,6 +76,9 @@ import posix_ipc
 from ._errors import RegistryFullError, StateStoreError
 from ._layout import REG_CLAIMED, REG_GEN, REG_PID, REG_STATE, W_REG_HIGH, Geometry, entry_word
 from ._names import reader_semaphore_name
+from ._ofd import LIVENESS_BASE, OFD_SUPPORTED, REGISTRY_LOCK_BYTE
+from ._ofd import byte_lock as _byte_lock
+from ._ofd import byte_locked as _byte_locked
 from ._writelock import WriteLock
 
 __all__ = [
@@ -92,8 +93,6 @@ __all__ = [
 
 log = logging.getLogger("shmstore")
 
-LIVENESS_BASE: Final = 1 << 40  # far past the data: the locks are advisory and touch no bytes
-REGISTRY_LOCK_BYTE: Final = LIVENESS_BASE - 1
 SWEEP_INTERVAL: Final = 1.0
 _FREE: Final = 0
 _IN_USE: Final = 1
@@ -101,33 +100,9 @@ _CLAIM_TRIES: Final = 8  # fresh semaphore names to try when one is taken (a sta
 _LOCK_POLL_MIN: Final = 20e-6
 _LOCK_POLL_MAX: Final = 2e-3
 
-_OFD = hasattr(fcntl, "F_OFD_SETLK")
+_OFD = OFD_SUPPORTED
 _VALUE = posix_ipc.SEMAPHORE_VALUE_SUPPORTED
 _SEM_DIR = "/dev/shm"  # where Linux keeps named semaphores, as files "sem.<name>"
-# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
-_FLOCK = struct.Struct("hhqqi4x")
-
-
-def _byte_lock(fd: int, offset: int, kind: int) -> bool:
-    """Set (or clear, with F_UNLCK) this descriptor's OFD lock on byte *offset*.
-    ``False`` if another description holds it."""
-    arg = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _byte_locked(fd: int, offset: int) -> bool:
-    """Whether another open file description holds a lock on byte *offset*. Only asks
-    (``F_OFD_GETLK``): takes nothing, and works on a read-only descriptor too, where a
-    ``F_WRLCK`` probe would fail with ``EBADF``."""
-    arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
-    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,11 +19,19 @@ store with the creator's group. Only a member of the group (or root) may give it
 that grants the group nothing beyond what everyone gets (``0o666``, ``0o600``), the group does
 not matter and a refused ``chown`` is ignored -- which lets an "other" writer of a ``0o666`` store
 create the rings the store grows into (``_growth``), which get the store's mode and group.
+
+"Somebody has it open." Every handle's descriptor holds a shared OFD lock on ``ATTACHED_BYTE``
+(``_ofd``) for as long as it is open; the kernel drops it with the descriptor, however the
+process ends. :func:`attached_elsewhere` asks for it, so ``shmstore gc`` can tell that a store is
+in use by a process it cannot see -- one in another PID namespace (a container), whose
+``/proc/<pid>/maps`` it cannot read -- without trusting any PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import grp
 import mmap
 import os
@@ -33,8 +41,15 @@ import posix_ipc
 
 from ._errors import StateStoreError, StoreExistsError, StoreNotFoundError, StorePermissionError
 from ._names import segment_name
+from ._ofd import ATTACHED_BYTE, OFD_SUPPORTED, byte_lock, byte_locked
 
-__all__ = ["Segment", "UnsizedSegmentError", "resolve_group", "unlink_segment"]
+__all__ = [
+    "Segment",
+    "UnsizedSegmentError",
+    "attached_elsewhere",
+    "resolve_group",
+    "unlink_segment",
+]
 
 # Where Linux keeps POSIX shared memory as files (elsewhere, None: names are opened to compare).
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -70,6 +85,8 @@ class Segment:
         self.readonly = readonly
         self.named = named  # False for an anonymous (memfd) segment: it has no name to lose
         self.map = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+        if named:
+            _hold_attached(fd)
 
     @classmethod
     def create(
@@ -160,6 +177,8 @@ class Segment:
         old = self.fd
         self.fd, _ = _open_fd(self.name, self.readonly, self.os_name)
         os.close(old)
+        if self.named:
+            _hold_attached(self.fd)
 
     def removed(self) -> bool:
         """Whether this segment is no longer the one the store's name points to: the name was
@@ -222,6 +241,28 @@ class Segment:
 
 class UnsizedSegmentError(StateStoreError):
     """The segment exists but has no size yet: a create in progress."""
+
+
+def _hold_attached(fd: int) -> None:
+    """Mark this descriptor's description as attached (see the module essay). A shared lock
+    conflicts with nobody's (probes only ask), so it is always granted; where OFD locks are
+    missing, or the kernel is out of lock records, the mark is simply absent."""
+    if OFD_SUPPORTED:
+        with contextlib.suppress(OSError):
+            byte_lock(fd, ATTACHED_BYTE, fcntl.F_RDLCK)
+
+
+def attached_elsewhere(name: str) -> bool | None:
+    """Whether some open handle of store *name*, in any process and any PID namespace, holds the
+    segment open -- asked through a fresh descriptor, so this process's own handles count too.
+    ``None`` where OFD locks do not exist; ``StoreNotFoundError`` if there is no such store."""
+    if not OFD_SUPPORTED:
+        return None
+    fd, _ = _open_fd(name, True)
+    try:
+        return byte_locked(fd, ATTACHED_BYTE)
+    finally:
+        os.close(fd)
 
 
 def _open_fd(name: str, readonly: bool | None, os_name: str | None = None) -> tuple[int, bool]:

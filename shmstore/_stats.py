@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MirrorStatus", "StoreStatistics"]
+__all__ = ["MirrorStatus", "ReaderEntry", "StoreStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +81,18 @@ class MirrorStatus:
     behind: int
     bucket: str
     origin: str
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderEntry:
+    """One registry entry in use (``Store.readers()``): a handle that waits, or waited, for
+    commits. ``alive`` is what the entry's liveness lock says (the kernel's word, valid across
+    PID namespaces). ``pid`` is the owner's PID *in its own PID namespace* as it recorded it: in
+    another container it may name nobody here, or another process."""
+
+    index: int
+    pid: int
+    alive: bool

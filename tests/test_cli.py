@@ -322,10 +322,13 @@ def test_gc_removes_abandoned_stores_and_keeps_the_rest(store_name: str) -> None
 
 
 def test_gc_verdict_and_durations() -> None:
-    def stats(registered: int, alive: int, created_s: float, updated_s: float = 0) -> Any:
+    def stats(
+        registered: int, alive: int, created_s: float, updated_s: float = 0, locked: bool = False
+    ) -> Any:
         return SimpleNamespace(
             readers_registered=registered,
             readers_alive=alive,
+            writer_lock_held=locked,
             created_ns=int(created_s * 1e9),
             last_update_ns=int(updated_s * 1e9),
         )
@@ -337,6 +340,11 @@ def test_gc_verdict_and_durations() -> None:
     assert not gc_verdict(idle, older_than=1_001, now_ns=now).remove
     assert gc_verdict(idle, older_than=999, now_ns=now).remove
     assert gc_verdict(idle, everything=True, now_ns=now).remove
+    # In use, whatever /proc showed (another PID namespace): never removed, not even by --all.
+    for busy in (stats(3, 1, 1_000), stats(0, 0, 1_000, locked=True)):
+        verdict = gc_verdict(busy, older_than=0, everything=True, now_ns=now)
+        assert (verdict.remove, verdict.in_use) == (False, True)
+        assert verdict.reason.startswith("in use: ")
     assert [parse_duration(t) for t in ("90", "90s", "30m", "1.5h", "7d")] == [
         90,
         90,
