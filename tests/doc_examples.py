@@ -20,6 +20,7 @@ Modes (one JSON line per failure on stdout, exit status 1 if there was one):
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -73,12 +74,20 @@ def shm_left() -> list[str]:
 
 def run_examples(path: Path) -> list[dict[str, Any]]:
     failures: list[dict[str, Any]] = []
+    # A handle an example forgets to close warns in __del__, where an exception (-W error)
+    # cannot propagate: Python reports it to this hook instead, and it fails the example.
+    unraisable: list[str] = []
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
     for run in (1, 2):
+        unraisable.clear()
         document = _sybil().parse(path)
         document.namespace["__name__"] = "__main__"
         for example in document:
             try:
                 example.evaluate()
+                gc.collect()
+                if unraisable:
+                    raise AssertionError("; ".join(unraisable))
             except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt):
                     raise

@@ -96,7 +96,16 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
-    assert (tmp_path / "reference" / "shmstore" / "index.html").exists()
+    reference = {
+        page: (tmp_path / "reference" / page / "index.html").read_text()
+        for page in ("shmstore", "fsm", "mirror", "metrics")
+    }
+    assert 'id="shmstore.Store.wait"' in reference["shmstore"]  # generated from the docstrings
+    assert 'id="shmstore.fsm.AsyncStateStore"' in reference["fsm"]
+    for page, html in reference.items():
+        # docs/_ext/sphinx_roles.py: Sphinx roles and doctests render as code, not as text
+        assert not re.search(r":(class|meth|attr|func|exc):", html), page
+        assert '<h1 id="help' not in html, page
 
 
 @needs_isolation
@@ -140,12 +149,18 @@ def test_every_python_block_is_executed() -> None:
             "import shmstore\nshmstore.Store.create('leaked', int).close()\n",
             "left ['shmstore.",
         ),
+        (
+            "import shmstore\nst = shmstore.Store.create('unclosed', int)\n"
+            "shmstore.remove('unclosed')\ndel st\n",
+            "was never closed",
+        ),
     ],
-    ids=["raises", "leaks"],
+    ids=["raises", "leaks", "unclosed"],
 )
 def test_a_broken_example_fails_the_suite(tmp_path: Path, source: str, expected: str) -> None:
-    """The negative control: a failing block, and a block that leaves a store behind, are
-    reported with their line (so a green run above means the blocks really ran)."""
+    """The negative control: a failing block, a block that leaves a store behind and one that
+    drops a handle without closing it are reported (so a green run above means the blocks
+    really ran)."""
     page = tmp_path / "broken.md"
     page.write_text(f"# Broken\n\nText.\n\n```python\n{source}```\n")
     result = run_isolated("examples", page)
@@ -153,6 +168,53 @@ def test_a_broken_example_fails_the_suite(tmp_path: Path, source: str, expected:
     assert expected in result.stdout, _report(result)
     if expected == "StoreNotFoundError":
         assert "broken.md:5" in result.stdout
+
+
+MIRROR_PAGE = """# Mirror
+
+```python
+import asyncio
+import os
+
+import shmstore
+from shmstore import Store
+from shmstore.mirror import ConnectOptions, Follower, Publisher
+
+options = ConnectOptions(servers=[os.environ["SHMSTORE_NATS_URL"]])
+
+
+async def main() -> None:
+    with Store.create("pose", dict[str, float]) as origin:
+        publisher = Publisher("pose", options=options, value_type=dict[str, float])
+        follower = Follower("pose", options=options, local_name="pose-replica")
+        tasks = [asyncio.create_task(publisher.run()), asyncio.create_task(follower.run())]
+        try:
+            origin.set({"x": 1.0})
+            while follower.applied < 1:
+                await asyncio.sleep(0.01)
+            with Store.open("pose-replica") as replica:
+                assert replica.get() == {"x": 1.0}
+        finally:
+            publisher.stop()
+            follower.stop()
+            await asyncio.gather(*tasks)
+            origin.unlink()
+            shmstore.remove("pose-replica")
+
+
+asyncio.run(main())
+```
+"""
+
+
+@needs_isolation
+def test_a_page_that_names_the_nats_variable_gets_a_server(tmp_path: Path) -> None:
+    """A page that mentions ``SHMSTORE_NATS_URL`` runs with a throwaway ``nats-server`` there:
+    a publisher and a follower, in the examples' private /dev/shm, twice on one server."""
+    page = tmp_path / "mirror.md"
+    page.write_text(MIRROR_PAGE)
+    result = run_isolated("examples", page)
+    assert result.returncode == 0, _report(result)
 
 
 def _documented_command_lines() -> list[str]:
