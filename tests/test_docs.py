@@ -5,6 +5,12 @@ runs as written, and the CLI synopsis in the docs matches ``--help``.
 The examples run in ``tests/doc_examples.py``, started inside a private mount namespace with its
 own /dev/shm (see that file for why). Blocks that need a ``nats-server`` find the suite's
 throwaway server in ``$SHMSTORE_NATS_URL``.
+
+Why sybil: it parses Markdown fenced blocks and hidden setup (``invisible-code-block``) and can
+be driven from a test like this one, so the examples run where fixtures can start servers and
+isolate /dev/shm. pytest-markdown-docs and pytest-codeblocks collect ``.md`` files as test items
+themselves, which would mean collecting outside ``testpaths = ["tests"]``, and give us no hook to
+run a whole page twice in an isolated namespace.
 """
 
 from __future__ import annotations
