@@ -404,7 +404,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo  # noqa: PLC0415 -- other verbs need not load the FSM layer
 
-    return run_demo(readers=args.readers, seconds=args.seconds, rate=args.rate)
+    return run_demo(
+        readers=args.readers,
+        seconds=args.seconds,
+        rate=args.rate,
+        slow_reader=args.slow_reader,
+    )
 
 
 # ---------------------------------------------------------------------------- parser
@@ -430,6 +435,15 @@ def _positive_float(text: str) -> float:
     value: float = _number(text, float, "a number")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _demo_seconds(text: str) -> float:
+    value: float = _number(text, float, "a number")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number, or 0 to run until Ctrl-C, got {text!r}"
+        )
     return value
 
 
@@ -545,8 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("demo", cmd_demo, "an FSM worker and reader processes sharing one store, live")
     p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
-    p.add_argument("--seconds", type=_positive_float, default=5.0, help="how long (5)")
+    p.add_argument(
+        "--seconds", type=_demo_seconds, default=30.0, help="how long (30; 0: until Ctrl-C)"
+    )
     p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
+    p.add_argument(
+        "--slow-reader",
+        action="store_true",
+        help="reader 0 takes 20 snapshots a second from its subscription: watch the FSM layer "
+        "drop stale snapshots for it (the notices column)",
+    )
 
     add_mirror_parser(verbs)
     return parser

@@ -2,10 +2,15 @@
 
 One worker process drives FSM transitions through ``shmstore.fsm.AsyncStateStore`` at a fixed
 rate. Each reader process subscribes to the same store (an ``asyncio.Queue`` fed across
-processes) and polls its state with a projection (``Store.projection(FsmStateView)``: the
-snapshot's head, decoded without its history), timing every read. Once per refresh the readers
-report to the parent, which prints one screen: commits per second, per-reader read latency, how
-far each subscription lags the writer, and the store's counters.
+processes) and polls it, timing every read: a full ``Store.get()`` -- split into *changed* reads
+(a new version since the reader's last read: copy out of shared memory and decode) and
+*unchanged* ones (the cached object comes back) -- and, for each changed version, a projection
+(``Store.projection(FsmStateView)``: the snapshot's head, decoded without its history). Once per
+refresh the readers report to the parent, which prints one screen: commits per second, those
+read latencies per reader, how far each subscription lags the writer, the store's counters, and
+a legend that says what each number means (it is part of every screen, so a terminal's screen
+clear never wipes it). ``--slow-reader`` makes reader 0 drain its subscription slowly, so the
+FSM layer drops stale snapshots for it and the notices column counts its warnings.
 
 Cleanup cannot be skipped
 -------------------------
@@ -45,7 +50,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -69,12 +73,14 @@ from .fsm import (
 
 __all__ = ["EXIT_TERMINATED", "MAX_RATE", "MAX_READERS", "check_options", "run_demo"]
 
+DEFAULT_SECONDS = 30.0
 REPORT_EVERY = 0.5
 MAX_RATE = 1_000_000.0  # far beyond what one worker can commit; a bound that catches typos
 MAX_READERS = 256  # processes: a bound that keeps a typo from being a fork bomb
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 STOP_GRACE = 5.0  # seconds the children get to finish after the stop event
+SLOW_READER_PERIOD = 0.05  # s: --slow-reader takes one snapshot per period from its queue
 _CYCLE = (FsmState.IDLE, FsmState.ACTIVE)
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
@@ -82,13 +88,33 @@ _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if 
 @dataclass(frozen=True)
 class ReaderReport:
     reader: int
-    reads: int
-    p50_ns: float
-    p99_ns: float
+    reads: int  # full get() calls in this interval
+    changed_p50_ns: float  # get() of a version this reader had not read yet: copy + decode
+    changed_p99_ns: float
+    unchanged_p50_ns: float  # get() of the version it read last: the cached object
+    projection_p50_ns: float  # projection get() of a changed version: the head only
     lag: int  # versions the subscription was behind the store when reporting
     received: int
-    notices: int  # log records of the FSM layer in this interval (drops, lag)
+    notices: int  # log records of the FSM layer since the reader started (drops, lag)
     last_notice: str
+
+
+def _timer_overhead(clock: Any) -> int:
+    """What one timed call adds by itself (the median of empty timings), subtracted from
+    every sample as ``benchmarks/core.py`` does."""
+    empty = []
+    for _ in range(1001):
+        t0 = clock()
+        empty.append(clock() - t0)
+    empty.sort()
+    return int(empty[len(empty) // 2])
+
+
+def _p(sorted_ns: list[int], q: float) -> float:
+    """The *q* quantile of sorted samples (nan when there are none)."""
+    if not sorted_ns:
+        return math.nan
+    return float(sorted_ns[int(q * (len(sorted_ns) - 1))])
 
 
 # ---------------------------------------------------------------------------- children
@@ -163,7 +189,7 @@ def _worker(name: str, rate: float, stop: Event, parent: int) -> None:
     _run_child("fsm-worker", name, parent, main())
 
 
-def _reader(name: str, index: int, reports: Any, stop: Event, parent: int) -> None:
+def _reader(name: str, index: int, reports: Any, stop: Event, parent: int, *, slow: bool) -> None:
     notices = _child_setup()
 
     async def main() -> None:
@@ -173,36 +199,60 @@ def _reader(name: str, index: int, reports: Any, stop: Event, parent: int) -> No
             # Readers that only need the state decode only its head (a projection).
             state = poller.projection(FsmStateView)
             clock = time.perf_counter_ns
-            latencies: list[int] = []
+            overhead = _timer_overhead(clock)
+            changed: list[int] = []
+            unchanged: list[int] = []
+            projected: list[int] = []
+            last: object = None
             received = 0
             subscribed = 0
             reported = time.monotonic()
-            seen_notices = 0
+            next_take = reported
             try:
                 while not stop.is_set() and not _orphaned(parent):
                     t0 = clock()
-                    state.get()
-                    latencies.append(clock() - t0)
-                    while not sub.empty():
-                        subscribed = sub.get_nowait().version
-                        received += 1
+                    value = poller.get()
+                    t1 = clock() - overhead
+                    # get() returns the very object it returned before while the version is
+                    # unchanged: identity tells a cached read from a decoded one.
+                    if value is last:
+                        unchanged.append(t1 - t0)
+                    else:
+                        changed.append(t1 - t0)
+                        last = value
+                        t2 = clock()
+                        state.get()
+                        projected.append(clock() - overhead - t2)
                     now = time.monotonic()
-                    if now - reported >= REPORT_EVERY and latencies:
-                        latencies.sort()
+                    if slow:  # one snapshot per period: the queue fills, the FSM layer drops
+                        if now >= next_take and not sub.empty():
+                            subscribed = sub.get_nowait().version
+                            received += 1
+                            next_take = now + SLOW_READER_PERIOD
+                    else:
+                        while not sub.empty():
+                            subscribed = sub.get_nowait().version
+                            received += 1
+                    if now - reported >= REPORT_EVERY and (changed or unchanged):
+                        for samples in (changed, unchanged, projected):
+                            samples.sort()
                         reports.put(
                             ReaderReport(
                                 reader=index,
-                                reads=len(latencies),
-                                p50_ns=statistics.median(latencies),
-                                p99_ns=latencies[int(0.99 * (len(latencies) - 1))],
-                                lag=max(0, poller.version - subscribed),
+                                reads=len(changed) + len(unchanged),
+                                changed_p50_ns=_p(changed, 0.5),
+                                changed_p99_ns=_p(changed, 0.99),
+                                unchanged_p50_ns=_p(unchanged, 0.5),
+                                projection_p50_ns=_p(projected, 0.5),
+                                # both are FSM versions (the snapshot's own field)
+                                lag=max(0, (value.version if value else 0) - subscribed),
                                 received=received,
-                                notices=notices.count - seen_notices,
+                                notices=notices.count,
                                 last_notice=notices.last,
                             )
                         )
-                        seen_notices = notices.count
-                        latencies.clear()
+                        for samples in (changed, unchanged, projected):
+                            samples.clear()
                         received = 0
                         reported = now
                     await asyncio.sleep(0.0002)  # a reader that also does other work
@@ -267,42 +317,78 @@ class _Signals:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # pending ones fire now
 
 
+LEGEND = """\
+  What the columns mean (Ctrl-C stops the demo and removes the store):
+    reads/s    full Store.get() calls per second by this reader, which polls in a loop
+    changed    get() of a version it had not read yet: copy the snapshot out of shared memory
+               and decode it. The worker's snapshot carries 100 transitions of history (about
+               10 KB), so this is a full msgspec decode of ~100 objects: 10-30 us
+    unchanged  get() of the version it read last: the same object comes back, no copy and no
+               decode. ~70 ns in a tight loop (benchmarks/core.py); here the reader sleeps
+               between reads, so it runs on cold caches: under a microsecond
+    projection a changed read of only the snapshot's head (Store.projection(FsmStateView)): the
+               history is skipped without being decoded, a fraction of the changed get()
+    lag        versions this reader's subscription queue is behind the newest snapshot
+    recv/s     snapshots per second its subscription delivered (the commits/s if it keeps up)
+    notices    warnings of the FSM layer for this reader since it started: a slow subscriber's
+               full queue (64 deep) dropping stale snapshots; --slow-reader makes reader 0 slow
+               (20 snapshots a second) to show them"""
+
+
+def _us(ns: float) -> str:
+    if math.isnan(ns):
+        return "-"
+    return f"{ns / 1000:.2f}us" if ns < 100_000 else f"{ns / 1000:.0f}us"
+
+
 def _render(
     out: TextIO,
     *,
     name: str,
     elapsed: float,
+    seconds: float,
     rate: float,
     st: Store[FsmSnapshotDTO],
     latest: dict[int, ReaderReport],
     readers: int,
+    slow_reader: bool,
     clear: bool,
 ) -> None:
     snap = st.get()
+    size = len(msgspec.msgpack.encode(snap)) if snap is not None else 0
+    total = f"of {seconds:g} s" if seconds else "(until Ctrl-C)"
     lines = [
-        f"shmstore demo -- store {name!r}, {readers} reader process(es), {elapsed:5.1f} s",
+        f"shmstore demo -- store {name!r}: 1 FSM worker, {readers} reader process(es) -- "
+        f"{elapsed:5.1f} s {total}",
         f"  commits/s {rate:9.0f}   version {st.version:8d}   commits {st.commits:8d}   "
         f"version conflicts {st.app_counters[0]}",
         f"  FSM state {snap.state.name if snap else '-':<12} fsm version "
-        f"{snap.version if snap else 0}",
+        f"{snap.version if snap else 0}   snapshot {size / 1000:.1f} KB "
+        f"({len(snap.history) if snap else 0} transitions of history)",
         "",
-        f"  {'reader':<8}{'reads/s':>10}{'get p50':>10}{'get p99':>10}{'lag':>6}{'recv/s':>9}"
-        f"{'notices':>9}",
+        f"  {'':<10}{'':>9}{'-------- get() p50 (p99) --------':>34}",
+        f"  {'reader':<10}{'reads/s':>9}{'changed':>20}{'unchanged':>11}{'projection':>12}"
+        f"{'lag':>6}{'recv/s':>8}{'notices':>9}",
     ]
     newest_notice = ""
     for i in range(readers):
+        label = f"{i} (slow)" if slow_reader and i == 0 else str(i)
         r = latest.get(i)
         if r is None:
-            lines.append(f"  {i:<8}{'(starting)':>10}")
+            lines.append(f"  {label:<10}{'(starting)':>9}")
             continue
+        changed = f"{_us(r.changed_p50_ns)} ({_us(r.changed_p99_ns)})"
         lines.append(
-            f"  {i:<8}{r.reads / REPORT_EVERY:>10.0f}{r.p50_ns / 1000:>8.2f}us"
-            f"{r.p99_ns / 1000:>8.2f}us{r.lag:>6}{r.received / REPORT_EVERY:>9.0f}{r.notices:>9}"
+            f"  {label:<10}{r.reads / REPORT_EVERY:>9.0f}{changed:>20}"
+            f"{_us(r.unchanged_p50_ns):>11}{_us(r.projection_p50_ns):>12}{r.lag:>6}"
+            f"{r.received / REPORT_EVERY:>8.0f}{r.notices:>9}"
         )
         if r.notices:
             newest_notice = r.last_notice
+    lines.append("")
     if newest_notice:
-        lines += ["", f"  newest notice: {newest_notice[:100]}"]
+        lines += [f"  newest notice: {newest_notice[:100]}", ""]
+    lines.append(LEGEND)
     text = "\n".join(lines)
     if clear:
         out.write("\x1b[H\x1b[2J" + text + "\n")
@@ -312,20 +398,24 @@ def _render(
 
 
 def check_options(readers: int, seconds: float, rate: float) -> None:
-    """Raise ``ValueError`` (one line) for options the demo cannot run with."""
+    """Raise ``ValueError`` (one line) for options the demo cannot run with. ``seconds=0``
+    runs until Ctrl-C."""
     if not 1 <= readers <= MAX_READERS:
         raise ValueError(f"readers must be between 1 and {MAX_READERS}, got {readers}")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"seconds must be a positive number, got {seconds}")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"seconds must be a positive number or 0 (until Ctrl-C), got {seconds}")
     if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
         raise ValueError(f"rate must be a number in (0, {MAX_RATE:.0f}], got {rate}")
 
 
 class _Demo:
-    def __init__(self, readers: int, seconds: float, rate: float, out: TextIO) -> None:
+    def __init__(
+        self, readers: int, seconds: float, rate: float, slow_reader: bool, out: TextIO
+    ) -> None:
         self.readers = readers
         self.seconds = seconds
         self.rate = rate
+        self.slow_reader = slow_reader
         self.out = out
         self.ctx = mp.get_context("spawn")
         self.name = f"demo-{os.getpid()}"
@@ -365,6 +455,7 @@ class _Demo:
                 self.ctx.Process(
                     target=_reader,
                     args=(self.name, i, self.reports, self.stop, parent),
+                    kwargs={"slow": self.slow_reader and i == 0},
                     name=f"reader-{i}",
                 )
                 for i in range(self.readers)
@@ -374,7 +465,8 @@ class _Demo:
                 self.procs.append(p)
         print(
             f"demo: created store {self.name!r}; started a worker and {self.readers} reader(s); "
-            "Ctrl-C stops them and removes the store",
+            "Ctrl-C stops them and removes the store"
+            + ("" if self.seconds else " (it runs until then)"),
             file=sys.stderr,
             flush=True,
         )
@@ -386,8 +478,9 @@ class _Demo:
         latest: dict[int, ReaderReport] = {}
         started = time.monotonic()
         last_tick, last_version = started, owner.version
-        while (now := time.monotonic()) - started < self.seconds:
-            deadline = min(now + REPORT_EVERY, started + self.seconds)
+        end = started + self.seconds if self.seconds else math.inf  # 0: until Ctrl-C
+        while (now := time.monotonic()) < end:
+            deadline = min(now + REPORT_EVERY, end)
             while (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(queue.Empty):
                     report: ReaderReport = self.reports.get(timeout=left)
@@ -400,10 +493,12 @@ class _Demo:
                 self.out,
                 name=self.name,
                 elapsed=now - started,
+                seconds=self.seconds,
                 rate=commit_rate,
                 st=owner,
                 latest=latest,
                 readers=self.readers,
+                slow_reader=self.slow_reader,
                 clear=self.out.isatty(),
             )
             dead = [p.name for p in self.procs if p.exitcode not in (None, 0)]
@@ -435,16 +530,23 @@ class _Demo:
 
 
 def run_demo(
-    readers: int = 3, seconds: float = 5.0, rate: float = 1000.0, out: TextIO | None = None
+    readers: int = 3,
+    seconds: float = DEFAULT_SECONDS,
+    rate: float = 1000.0,
+    out: TextIO | None = None,
+    *,
+    slow_reader: bool = False,
 ) -> int:
-    """Run the demo; returns the exit status: 0 done, 1 a child failed, 130 Ctrl-C, 143
-    ``SIGTERM``/``SIGHUP``. The store is removed however it ends (see the module docstring).
+    """Run the demo for *seconds* (0: until Ctrl-C); returns the exit status: 0 done, 1 a child
+    failed, 130 Ctrl-C, 143 ``SIGTERM``/``SIGHUP``. The store is removed however it ends (see
+    the module docstring). *slow_reader* makes reader 0 drain its subscription slowly, so that
+    the FSM layer's notices (stale snapshots dropped) appear.
 
     Call it from the main thread (it handles signals). Raises ``ValueError`` for bad options and
     :class:`StateStoreError` if the store cannot be created.
     """
     check_options(readers, seconds, rate)
-    demo = _Demo(readers, seconds, rate, out or sys.stdout)
+    demo = _Demo(readers, seconds, rate, slow_reader, out or sys.stdout)
     demo.signals.install()
     code = EXIT_INTERRUPTED
     try:

@@ -9,6 +9,7 @@ pid (``demo-<pid>``) and checks that nothing of *that* store is left in /dev/shm
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 from conftest import objects_of
 from test_cli import SCRIPT, cli, spawned, with_ctrl_c
 
-from shmstore._demo import run_demo
+from shmstore import Store
+from shmstore._demo import ReaderReport, _render, run_demo
+from shmstore.fsm import FsmSnapshotDTO, FsmState
 
 HANG = 120  # seconds: bounds a hang, never a duration
 Demo = Callable[..., subprocess.Popen[str]]
@@ -69,10 +72,86 @@ def test_demo_runs_reports_and_cleans_up(demo: Demo) -> None:
     out, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, err
     assert "commits/s" in out
-    assert "get p50" in out
+    assert "get() p50" in out
+    assert "s of 1.5 s" in out  # elapsed / total
     assert "removed the store" in err
     assert "Traceback" not in err
     assert not objects_of(name)
+
+
+def _screen(**overrides: object) -> str:
+    """One frame of the screen, as a terminal gets it (with the screen clear)."""
+    with Store.private(FsmSnapshotDTO) as st:
+        st.set(FsmSnapshotDTO(version=1, state=FsmState.IDLE))
+        report = ReaderReport(
+            reader=0,
+            reads=100,
+            changed_p50_ns=15_000,
+            changed_p99_ns=40_000,
+            unchanged_p50_ns=90,
+            projection_p50_ns=4_000,
+            lag=0,
+            received=500,
+            notices=2,
+            last_notice="subscriber 'reader-0' is not keeping up",
+        )
+        options: dict[str, object] = {
+            "name": "demo-1",
+            "elapsed": 3.0,
+            "seconds": 30.0,
+            "rate": 1000.0,
+            "st": st,
+            "latest": {0: report},
+            "readers": 1,
+            "slow_reader": False,
+            "clear": True,
+        }
+        out = io.StringIO()
+        _render(out, **{**options, **overrides})  # type: ignore[arg-type]
+        return out.getvalue()
+
+
+def test_every_frame_explains_its_numbers_after_the_screen_clear() -> None:
+    """The legend is part of each frame, after the clear: it never scrolls away or is wiped."""
+    frame = _screen().rsplit("\x1b[2J", 1)[1]
+    assert "3.0 s of 30 s" in frame
+    assert "Ctrl-C stops the demo" in frame
+    for column in ("reads/s", "changed", "unchanged", "projection", "lag", "recv/s", "notices"):
+        assert f"    {column}" in frame, column  # each column has its line in the legend
+    assert "10-30 us" in frame  # why a changed read of the 10 KB snapshot costs what it does
+    assert "~70 ns" in frame
+    assert "--slow-reader" in frame  # how to make the notices appear
+    assert "15.00us (40.00us)" in frame
+    assert "newest notice: subscriber 'reader-0'" in frame
+    assert "(until Ctrl-C)" in _screen(seconds=0.0)
+
+
+def test_seconds_0_runs_until_ctrl_c(demo: Demo) -> None:
+    proc = demo("--seconds", "0", "--readers", "1")
+    name = started(proc)
+    running(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    returncode, err = finish(proc, name)
+    assert returncode == 130, err
+
+
+def test_slow_reader_makes_the_fsm_layers_notices_appear(demo: Demo) -> None:
+    """``--slow-reader``: reader 0 drains its queue slowly, the FSM layer drops stale snapshots
+    for it and warns, and the notices column counts the warnings."""
+    proc = demo("--seconds", "0", "--readers", "2", "--slow-reader")
+    name = started(proc)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + HANG
+    for line in proc.stdout:
+        words = line.split()
+        if line.strip().startswith("0 (slow)") and "us" in line and int(words[-1]) > 0:
+            break
+        assert time.monotonic() < deadline, "no notices"
+    else:
+        pytest.fail("the demo ended before its slow reader had notices")
+    os.killpg(proc.pid, signal.SIGINT)
+    returncode, err = finish(proc, name)
+    assert returncode == 130, err
 
 
 def group(sig: signal.Signals) -> Callable[[int], None]:
@@ -158,7 +237,7 @@ def _session_alive(sid: int) -> bool:
         (("--readers", "x"), "expected a whole number, got 'x'"),
         (("--readers", "100000"), "at most 256 reader processes"),
         (("--seconds", "nan"), "must be a positive finite number"),
-        (("--seconds", "-1"), "must be a positive finite number"),
+        (("--seconds", "-1"), "must be a positive finite number, or 0 to run until Ctrl-C"),
         (("--rate", "inf"), "must be a positive finite number"),
         (("--rate", "nan"), "must be a positive finite number"),
         (("--rate", "1e12"), "at most 1000000 per second"),
@@ -182,3 +261,5 @@ def test_run_demo_refuses_bad_options_before_creating_anything() -> None:
 def test_demo_help() -> None:
     help_text = cli("demo", "--help").stdout
     assert "--readers" in help_text
+    assert "(30; 0: until Ctrl-C)" in help_text  # a default long enough to watch
+    assert "--slow-reader" in help_text

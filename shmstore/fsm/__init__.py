@@ -2,8 +2,8 @@
 
 A drop-in for the worker's in-process ``AsyncStateStore``: same methods, arguments, return shapes
 and exceptions, the same snapshot types (frozen-dataclass behaviour included), but readers and
-subscribers may live in other processes (give the store a ``name``). README's "FSM drop-in" table
-lists the few deliberate differences.
+subscribers may live in other processes (give the store a ``name``). ``docs/fsm.md`` names the
+original API and lists the few deliberate differences.
 """
 
 from .._errors import InvalidSnapshotError as InvalidSnapshotError
