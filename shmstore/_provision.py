@@ -315,7 +315,7 @@ def remove(name: str) -> bool:
     user may not remove."""
     validate_name(name)
     semaphores: list[str] = []
-    generation = 0
+    generation = created_ns = 0
     try:
         segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
@@ -327,12 +327,13 @@ def remove(name: str) -> bool:
                 words, info.geometry.registry_capacity, name, info.created_ns
             )
             generation = int(words[W_GENERATION])
+            created_ns = info.created_ns
         finally:
             words.release()
             segment.close()
     existed = unlink_segment(name)
     # Every ring it grew into, and one more: a move that died before publishing it.
-    unlink_generations(name, range(1, min(generation, MAX_GENERATIONS) + 2))
+    unlink_generations(name, created_ns, range(1, min(generation, MAX_GENERATIONS) + 2))
     remove_listed_generations(name)
     for sem in semaphores:
         unlink_semaphore(sem)
