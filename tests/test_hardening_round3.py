@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from shmstore.fsm import FsmSnapshotDTO
+
 HANG = 120  # seconds: bounds a hang, never a performance goal
 
 can_unshare = pytest.mark.skipif(
@@ -102,8 +104,6 @@ def test_wait_on_a_full_dev_shm_says_what_is_full() -> None:
 def test_a_history_that_is_not_iterable_says_so_as_the_original_did() -> None:
     """Issue 20, item 16: the original's ``tuple(history)`` said "object is not iterable", and
     the original FSM tests match that text."""
-    from shmstore.fsm import FsmSnapshotDTO
-
     with pytest.raises(TypeError, match="object is not iterable") as raised:
         FsmSnapshotDTO(version=1, state="IDLE", history=5)  # type: ignore[arg-type]
     assert "history must be an iterable of TransitionDTO" in str(raised.value)
