@@ -14,7 +14,10 @@ import sys
 import textwrap
 
 import pytest
+from conftest import objects_of
 
+import shmstore
+from shmstore import Store
 from shmstore.fsm import FsmSnapshotDTO
 
 HANG = 120  # seconds: bounds a hang, never a performance goal
@@ -107,3 +110,20 @@ def test_a_history_that_is_not_iterable_says_so_as_the_original_did() -> None:
     with pytest.raises(TypeError, match="object is not iterable") as raised:
         FsmSnapshotDTO(version=1, state="IDLE", history=5)  # type: ignore[arg-type]
     assert "history must be an iterable of TransitionDTO" in str(raised.value)
+
+
+def test_unlink_of_an_orphaned_handle_leaves_the_new_store_alone(store_name: str) -> None:
+    """Issue 20 ("an orphan never touches the name's new store"): ``unlink()`` of a handle
+    whose store was removed removed whatever store had the name by then."""
+    orphan = Store.create(store_name, int, slot_size=64)
+    try:
+        orphan.set(1)
+        shmstore.remove(store_name)
+        with Store.create(store_name, int) as new:
+            new.set(42)
+            orphan.unlink()  # removes only what is provably the orphan's
+            with Store.open(store_name, int) as fresh:
+                assert fresh.get_with_version() == (42, 1)
+            assert objects_of(store_name)  # the new store's segment is still there
+    finally:
+        orphan.close()
