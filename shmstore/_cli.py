@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import datetime
 import logging
-import math
 import os
 import re
 import subprocess
@@ -33,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from . import _cli_args as argtypes
 from ._errors import (
     StateStoreError,
     StateVersionError,
@@ -424,93 +424,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-# argparse names a type function in its "invalid <name> value" message: these raise
-# ArgumentTypeError themselves, so every message talks about the value, not about a helper.
-
-
-def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value: int = _number(text, int, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value: float = _number(text, float, "a number")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def _readers(text: str) -> int:
-    from ._demo import MAX_READERS  # noqa: PLC0415
-
-    value = _positive_int(text)
-    if value > MAX_READERS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_READERS} reader processes, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    from ._demo import MAX_RATE  # noqa: PLC0415
-
-    value = _positive_float(text)
-    if value > MAX_RATE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_RATE:.0f} per second, got {text!r}")
-    return value
-
-
-def _version(text: str) -> int:
-    value: int = _number(text, int, "a version number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a version is >= 0, got {value}")
-    return value
-
-
-def _size(text: str) -> int:
-    """A size in bytes: ``4096``, ``64k``, ``16M``, ``1G`` (powers of 1024)."""
-    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale > 1 else text
-    value: int = _number(digits, int, "a size in bytes like 4096, 64k or 16M") * scale
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
-    return value
-
-
-def _mode(text: str) -> int:
-    """Permission bits in octal, like chmod's: ``0640``, ``640``, ``0o640``."""
-    digits = text[2:] if text.lower().startswith("0o") else text
-    try:
-        value = int(digits, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected permission bits in octal like 0640, got {text!r}"
-        ) from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"permission bits are 0000..0777, got {text!r}")
-    return value
-
-
-def _group(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
-
-
-def _duration(text: str) -> float:
-    from ._inventory import parse_duration  # noqa: PLC0415
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmstore",
@@ -546,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replaced (exit 1)",
     )
     p.add_argument("name")
-    p.add_argument("--after", type=_version, default=None, help="start after this version")
+    p.add_argument("--after", type=argtypes.version, default=None, help="start after this version")
     p.add_argument(
         "--follow",
         action="store_true",
@@ -562,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE",
         help="validate against this type: module:Class, or as ls shows it ('dict[str, int]')",
     )
-    p.add_argument("--expect", type=_version, metavar="VERSION", help="commit only at this version")
+    p.add_argument(
+        "--expect", type=argtypes.version, metavar="VERSION", help="commit only at this version"
+    )
 
     p = verb("create", cmd_create, "create an empty store of a type")
     p.add_argument("name")
@@ -572,16 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE",
         help="module:Class, or a type as ls shows it, e.g. 'dict[str, int]'",
     )
-    p.add_argument("--slots", type=_positive_int, help="versions the ring keeps (default 8)")
-    p.add_argument("--slot-size", type=_size, metavar="B", help="initial slot capacity (bytes)")
     p.add_argument(
-        "--max-value-size", type=_size, metavar="B", help="the largest value it may grow to"
+        "--slots", type=argtypes.positive_int, help="versions the ring keeps (default 8)"
     )
-    p.add_argument("--max-readers", type=_positive_int, help="processes that may wait at once")
     p.add_argument(
-        "--mode", type=_mode, default=0o600, help="permission bits, octal (0600; 0640: group reads)"
+        "--slot-size", type=argtypes.size, metavar="B", help="initial slot capacity (bytes)"
     )
-    p.add_argument("--group", type=_group, metavar="G", help="the store's group (name or gid)")
+    p.add_argument(
+        "--max-value-size", type=argtypes.size, metavar="B", help="the largest value it may grow to"
+    )
+    p.add_argument(
+        "--max-readers", type=argtypes.positive_int, help="processes that may wait at once"
+    )
+    p.add_argument(
+        "--mode",
+        type=argtypes.mode,
+        default=0o600,
+        help="permission bits, octal (0600; 0640: group reads)",
+    )
+    p.add_argument(
+        "--group", type=argtypes.group, metavar="G", help="the store's group (name or gid)"
+    )
 
     p = verb("rm", cmd_rm, "remove a store (segment and semaphores) for everyone")
     p.add_argument("name")
@@ -595,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--older-than",
-        type=_duration,
+        type=argtypes.duration,
         metavar="AGE",
         help="also unused stores idle this long (90s, 30m, 12h, 7d)",
     )
@@ -615,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 
     p = verb("demo", cmd_demo, "an FSM worker and reader processes sharing one store, live")
-    p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
-    p.add_argument("--seconds", type=_positive_float, default=5.0, help="how long (5)")
-    p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
+    p.add_argument(
+        "--readers", type=argtypes.readers, default=3, help="reader processes (3, at most 256)"
+    )
+    p.add_argument("--seconds", type=argtypes.positive_float, default=5.0, help="how long (5)")
+    p.add_argument("--rate", type=argtypes.rate, default=1000.0, help="commits per second (1000)")
 
     add_mirror_parser(verbs)
     return parser
