@@ -1068,9 +1068,9 @@ class Store(Generic[T]):
         what the OS lets this user remove)."""
         if self._segment.readonly:
             raise self._readonly_error()
-        if self._segment.removed():  # orphaned: the name is not this store's (any more)
+        if not self._closed and self._segment.removed():  # orphaned: the name is another's
             _provision.remove_orphaned(self.name, self._segment.map, self._info)
-        else:  # and should it be taken meanwhile, remove() leaves the new store alone
+        else:  # closed, or the name's: remove() leaves a store of another incarnation alone
             _provision.remove(self.name, incarnation=self._info.created_ns)
 
     def __enter__(self) -> Store[T]:
