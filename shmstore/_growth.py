@@ -12,10 +12,9 @@ ring (generation 0). A ring the store grew into is a segment of its own, named a
 its *incarnation* (the header's ``created`` word) and the generation ``g``: ``<name>.g<tag>``
 (``_names.generation_segment_name``), holding a small self-describing header -- which repeats
 the incarnation -- and the slots. The header word GENERATION names the ring that accepts
-commits. Because HEAD, the registry and the
-lock never move, waiting, waking and compare-and-set are untouched by a move, and the reader's
-fast path (an unchanged ``get()``: one load of HEAD and a compare) does not look at GENERATION at
-all.
+commits. Because HEAD, the registry and the lock never move, waiting, waking and compare-and-set
+are untouched by a move, and the reader's fast path (an unchanged ``get()``: one load of HEAD and
+a compare) does not look at GENERATION at all.
 
 The move (writer, under the writer lock)
 ----------------------------------------
@@ -56,18 +55,22 @@ were once named ``<name>.g<g>`` alone, so an orphan that grew found the new stor
 new openers read the orphan's value, then ``CorruptStoreError``. Now:
 
 - *Names*: a ring's name hashes the incarnation with the generation, so two incarnations'
-  rings have different names (30 bits of blake2b: a clash needs two incarnations of one name
-  whose tags collide, ~1e-9). An orphan creates and removes only names of its own incarnation.
+  rings have different names (30 bits of blake2b: two incarnations of one name clash at a given
+  generation with odds of about 1e-9). An orphan creates and removes only names of its own
+  incarnation.
 - *Headers*: the ring's header repeats the incarnation. Attaching checks it
   (``read_generation_header``), so even a clash of names can never serve another store's slots.
 - *Removing*: a name is unlinked only with proof that it is this incarnation's. Step 1 finds a
   leftover only under a name derived from its own incarnation, and removes it only if its header
   names this incarnation or was never written (the leftover of a mover killed between creating
-  the segment and writing the header: the name is the only proof there is; a clash *and* that
-  window at once is what remains, and it can only cost the other incarnation a ring not yet
-  published). A published ring of another incarnation under the name is refused
-  (``CorruptStoreError``), never removed. Step 4 and ``remove()`` derive older names from the
-  incarnation in the store's own header. ``remove()``/``gc`` of a *name* still remove every
+  the segment and writing its header: then the name is the only proof there is). What remains
+  is a clash of names *and* another incarnation's mover caught in those microseconds at once:
+  its move would then publish a ring without a name, which its other handles could not follow
+  (``CorruptStoreError``, never a wrong value). A ring of another incarnation whose header is
+  written is refused (``CorruptStoreError``), never removed. Step 4 and ``remove()`` derive
+  older names from the incarnation in the store's own header; ``unlink()`` of an orphaned handle
+  removes only its own incarnation's rings and semaphores, and never the name
+  (``_provision.remove_orphaned``). ``remove()``/``gc`` of a *name* still remove every
   ``<name>.g*`` on Linux -- that is removing the name for everyone, which the caller asked for.
 
 Open questions: a private store (``Store.private``) grows into anonymous segments, which a forked
