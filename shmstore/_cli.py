@@ -1,8 +1,11 @@
 """The ``shmstore`` command: see and manage stores without writing Python.
 
-Exit status: 0 success; 1 the command failed (one line on stderr says why); 2 usage error;
-3 ``set --expect`` lost the compare-and-set (the store was at another version); 130 interrupted
-(Ctrl-C); 143 the demo was stopped by ``SIGTERM``/``SIGHUP``.
+Exit status: 0 success; 1 the command failed (one line on stderr says why; ``watch`` also when
+its store was removed or replaced); 2 usage error (a bad option value, a malformed ``--type``, an
+unusable store name); 3 ``set --expect`` lost the compare-and-set (the store was at another
+version); 130 interrupted (Ctrl-C, ``watch`` and ``mirror publish``/``follow`` too); 143 the demo
+was stopped by ``SIGTERM``/``SIGHUP`` (a mirror worker stopped by ``SIGTERM`` exits 0: a clean
+stop, as a service manager asks for one).
 
 Errors are one line, never a traceback: library errors are ``StateStoreError`` (their message is
 the line), bad arguments are caught here, and anything else is reported as an internal error in
@@ -17,10 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib
 import logging
-import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from . import _cli_args as argtypes
 from ._errors import (
     StateStoreError,
     StateVersionError,
@@ -38,9 +41,10 @@ from ._errors import (
 )
 from ._names import validate_name
 from ._store import Store, remove
+from ._typeexpr import TypeExpressionError, resolve_type
 from .mirror._cli import add_mirror_parser
 
-__all__ = ["EXIT_CONFLICT", "build_parser", "main"]
+__all__ = ["EXIT_CONFLICT", "build_parser", "main", "one_line"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -76,21 +80,14 @@ def _opened(name: str, type_: Any = None, *, inspect: bool = True) -> Iterator[S
         st.close()
 
 
-def _import_type(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise CliError(f"--type wants module:Name, got {spec!r}", EXIT_USAGE)
+def _type_for(spec: str) -> Any:
+    """The one place the CLI turns ``--type`` text into a type (``_typeexpr``: ``module:Name``
+    or any expression ``ls`` prints, parsed, never evaluated). A type rebuilt from a store's
+    recorded schema, for when ``--type`` is absent, belongs here too."""
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:  # importing runs arbitrary module code: any failure is the answer
-        raise CliError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from exc
-    try:
-        msgspec.json.Decoder(obj)
-    except (TypeError, ValueError) as exc:
-        raise CliError(f"--type {spec!r} is not a type a store can hold: {exc}") from exc
-    return obj
+        return resolve_type(spec)
+    except TypeExpressionError as exc:
+        raise CliError(str(exc), EXIT_USAGE if exc.syntax else EXIT_ERROR) from None
 
 
 def _age(created_ns: int) -> str:
@@ -228,33 +225,65 @@ WATCH_SLICE = 1.0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    with (
-        _opened(args.name) as st,
-        st.subscribe(after_version=args.after, timeout=WATCH_SLICE) as sub,
-    ):
+    after = args.after
+    while True:
+        _watch_until_gone(args.name, after)
+        if not args.follow:
+            raise CliError(
+                f"store {args.name!r} was removed or replaced by a new store of that name; "
+                "stopped watching (--follow goes on with the new one)"
+            )
+        print(
+            f"shmstore: store {args.name!r} was removed or replaced; following the next store "
+            "of that name",
+            file=sys.stderr,
+            flush=True,
+        )
+        _wait_until_it_exists(args.name)
+        after = None  # a new store: its current value, then every new one
+
+
+def _watch_until_gone(name: str, after: int | None) -> None:
+    """Print each version of store *name* after *after*; return once the name no longer
+    points at the store this started with (``statistics().removed``), checked every
+    ``WATCH_SLICE`` seconds, busy or idle."""
+    with _opened(name) as st, st.subscribe(after_version=after, timeout=WATCH_SLICE) as sub:
+        checked = time.monotonic()
         while True:
             try:
                 for version, value in sub:
                     _out(_json({"version": version, "value": value}))
+                    if time.monotonic() - checked >= WATCH_SLICE:
+                        break
             except SubscriberLaggedError as lag:
                 print(f"shmstore: {lag}", file=sys.stderr)
             except TimeoutError:
-                continue
+                pass
+            checked = time.monotonic()
+            if st.statistics().removed:
+                return
+
+
+def _wait_until_it_exists(name: str) -> None:
+    # Nothing signals the creation of a store: look for it once per slice (Ctrl-C ends this).
+    while True:
+        try:
+            with _opened(name):
+                return
+        except StoreNotFoundError:
+            time.sleep(WATCH_SLICE)
 
 
 def cmd_set(args: argparse.Namespace) -> int:
     text = _read_stdin() if args.value == "-" else args.value
-    type_ = _import_type(args.type) if args.type else None
+    type_ = _type_for(args.type) if args.type is not None else None
     with _opened(args.name, type_, inspect=False) as st:
-        try:
-            value = msgspec.json.decode(text, type=st.value_type)
-        except msgspec.DecodeError as exc:
-            raise CliError(f"value is not valid for {args.type or 'the store'}: {exc}") from exc
+        value = _decode_value(text, st.value_type, args.type or "the store")
         if st.mirror_status.role == "replica":
             st.set(value, args.expect)  # refused, with the message that names the origin
         if type_ is None and not st.writable:
             raise CliError(
-                f"store {args.name!r} holds {st.type_name}; pass --type module:Class "
+                f"store {args.name!r} holds {st.type_name}; pass --type {st.type_name!r} "
                 "so that the value is checked against that type before it is written"
             )
         try:
@@ -262,6 +291,46 @@ def cmd_set(args: argparse.Namespace) -> int:
         except StateVersionError as exc:
             raise CliError(str(exc), EXIT_CONFLICT) from exc
     _out(_json({"version": version}))
+    return EXIT_OK
+
+
+def _decode_value(text: str, type_: Any, what: str) -> Any:
+    """*text* (JSON) as a value of *type_*; bad input, however bad, is a one-line error."""
+    try:
+        return msgspec.json.decode(text, type=type_)
+    except msgspec.DecodeError as exc:
+        raise CliError(f"value is not valid for {what}: {exc}") from exc
+    except RecursionError:
+        raise CliError(f"value is not valid for {what}: JSON nested too deeply to decode") from None
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    type_ = _type_for(args.type)
+    options: dict[str, Any] = {"mode": args.mode, "group": args.group}
+    for key in ("slots", "slot_size", "max_value_size", "max_readers"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    try:
+        st = Store.create(args.name, type_, **options)
+    except ValueError as exc:  # geometry out of range, an unknown group: the arguments' fault
+        if isinstance(exc, StateStoreError):
+            raise
+        raise CliError(str(exc), EXIT_USAGE) from None
+    with st:
+        stats = st.statistics()
+    _out(
+        _json(
+            {
+                "name": stats.name,
+                "type": stats.type_name,
+                "slots": stats.slots,
+                "slot_size": stats.slot_size,
+                "max_value_size": st.max_value_size,
+                "max_readers": stats.max_readers,
+                "mode": f"{args.mode:04o}",
+            }
+        )
+    )
     return EXIT_OK
 
 
@@ -413,74 +482,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-# argparse names a type function in its "invalid <name> value" message: these raise
-# ArgumentTypeError themselves, so every message talks about the value, not about a helper.
-
-
-def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value: int = _number(text, int, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value: float = _number(text, float, "a number")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def _demo_seconds(text: str) -> float:
-    value: float = _number(text, float, "a number")
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive finite number, or 0 to run until Ctrl-C, got {text!r}"
-        )
-    return value
-
-
-def _readers(text: str) -> int:
-    from ._demo import MAX_READERS  # noqa: PLC0415
-
-    value = _positive_int(text)
-    if value > MAX_READERS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_READERS} reader processes, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    from ._demo import MAX_RATE  # noqa: PLC0415
-
-    value = _positive_float(text)
-    if value > MAX_RATE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_RATE:.0f} per second, got {text!r}")
-    return value
-
-
-def _version(text: str) -> int:
-    value: int = _number(text, int, "a version number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a version is >= 0, got {value}")
-    return value
-
-
-def _duration(text: str) -> float:
-    from ._inventory import parse_duration  # noqa: PLC0415
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmstore",
@@ -509,15 +510,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--version", action="store_true", help='print {"version": N, "value": ...}')
 
-    p = verb("watch", cmd_watch, "print one JSON line per new version until Ctrl-C")
+    p = verb(
+        "watch",
+        cmd_watch,
+        "print one JSON line per new version until Ctrl-C, or until the store is removed or "
+        "replaced (exit 1)",
+    )
     p.add_argument("name")
-    p.add_argument("--after", type=_version, default=None, help="start after this version")
+    p.add_argument("--after", type=argtypes.version, default=None, help="start after this version")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="when the store is removed or replaced, wait for the next store of that name and "
+        "watch it",
+    )
 
     p = verb("set", cmd_set, "commit a value given as JSON (or - to read stdin)")
     p.add_argument("name")
     p.add_argument("value", help="the value as JSON, or - for standard input")
-    p.add_argument("--type", metavar="MODULE:CLASS", help="validate against this type")
-    p.add_argument("--expect", type=_version, metavar="VERSION", help="commit only at this version")
+    p.add_argument(
+        "--type",
+        metavar="TYPE",
+        help="validate against this type: module:Class, or as ls shows it ('dict[str, int]')",
+    )
+    p.add_argument(
+        "--expect", type=argtypes.version, metavar="VERSION", help="commit only at this version"
+    )
+
+    p = verb("create", cmd_create, "create an empty store of a type")
+    p.add_argument("name")
+    p.add_argument(
+        "--type",
+        required=True,
+        metavar="TYPE",
+        help="module:Class, or a type as ls shows it, e.g. 'dict[str, int]'",
+    )
+    p.add_argument(
+        "--slots", type=argtypes.positive_int, help="versions the ring keeps (default 8)"
+    )
+    p.add_argument(
+        "--slot-size", type=argtypes.size, metavar="B", help="initial slot capacity (bytes)"
+    )
+    p.add_argument(
+        "--max-value-size", type=argtypes.size, metavar="B", help="the largest value it may grow to"
+    )
+    p.add_argument(
+        "--max-readers", type=argtypes.positive_int, help="processes that may wait at once"
+    )
+    p.add_argument(
+        "--mode",
+        type=argtypes.mode,
+        default=0o600,
+        help="permission bits, octal (0600; 0640: group reads)",
+    )
+    p.add_argument(
+        "--group", type=argtypes.group, metavar="G", help="the store's group (name or gid)"
+    )
 
     p = verb("rm", cmd_rm, "remove a store (segment and semaphores) for everyone")
     p.add_argument("name")
@@ -531,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--older-than",
-        type=_duration,
+        type=argtypes.duration,
         metavar="AGE",
         help="also unused stores idle this long (90s, 30m, 12h, 7d)",
     )
@@ -558,11 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. -- --rounds 3")
 
     p = verb("demo", cmd_demo, "an FSM worker and reader processes sharing one store, live")
-    p.add_argument("--readers", type=_readers, default=3, help="reader processes (3, at most 256)")
     p.add_argument(
-        "--seconds", type=_demo_seconds, default=30.0, help="how long (30; 0: until Ctrl-C)"
+        "--readers", type=argtypes.readers, default=3, help="reader processes (3, at most 256)"
     )
-    p.add_argument("--rate", type=_rate, default=1000.0, help="commits per second (1000)")
+    p.add_argument(
+        "--seconds", type=argtypes.demo_seconds, default=30.0, help="how long (30; 0: until Ctrl-C)"
+    )
+    p.add_argument("--rate", type=argtypes.rate, default=1000.0, help="commits per second (1000)")
     p.add_argument(
         "--slow-reader",
         action="store_true",
@@ -585,8 +635,8 @@ def _run(args: argparse.Namespace) -> int:
     if name is not None:
         try:
             validate_name(name)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+        except ValueError as exc:  # the name as typed is unusable: a usage error
+            raise CliError(str(exc), EXIT_USAGE) from None
     code: int = args.run(args)
     return code
 
@@ -599,10 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except CliError as exc:
-        print(f"shmstore: {exc}", file=sys.stderr)
+        print(f"shmstore: {one_line(exc)}", file=sys.stderr)
         return exc.code
     except StateStoreError as exc:
-        print(f"shmstore: {exc}", file=sys.stderr)
+        print(f"shmstore: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -613,11 +663,26 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SHMSTORE_TRACEBACK"):
             raise
         print(
-            f"shmstore: internal error: {type(exc).__name__}: {exc} "
+            f"shmstore: internal error: {type(exc).__name__}: {one_line(exc)} "
             "(SHMSTORE_TRACEBACK=1 shows where; please report it)",
             file=sys.stderr,
         )
         return EXIT_ERROR
+
+
+_ERRNO_PREFIX = re.compile(r"\[Errno -?\d+\] ")
+
+
+def one_line(exc: BaseException) -> str:
+    """*exc*'s message as one line for an operator: an ``OSError``'s ``[Errno N]`` prefix is
+    dropped, wherever a message quotes one (the store's errors that are also ``OSError``s,
+    e.g. ``StoreNotFoundError``, would otherwise print ``[Errno 2] no store named 'x'``), and
+    line breaks become spaces."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        text = exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(_ERRNO_PREFIX.sub("", text).split())
 
 
 def _silence_stdout() -> None:

@@ -368,11 +368,16 @@ class Handle(Generic[T]):
 
     def unlink(self) -> None:
         """Remove the store's names for everyone. Attached handles keep working until closed;
-        no new handle can open it. Raises :class:`StorePermissionError` on a read-only handle
-        (``shmstore.remove(name)`` removes what the OS lets this user remove)."""
+        no new handle can open it. A handle whose store was removed already removes only what
+        is provably its own, never a new store of the same name. Raises
+        :class:`StorePermissionError` on a read-only handle (``shmstore.remove(name)`` removes
+        what the OS lets this user remove)."""
         if self._segment.readonly:
             raise self._att.readonly_error()
-        _provision.remove(self.name)
+        if not self._att.closed and self._segment.removed():  # orphaned: the name is another's
+            _provision.remove_orphaned(self.name, self._segment.map, self._info)
+        else:  # closed, or the name's: remove() leaves a store of another incarnation alone
+            _provision.remove(self.name, incarnation=self._info.created_ns)
 
     def __enter__(self) -> Self:
         return self

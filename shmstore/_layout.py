@@ -37,7 +37,8 @@ Header::
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
     144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
-               g > 0 = segment "<name>.g<g>" (values that grow, see _growth)
+               g > 0 = segment "<name>.g<tag>" of this incarnation (values that grow, see
+               _growth)
     152     8  registry high-water mark: entries at or above it were never used (u64)
     160    32  four counters for layers above the store, e.g. the FSM layer's conflicts (u64)
     192    64  type name, UTF-8, NUL padded (for tools)
@@ -59,6 +60,7 @@ Generation segment (a ring the store grew into): a 64-byte header, then the slot
      16     4  slot count (u32), equal to the store's
      20     4  slot payload capacity in bytes (u32)
      24     8  total segment size (u64)
+     32     8  the store's incarnation: its header's "created" word (u64), checked on attach
      64     -  slot 0 | slot 1 | ... as in the store segment
 
 Slot header (32 bytes)::
@@ -110,7 +112,9 @@ __all__ = [
 
 MAGIC = b"SHMSTORE"
 GEN_MAGIC = b"SHMSTGEN"
-LAYOUT_VERSION = 2  # 2: rings that grow (generation word, max_value_size)
+# 2: rings that grow (generation word, max_value_size); 3: rings named after, and stamped with,
+# the store's incarnation (a version-2 process would look for rings under their old names)
+LAYOUT_VERSION = 3
 FLAG_CRC = 1
 FLAG_ROBUST_MUTEX = 2
 
@@ -147,7 +151,7 @@ W_APP_COUNTERS = OFF_APP_COUNTERS // 8
 
 # The static part of the header, written once at create before the magic.
 HEADER = struct.Struct("<8sIIIIIIQQ16s")
-GEN_HEADER = struct.Struct("<8sQIIQ")
+GEN_HEADER = struct.Struct("<8sQIIQQ")
 GEN_HEADER_SIZE = 64
 NAME_FIELD_STRUCT = struct.Struct("<64s")
 OFF_TYPE_NAME = 192
@@ -224,13 +228,22 @@ def generation_size(slots: int, slot_size: int) -> int:
 
 
 def write_generation_header(
-    buf: bytearray | mmap.mmap, generation: int, slots: int, slot_size: int
+    buf: bytearray | mmap.mmap, generation: int, slots: int, slot_size: int, created_ns: int
 ) -> None:
-    """Describe a fresh generation segment; its magic goes in last (:func:`publish_generation`)."""
+    """Describe a fresh generation segment of the store incarnation created at *created_ns*;
+    its magic goes in last (:func:`publish_generation`)."""
     size = generation_size(slots, slot_size)
     buf[0 : GEN_HEADER.size] = GEN_HEADER.pack(
-        b"\0" * len(GEN_MAGIC), generation, slots, slot_size, size
+        b"\0" * len(GEN_MAGIC), generation, slots, slot_size, size, created_ns
     )
+
+
+def generation_incarnation(buf: bytes | bytearray | mmap.mmap, real_size: int) -> int:
+    """The incarnation a generation segment was stamped with, 0 while its header is unwritten
+    (or the segment is too short to have one)."""
+    if real_size < GEN_HEADER_SIZE:
+        return 0
+    return int(GEN_HEADER.unpack_from(buf, 0)[5])
 
 
 def publish_generation(buf: bytearray | mmap.mmap) -> None:
@@ -238,13 +251,23 @@ def publish_generation(buf: bytearray | mmap.mmap) -> None:
 
 
 def read_generation_header(
-    buf: bytes | bytearray | mmap.mmap, real_size: int, generation: int, slots: int
+    buf: bytes | bytearray | mmap.mmap,
+    real_size: int,
+    generation: int,
+    slots: int,
+    created_ns: int,
 ) -> int:
-    """Validate a generation segment against what the store header says; returns its slot
-    payload capacity. :class:`CorruptStoreError` for anything else."""
+    """Validate a generation segment against what the store header says (its incarnation
+    *created_ns* included); returns its slot payload capacity. :class:`CorruptStoreError` for
+    anything else."""
     if real_size < GEN_HEADER_SIZE:
         raise CorruptStoreError(f"generation {generation} segment is only {real_size} bytes")
-    magic, gen, nslots, slot_size, total = GEN_HEADER.unpack_from(buf, 0)
+    magic, gen, nslots, slot_size, total, incarnation = GEN_HEADER.unpack_from(buf, 0)
+    if magic == GEN_MAGIC and incarnation != created_ns:
+        raise CorruptStoreError(
+            f"generation {generation} segment belongs to the store created at {incarnation} ns, "
+            f"not to this one (created at {created_ns} ns)"
+        )
     if magic != GEN_MAGIC or gen != generation or nslots != slots:
         raise CorruptStoreError(
             f"generation {generation} segment is not one: magic {magic!r}, generation {gen}, "

@@ -12,6 +12,11 @@ the entry's claim generation. So a handle of a removed-and-recreated store can n
 post the semaphore of a reader of the new store, and a claim never has to remove the previous
 claimant's semaphore first (which sticky ``/dev/shm`` forbids when that claimant was another
 user).
+
+A ring the store grew into (``_growth``) is named the same way, after the incarnation and the
+ring's generation: ``shmstore.<hash>.g<tag>``. A handle of a removed store that grows therefore
+creates and removes only names of its own incarnation, never the rings of a new store of the same
+name (issue 20); the ring's header repeats the incarnation, checked on attach.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 __all__ = [
     "MAX_NAME_BYTES",
     "OS_PREFIX",
+    "generation_prefix",
     "generation_segment_name",
     "reader_semaphore_name",
     "semaphore_prefix",
@@ -33,6 +39,7 @@ MAX_NAME_BYTES = 64
 OS_PREFIX = "shmstore."
 _HASH_CHARS = 13  # 65 bits of blake2b: collisions are not a practical concern on one machine
 _TAG_CHARS = 7  # 35 bits; with the prefix, 31 bytes: macOS's limit for a semaphore name
+_RING_TAG_CHARS = 6  # 30 bits; "/shmstore.<hash>.g<tag>" is 31 bytes: macOS's limit
 
 
 def validate_name(name: object) -> str:
@@ -61,10 +68,17 @@ def segment_name(name: str) -> str:
     return f"/{OS_PREFIX}{_digest(name)}"
 
 
-def generation_segment_name(name: str, generation: int) -> str:
-    """``/shmstore.<hash>.g<generation>``: the ring store *name* grew into (at most 29 bytes
-    below generation 100_000)."""
-    return f"{segment_name(name)}.g{generation}"
+def generation_segment_name(name: str, created_ns: int, generation: int) -> str:
+    """``/shmstore.<hash>.g<tag>``: ring *generation* of the incarnation of store *name* created
+    at *created_ns* (31 bytes). Every name it can return starts with
+    :func:`generation_prefix`."""
+    tag = _digest(f"{created_ns}:ring:{generation}", _RING_TAG_CHARS)
+    return f"{generation_prefix(name)}{tag}"
+
+
+def generation_prefix(name: str) -> str:
+    """What the OS name of every ring of every incarnation of store *name* starts with."""
+    return f"{segment_name(name)}.g"
 
 
 def semaphore_prefix(name: str) -> str:

@@ -69,8 +69,12 @@ A projection is only sound if every field it asks for is there, with the same wi
 every value the store can hold. :func:`check_projection` proves that from the two types' msgspec
 descriptions: each projected field must exist in the stored type under the same encoded name
 with an equal type; a field the projection requires must be one the encoder always writes (a
-required field, or one of a type that does not omit defaults). Array-like Structs and types
-that are not Structs are refused: their wire form is positional.
+required field, or one of a type that does not omit defaults), and where the encoder may omit a
+field, the projection's default for it must be the stored type's (else it would report its own
+default for a value holding the stored one: issue 20). A ``forbid_unknown_fields`` projection
+must name every key the stored type may write (its fields and its tag): a strict subset would
+fail every read of a value holding one of the others. Array-like Structs and types that are not
+Structs are refused: their wire form is positional.
 
 The projected value is cached per version like ``get()``'s.
 """
@@ -302,11 +306,39 @@ def check_projection(stored: Any, projected: Any) -> None:
                 f"{projected.__qualname__}.{field.name} is {field.type}, but "
                 f"{stored.__qualname__}.{source.name} is {source.type}"
             )
-        if field.required and not source.required and stored.__struct_config__.omit_defaults:
+        if source.required or not stored.__struct_config__.omit_defaults:
+            continue  # always on the wire: the projection's default is never used
+        if field.required:
             raise SchemaMismatchError(
                 f"{projected.__qualname__}.{field.name} is required, but "
                 f"{stored.__qualname__} omits it when it holds its default: give it a default"
             )
+        mine, theirs = _default_of(field), _default_of(source)
+        if type(mine) is not type(theirs) or mine != theirs:
+            raise SchemaMismatchError(
+                f"{projected.__qualname__}.{field.name} defaults to {mine!r}, but "
+                f"{stored.__qualname__} omits {source.name} when it holds {theirs!r}: "
+                f"the projection would report {mine!r} for it; give it the default {theirs!r}"
+            )
+    if part.forbid_unknown_fields:
+        mine_keys = {f.encode_name for f in part.fields} | _tag_keys(part)
+        unknown = sorted(({f.encode_name for f in full.fields} | _tag_keys(full)) - mine_keys)
+        if unknown:
+            raise SchemaMismatchError(
+                f"{projected.__qualname__} has forbid_unknown_fields, but values of "
+                f"{stored.__qualname__} hold {', '.join(map(repr, unknown))}, which it does "
+                "not have: reads would fail; drop forbid_unknown_fields from the projection"
+            )
+
+
+def _default_of(field: mi.Field) -> Any:
+    if field.default_factory is not msgspec.NODEFAULT:
+        return field.default_factory()
+    return field.default
+
+
+def _tag_keys(info: mi.StructType) -> set[str]:
+    return set() if info.tag_field is None else {info.tag_field}
 
 
 def _decode_confirmed(

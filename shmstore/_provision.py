@@ -76,6 +76,7 @@ __all__ = [
     "create",
     "create_private",
     "remove",
+    "remove_orphaned",
 ]
 
 DEFAULT_SLOTS: Final = 8
@@ -309,17 +310,24 @@ def _attach(
         return segment, info
 
 
-def remove(name: str) -> bool:
+def remove(name: str, *, incarnation: int | None = None) -> bool:
     """Remove every OS object of store *name* (segment and reader semaphores) for everyone.
     ``False`` if there was no segment. Raises :class:`StorePermissionError` for a store this
-    user may not remove."""
+    user may not remove.
+
+    With *incarnation* (a store's ``created_ns``: what a handle's ``unlink()`` passes), only that
+    incarnation is removed: a name that now holds another store -- or a damaged one, which
+    cannot say -- is left alone, and ``False`` returned (an orphaned handle never removes the
+    new store of its name: issue 20)."""
     validate_name(name)
     semaphores: list[str] = []
-    generation = 0
+    generation = created_ns = 0
     try:
         segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
-        pass  # missing or damaged: still remove the name, and every semaphore we can find
+        if incarnation is not None:
+            return False  # gone, or not provably this incarnation: not ours to remove
+        # missing or damaged: still remove the name, and every semaphore we can find
     else:
         words = memoryview(segment.map).cast("Q")
         try:
@@ -327,17 +335,37 @@ def remove(name: str) -> bool:
                 words, info.geometry.registry_capacity, name, info.created_ns
             )
             generation = int(words[W_GENERATION])
+            created_ns = info.created_ns
         finally:
             words.release()
             segment.close()
+        if incarnation is not None and created_ns != incarnation:
+            return False
     existed = unlink_segment(name)
     # Every ring it grew into, and one more: a move that died before publishing it.
-    unlink_generations(name, range(1, min(generation, MAX_GENERATIONS) + 2))
+    unlink_generations(name, created_ns, range(1, min(generation, MAX_GENERATIONS) + 2))
     remove_listed_generations(name)
     for sem in semaphores:
         unlink_semaphore(sem)
     _remove_listed_semaphores(name)
     return existed
+
+
+def remove_orphaned(name: str, root: Any, info: HeaderInfo) -> None:
+    """What ``unlink()`` of a handle whose store's name was removed (or taken by a new store)
+    removes: only the names derived from its own incarnation -- the rings it grew into and its
+    readers' semaphores -- read from the handle's own mapping *root*, never from the name."""
+    words = memoryview(root).cast("Q")
+    try:
+        semaphores = registered_semaphore_names(
+            words, info.geometry.registry_capacity, name, info.created_ns
+        )
+        generation = int(words[W_GENERATION])
+    finally:
+        words.release()
+    unlink_generations(name, info.created_ns, range(1, min(generation, MAX_GENERATIONS) + 2))
+    for sem in semaphores:
+        unlink_semaphore(sem)
 
 
 def _remove_listed_semaphores(name: str) -> None:

@@ -58,11 +58,18 @@ registry lock is another byte lock of the same kind, taken with a deadline; the 
 is a scan of the entries and one ``sem_open``. An entry's owner gives it back without the lock:
 it holds the entry's liveness byte, so nobody else touches the entry until it lets go. Without
 OFD locks (macOS) the writer lock serializes registrations, as a fallback.
+
+A full ``/dev/shm`` (``sem_open`` fails with ENOSPC) refuses the registration with a
+:class:`StateStoreError` that says what is full (issue 20), rather than falling back to polling:
+the condition is machine-wide and needs an operator, a poll-based ``wait()`` would hide it behind
+slower wake-ups and CPU spent by every waiter, and the store itself (HEAD, the value) is intact,
+so the caller may retry or read with ``get()``. The claim is undone: the entry stays free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -128,6 +135,22 @@ def unlink_semaphore(name: str) -> bool:
         log.debug("cannot remove semaphore %s of another user", name)
         return False
     return True
+
+
+def _semaphore_error(store: str, exc: OSError) -> StateStoreError:
+    """The one-line error for a reader semaphore that ``sem_open`` could not create. A full
+    ``/dev/shm`` (ENOSPC) is named as such: a waiter is refused at once, visibly, rather than
+    degraded to polling behind the caller's back (issue 20)."""
+    if exc.errno == errno.ENOSPC:
+        where = _SEM_DIR if os.path.isdir(_SEM_DIR) else "the shared-memory file system"
+        return StateStoreError(
+            f"store {store!r}: cannot wait: {where} is full, no room for the reader's "
+            "semaphore (the store and its value are intact); free space there, or make it "
+            "larger"
+        )
+    return StateStoreError(
+        f"store {store!r}: cannot create the reader's semaphore: {exc.strerror or exc}"
+    )
 
 
 def registered_semaphore_names(
@@ -274,7 +297,7 @@ class Registry:
         self._forget_sem(index)
         try:
             sem = posix_ipc.Semaphore(self._sem_name(index, gen))
-        except posix_ipc.Error:
+        except (posix_ipc.Error, OSError):
             return None  # being registered or reclaimed right now; the next commit retries
         self._sems[index] = (gen, sem)
         return sem
@@ -397,6 +420,8 @@ class Registry:
                 raise StateStoreError(
                     f"store {self._name!r}: cannot create semaphore: {exc}"
                 ) from exc
+            except OSError as exc:  # posix_ipc passes sem_open's other errors on as OSError
+                raise _semaphore_error(self._name, exc) from exc
             try:
                 self._share_like_the_segment(name)
             except BaseException:

@@ -148,7 +148,7 @@ def test_errors_are_one_line(store_name: str) -> None:
         result = cli(*args)
         assert result.returncode == 1
         assert "no store named" in one_line_error(result)
-    assert cli("get", "bad/name").returncode == 1
+    assert cli("get", "bad/name").returncode == 2  # a usage error (issue 20)
     assert cli("frobnicate").returncode == 2
 
 
@@ -164,7 +164,7 @@ def test_errors_are_one_line(store_name: str) -> None:
 )
 def test_bad_store_names_are_one_line_errors(args: tuple[str, ...], message: str) -> None:
     result = cli(*args)
-    assert result.returncode == 1
+    assert result.returncode == 2  # usage (issue 20, item 14)
     assert message in one_line_error(result)
 
 

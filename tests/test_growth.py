@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from growth_workers import (
 )
 from test_waiting import wait_for_registrations
 
-from shmstore import SnapshotTooLargeError, Store
+import shmstore
+from shmstore import CorruptStoreError, SnapshotTooLargeError, Store
 from shmstore._names import generation_segment_name, segment_name
 from shmstore.metrics import prometheus_text
 
@@ -33,8 +35,8 @@ def generations_on_disk(name: str) -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith(prefix)}
 
 
-def gen_file(name: str, generation: int) -> str:
-    return generation_segment_name(name, generation).lstrip("/")
+def gen_file(st: Store[bytes], generation: int) -> str:
+    return generation_segment_name(st.name, st.created_ns, generation).lstrip("/")
 
 
 def test_a_value_that_does_not_fit_grows_the_store(store_name: str) -> None:
@@ -48,13 +50,13 @@ def test_a_value_that_does_not_fit_grows_the_store(store_name: str) -> None:
         stats = st.statistics()
         assert (stats.growths, stats.version, stats.commits) == (1, 2, 2)
         assert stats.slot_size == st.capacity
-        assert generations_on_disk(store_name) == {gen_file(store_name, 1)}
+        assert generations_on_disk(store_name) == {gen_file(st, 1)}
         # Geometric: a little more does not move again; 4 MiB does, and the old ring's name goes.
         assert st.set(blob(3, (1 << 20) + 100)) == 3
         assert st.statistics().growths == 1
         assert st.set(blob(4, 4 << 20)) == 4
         assert st.statistics().growths == 2
-        assert generations_on_disk(store_name) == {gen_file(store_name, 2)}
+        assert generations_on_disk(store_name) == {gen_file(st, 2)}
         text = prometheus_text([st.statistics()])
         assert "shmstore_growths_total" in text
         assert f'shmstore_slot_size_bytes{{store="{store_name}"' in text
@@ -133,7 +135,8 @@ def test_every_handle_in_other_processes_follows_a_growth_from_4k_to_4m(store_na
         "ring.write_slot(version, got[0], got[1])",  # copying the old versions
         "publish_generation(segment.map)",  # copied, not yet a generation
         "ring.take_over()",  # published, GENERATION not yet moved
-        "unlink_generations(name, range(1, generation))",  # moved, old names still there
+        # moved, old names still there
+        "unlink_generations(name, created_ns, range(1, generation))",
         "return ring, segment",  # moved; the commit itself not yet made
     ],
 )
@@ -224,3 +227,52 @@ def test_async_store_handles_follow_a_growth(store_name: str) -> None:
             writer.unlink()
 
     asyncio.run(main())
+
+
+def test_an_orphan_that_grows_never_touches_the_new_store_of_its_name(store_name: str) -> None:
+    """Issue 20, item 1: a handle of a removed store that grows used to take the new store's
+    ring ``.g1`` for a dead writer's leftover, unlink it and put its own in its place."""
+    orphan = Store.create(store_name, bytes, slots=4, slot_size=1024)
+    try:
+        orphan.set(b"old")
+        orphan.unlink()  # the name is free; the handle lives on, orphaned
+        with Store.create(store_name, bytes, slots=4, slot_size=1024) as new:
+            new.set(blob(1, 3000))  # the new store moves to its generation 1
+            assert new.statistics().growths == 1
+            (ring,) = generations_on_disk(store_name)
+            assert ring == gen_file(new, 1)
+            orphan.set(blob(2, 3000))  # the orphan grows to *its* generation 1
+            assert orphan.get_with_version() == (blob(2, 3000), 2)
+            assert gen_file(new, 1) in generations_on_disk(store_name)  # still there
+            with Store.open(store_name, bytes) as fresh:
+                assert fresh.get_with_version() == (blob(1, 3000), 1)
+            new.set(blob(3, 5000))  # the new store commits and grows on, unharmed
+            orphan.set(blob(4, 9000))
+            with Store.open(store_name, bytes) as fresh:
+                assert fresh.get_with_version() == (blob(3, 5000), 2)
+            assert orphan.get_with_version() == (blob(4, 9000), 3)
+    finally:
+        orphan.close()
+    shmstore.remove(store_name)
+    assert generations_on_disk(store_name) == set()  # every ring of every incarnation
+
+
+def test_a_clash_of_ring_names_is_refused_and_never_removed(store_name: str) -> None:
+    """Should two incarnations' ring names ever clash (30 bits of hash), the ring's header says
+    whose it is: the orphan neither removes the other store's ring nor uses it."""
+    orphan = Store.create(store_name, bytes, slots=4, slot_size=1024)
+    try:
+        orphan.set(b"old")
+        orphan.unlink()
+        with Store.create(store_name, bytes, slots=4, slot_size=1024) as new:
+            new.set(blob(1, 3000))
+            # The clash, made by hand: the orphan's generation-1 name is the new store's ring.
+            os.link(SHM / gen_file(new, 1), SHM / gen_file(orphan, 1))
+            with pytest.raises(CorruptStoreError, match="is taken by a ring of the store"):
+                orphan.set(blob(2, 3000))
+            assert orphan.get_with_version() == (b"old", 1)
+            assert {gen_file(new, 1), gen_file(orphan, 1)} <= generations_on_disk(store_name)
+            with Store.open(store_name, bytes) as fresh:
+                assert fresh.get_with_version() == (blob(1, 3000), 1)
+    finally:
+        orphan.close()

@@ -162,3 +162,51 @@ def test_a_projection_that_runs_user_code_decodes_only_confirmed_copies(store_na
             view.get()
         # Its own decode still runs in place: the store's type runs no user code.
         assert st.projection(Head).get() == Head(-1, "S")
+
+
+class Counted(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    count: int = 0
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class CountSeven(msgspec.Struct, frozen=True):
+    count: int = 7
+
+
+class CountZero(msgspec.Struct, frozen=True):
+    name: str
+    count: int = 0
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class StrictHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    state: str
+
+
+class StrictAll(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    state: str
+    history: list[int]
+    note: str = ""
+
+
+def test_a_projected_default_the_stored_value_does_not_hold_is_refused(store_name: str) -> None:
+    """Issue 20, item 2: the stored type omits ``count=0`` on the wire; a projection that
+    defaults it to 7 would report 7 for a value holding 0."""
+    with Store.create(store_name, Counted) as st:
+        st.set(Counted("a", 0))
+        with pytest.raises(SchemaMismatchError, match=r"CountSeven.count defaults to 7.*0"):
+            st.projection(CountSeven)
+        assert st.projection(CountZero).get() == CountZero("a", 0)  # equal defaults are fine
+
+
+def test_a_strict_projection_of_a_subset_is_refused_when_made(store_name: str) -> None:
+    """Issue 20, item 3: a ``forbid_unknown_fields`` projection of fewer fields was accepted,
+    then every read failed on the fields it does not have."""
+    with Store.create(store_name, Reading) as st:
+        st.set(Reading(1, "IDLE", [1, 2]))
+        with pytest.raises(SchemaMismatchError, match=r"forbid_unknown_fields.*'history'"):
+            st.projection(StrictHead)
+        assert st.projection(StrictAll).get() == StrictAll(1, "IDLE", [1, 2])

@@ -287,9 +287,11 @@ def _normalise_snapshot(kw: dict[str, Any]) -> None:
     elif type(history) is not tuple:
         try:
             kw["history"] = tuple(history)
-        except TypeError:
+        except TypeError as exc:
+            # The original's message was tuple()'s own ("'int' object is not iterable"), which
+            # its callers' tests match: keep it, after saying what was wanted.
             raise TypeError(
-                f"history must be an iterable of TransitionDTO, got {type(history).__name__}"
+                f"history must be an iterable of TransitionDTO, got {type(history).__name__}: {exc}"
             ) from None
     if kw.get("context_data") is None:
         kw["context_data"] = {}

@@ -2,7 +2,8 @@
 
 ``shmstore._cli.build_parser`` calls :func:`add_mirror_parser`; this module imports no NATS code
 until a verb runs, so the command works without the ``[mirror]`` extra. Exit status as the rest
-of the command: 0 ok, 1 error (one line on stderr), 2 usage, 3 ``set --expect`` conflict.
+of the command: 0 ok, 1 error (one line on stderr), 2 usage, 3 ``set --expect`` conflict, 130
+``publish``/``follow`` stopped by Ctrl-C (a ``SIGTERM`` stop is a clean one: 0).
 
 Secrets: ``--password`` and ``--token`` are visible to other users in the process list; prefer
 the environment variables ``SHMSTORE_NATS_PASSWORD`` / ``SHMSTORE_NATS_TOKEN``, a ``--creds``
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import os
 import signal
@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from .. import StateVersionError
+from .._typeexpr import TypeExpressionError, resolve_type
 from ._connect import ConnectOptions
 
 __all__ = ["add_mirror_parser"]
@@ -31,6 +32,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONFLICT = 3
+EXIT_INTERRUPTED = 130
 
 
 def _options(args: argparse.Namespace) -> ConnectOptions:
@@ -54,31 +56,37 @@ def _options(args: argparse.Namespace) -> ConnectOptions:
 def _import_type(spec: str | None) -> Any:
     if spec is None:
         return None
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"shmstore: --type wants module:Name, got {spec!r}")
+    # The same resolution as `shmstore set --type` (the current directory searched as
+    # `python -m` does, and any type expression `shmstore ls` prints).
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"shmstore: cannot import {spec!r}: {exc}") from None
-    return obj
+        return resolve_type(spec)
+    except TypeExpressionError as exc:
+        if exc.syntax:
+            print(f"shmstore: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+        raise
 
 
 def _run_until_signalled(worker: Any) -> int:
-    """Run ``worker.run()`` until SIGINT or SIGTERM (then stop it cleanly)."""
+    """Run ``worker.run()`` until SIGINT or SIGTERM, then stop it cleanly. Exit status: 130
+    after Ctrl-C, like ``watch`` and every interrupted command; 0 after SIGTERM, the way a
+    service manager stops a worker it runs (a clean stop, not a failure)."""
 
     logging.getLogger("shmstore.mirror").setLevel(logging.INFO)  # state changes, for operators
+    stopped_by: list[int] = []
+
+    def stop(sig: int) -> None:
+        stopped_by.append(sig)
+        worker.stop()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, stop, sig)
         await worker.run()
 
     asyncio.run(main())
-    return EXIT_OK
+    return EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else EXIT_OK
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
