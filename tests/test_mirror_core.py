@@ -336,3 +336,55 @@ def test_a_replica_cannot_be_published(store_name: str) -> None:
         f"shmstore: store {store_name!r} is a replica of 'robot': publish the origin on its own "
         "host instead"
     )
+
+
+def test_remote_set_of_a_recursive_or_deep_value_is_a_mirror_error() -> None:
+    import asyncio  # noqa: PLC0415
+
+    from shmstore.mirror import (  # noqa: PLC0415
+        AsyncRemoteStore,
+        ConnectOptions,
+        MirrorError,
+        RemoteStore,
+    )
+
+    recursive: list[Any] = []
+    recursive.append(recursive)
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    options = ConnectOptions(servers=("nats://127.0.0.1:9",))  # never reached: refused first
+    with RemoteStore("x", options=options) as remote:
+        for value in (recursive, deep):
+            with pytest.raises(MirrorError, match="recursive or nested too deeply"):
+                remote.set(value)
+
+    async def remote_async() -> None:
+        async with AsyncRemoteStore("x", options=options) as remote:
+            with pytest.raises(MirrorError, match="recursive or nested too deeply"):
+                await remote.set(recursive)
+
+    asyncio.run(remote_async())
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "shmstore: value is nested too deeply"),
+        (b'"\xff\xfe"', "shmstore: value is not valid JSON: Invalid UTF-8 encoded string"),
+    ],
+    ids=["deep", "not-utf8"],
+)
+def test_mirror_set_of_bad_standard_input_is_one_clear_line(stdin: bytes, message: str) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shmstore", "mirror", "set", "x", "-", "--server", "nats://h:9"],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines() == [message]

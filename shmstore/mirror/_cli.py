@@ -103,6 +103,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         bucket=args.bucket,
         local_name=args.local,
         max_readers=args.max_readers,
+        live=args.live,
     )
     return _run_until_signalled(follower)
 
@@ -110,11 +111,16 @@ def cmd_follow(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     from ._remote import AsyncRemoteStore  # noqa: PLC0415
 
-    text = sys.stdin.read() if args.value == "-" else args.value
+    # Bytes, not text: msgspec checks that they are UTF-8, and a non-UTF-8 input is bad input
+    # with the usual one-line error (text would carry surrogates that cannot be encoded).
+    data = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
     try:
-        value = msgspec.json.decode(text)
+        value = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         print(f"shmstore: value is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except RecursionError:
+        print("shmstore: value is nested too deeply", file=sys.stderr)
         return EXIT_ERROR
 
     async def write() -> int:
@@ -214,6 +220,12 @@ def add_mirror_parser(subparsers: Any) -> None:
         type=_readers,
         default=64,
         help="processes that may wait on the replica at once, when it is created (64)",
+    )
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="take records from the bucket only, not from the publisher's live subject",
     )
 
     text = "commit a JSON value on the origin store NAME through its publisher"

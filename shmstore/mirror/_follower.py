@@ -27,10 +27,20 @@ import logging
 import time
 from typing import Any, Final
 
-from .._errors import StateStoreError, StoreExistsError, StoreNotFoundError
+from .._errors import StateStoreError, StateVersionError, StoreExistsError, StoreNotFoundError
 from .._store import MirrorHooks, Store
 from ._connect import ConnectOptions, connect, describe_error
-from ._wire import KEY, Record, decode_record, default_bucket, validate_bucket
+from ._live import open_live
+from ._wire import (
+    KEY,
+    Record,
+    assemble,
+    chunk_key,
+    decode_record,
+    default_bucket,
+    live_subject,
+    validate_bucket,
+)
 
 __all__ = ["Follower"]
 
@@ -59,6 +69,7 @@ class Follower:
         local_name: str | None = None,
         max_readers: int = 64,
         mode: int = 0o600,
+        live: bool = True,
     ) -> None:
         self.name = name
         self.local_name = local_name or name
@@ -66,6 +77,8 @@ class Follower:
         self.options = options or ConnectOptions()
         self.max_readers = max_readers
         self.mode = mode
+        self.live = live
+        """Also take records from the publisher's live subject (False: only the bucket)."""
         self.applied = 0
         """Versions committed into the replica by this follower."""
         self._stop = asyncio.Event()
@@ -74,6 +87,10 @@ class Follower:
         self._refused: tuple[int, str] | None = None
         self._reconnected = asyncio.Event()
         self._said_no_bucket = False
+        self._kv: Any = None
+        self._fetching: set[int] = set()  # versions whose chunks are being fetched
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # live records handed to the loop
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -89,7 +106,7 @@ class Follower:
             js = nc.jetstream(timeout=5.0)
             while not self._stop.is_set():
                 try:
-                    await self._follow(js)
+                    await self._follow(nc, js)
                 except StateStoreError:
                     raise
                 except Exception as exc:  # NATS down, bucket missing, leader election: retry
@@ -147,19 +164,32 @@ class Follower:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _follow(self, js: Any) -> None:
-        """One watch of the key, until it fails, the connection comes back, or stop."""
+    async def _follow(self, nc: Any, js: Any) -> None:
+        """One watch of the key (and one subscription to the live subject), until it fails, the
+        connection comes back, or stop."""
         from nats.errors import TimeoutError as NatsTimeout  # noqa: PLC0415
         from nats.js.errors import KeyNotFoundError  # noqa: PLC0415
 
-        kv = await js.key_value(self.bucket)
+        kv = self._kv = await js.key_value(self.bucket)
         self._reconnected.clear()
+        # Subscribed before the watch starts: a record published in between comes one way or
+        # the other (the watch begins with the newest entry).
+        live = raw = None
+        if self.live:
+            self._loop = asyncio.get_running_loop()
+            raw = await asyncio.to_thread(
+                open_live, self.options, live_subject(self.bucket), self._on_live_thread
+            )
+            if raw is None:  # the options need nats-py (TLS, creds): the same records, slower
+                live = await nc.subscribe(live_subject(self.bucket), cb=self._on_live)
         watcher = await kv.watch(KEY)
         try:
             while not self._stop.is_set() and not self._reconnected.is_set():
                 try:
                     entry = await watcher.updates(timeout=RESYNC)
                 except NatsTimeout:
+                    if raw is not None and not raw.alive:  # reopened on the next watch
+                        return
                     # Quiet: confirm with a direct read (a watch can stall silently when the
                     # server restarts under it).
                     try:
@@ -172,17 +202,95 @@ class Follower:
                     continue
                 if entry.operation is not None or not entry.value:
                     continue  # a delete or purge by an operator: keep serving the last value
-                self._apply(entry.value)
+                await self._receive(entry.value)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+            if live is not None:
+                with contextlib.suppress(Exception):
+                    await live.unsubscribe()
+            if raw is not None:
+                await asyncio.to_thread(raw.close)
 
-    def _apply(self, data: bytes) -> None:
+    def _on_live_thread(self, data: bytes) -> None:
+        """The live connection's reading thread: commit a record the replica can take at once;
+        anything else (the first record, a manifest, a refusal to say) goes to the event loop."""
+        replica = self._replica
+        try:
+            record = decode_record(data)
+        except StateStoreError:
+            return  # said by the durable path, when this record arrives there
+        if replica is not None and not record.chunked:
+            hooks = MirrorHooks(replica)
+            try:
+                if record.version <= replica.version:
+                    return
+                if record.fingerprint == hooks.fingerprint:
+                    hooks.commit_replicated(record.value, record.version, record.commit_ns)
+                    self.applied += 1
+                    return
+            except StateVersionError:
+                return  # the bucket's copy came first
+            except (StateStoreError, ValueError):
+                pass  # refused: the loop says so
+        loop = self._loop
+        if loop is not None and not self._stop.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+                loop.call_soon_threadsafe(self._spawn, data)
+
+    def _spawn(self, data: bytes) -> None:
+        task = asyncio.ensure_future(self._receive(data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_live(self, msg: Any) -> None:
+        try:
+            await self._receive(msg.data)
+        except Exception as exc:  # the bucket's copy of this version follows; say it once
+            log.debug("live record not applied: %s", describe_error(exc, self.options))
+
+    async def _receive(self, data: bytes) -> None:
+        """Apply the record in *data* (from either path) unless the replica has its version."""
         try:
             record = decode_record(data)
         except StateStoreError as exc:
             self._refuse(0, str(exc))
             return
+        if record.chunked:
+            replica = self._replica
+            if record.version in self._fetching or (
+                replica is not None and record.version <= replica.version
+            ):
+                return
+            self._fetching.add(record.version)
+            try:
+                full = await self._assemble(record)
+            finally:
+                self._fetching.discard(record.version)
+            if full is None:
+                return
+            record = full
+        self._apply(record)
+
+    async def _assemble(self, manifest: Record) -> Record | None:
+        """The full record of a chunked *manifest*, or ``None`` (refused, and said) if its
+        chunks are not all there or not the manifest's."""
+        from nats.js.errors import KeyNotFoundError  # noqa: PLC0415
+
+        kv = self._kv
+        keys = [chunk_key(manifest.version, i) for i in range(manifest.chunks)]
+        try:
+            entries = await asyncio.gather(*(kv.get(key) for key in keys))
+            return assemble(manifest, [entry.value or b"" for entry in entries])
+        except (KeyNotFoundError, StateStoreError) as exc:
+            self._refuse(
+                manifest.version,
+                f"its chunks are not all in bucket {self.bucket!r} ({exc.__class__.__name__}: "
+                f"{str(exc)[:200]}); waiting for a newer complete version",
+            )
+            return None
+
+    def _apply(self, record: Record) -> None:
         replica = self._replica
         if replica is None:
             replica = self._replica = self._create(record)
@@ -198,7 +306,9 @@ class Follower:
                 MirrorHooks(replica).commit_replicated(
                     record.value, record.version, record.commit_ns
                 )
-            except StateStoreError as exc:
+            except StateVersionError:
+                return  # the other path's copy of this version came first
+            except (StateStoreError, ValueError) as exc:  # ValueError: an impossible version
                 self._refuse(record.version, str(exc))
                 return
             self.applied += 1

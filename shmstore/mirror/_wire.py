@@ -7,6 +7,28 @@ latest-value semantics, like the store itself, and a follower that comes back af
 needs only the newest entry. The entry's value is a :class:`Record` in MessagePack: the origin's
 encoded value bytes, untouched (no decode and re-encode on either side), together with what a
 follower needs to build and check a replica.
+
+Two paths carry each record
+---------------------------
+* **durable**: the ``state`` key of the bucket, put with compare-and-set (see ``_publisher``).
+  Late followers, restarts and gaps catch up from it.
+* **live**: the same bytes published on the plain NATS subject :func:`live_subject`, no
+  acknowledgement, just before the durable put. Followers subscribe to it and apply whichever
+  copy of a version arrives first; a version already applied is never applied again, so the two
+  paths together keep the replica's guarantees (see ``_follower``).
+
+Chunks
+------
+A record larger than the server's ``max_payload`` cannot travel as one message. Its bytes are
+split into chunks of at most ``max_payload - HEADROOM`` bytes, put into the bucket under the keys
+``chunk.<version>.<index>`` (each key once: a version's chunks are never overwritten by another
+version's), and only then is a **manifest** put into ``state``: a record of format
+``CHUNKED_FORMAT`` with the same metadata, an empty value, and the number, total size and
+BLAKE2b digest of the chunks. A manifest is therefore put only once every chunk it names is in
+the bucket, and a follower that reassembles a manifest checks the size and digest before it
+decodes anything: a chunk missing (purged, expired, lost) or replaced makes the version
+unusable, never half-applied; the follower waits for the next manifest (the newest complete
+version). Chunks of older versions are purged after each manifest (see ``_publisher``).
 """
 
 from __future__ import annotations
@@ -21,20 +43,31 @@ from .._errors import StateStoreError
 from .._names import validate_name
 
 __all__ = [
+    "CHUNKED_FORMAT",
+    "HEADROOM",
     "KEY",
     "RECORD_FORMAT",
     "Record",
     "SetReply",
     "SetRequest",
+    "assemble",
+    "chunk_key",
+    "chunk_subjects",
     "decode_record",
     "default_bucket",
     "encode_record",
+    "live_subject",
+    "manifest",
     "set_subject",
+    "split",
     "validate_bucket",
 ]
 
 KEY: Final = "state"
 RECORD_FORMAT: Final = 1
+CHUNKED_FORMAT: Final = 2  # a manifest: the record's bytes are in chunk keys
+HEADROOM: Final = 512  # a message's subject and headers travel with its payload
+DIGEST_SIZE: Final = 16
 MAX_BUCKET: Final = 32  # the header's bucket field (see _layout's mirror block)
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -54,6 +87,17 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     slot_size: int
     value: bytes  # the value exactly as encoded in the origin's ring
     max_value_size: int = 0  # how far the origin's values may grow (0: not said)
+    # A manifest (format CHUNKED_FORMAT) only: the full record's bytes are in *chunks* keys
+    # chunk.<version>.<index>, *size* bytes in all, with this BLAKE2b *digest*; *first_seq* is
+    # the stream sequence of chunk 0 (older chunk messages are purged once this is in place).
+    chunks: int = 0
+    size: int = 0
+    digest: bytes = b""
+    first_seq: int = 0
+
+    @property
+    def chunked(self) -> bool:
+        return self.format == CHUNKED_FORMAT
 
 
 class SetRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,11 +131,60 @@ def decode_record(data: bytes) -> Record:
         record = _record_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise StateStoreError(f"bucket entry is not a shmstore mirror record: {exc}") from None
-    if record.format != RECORD_FORMAT:
+    if record.format not in (RECORD_FORMAT, CHUNKED_FORMAT):
         raise StateStoreError(
             f"mirror record format {record.format} is not supported (this shmstore reads "
-            f"{RECORD_FORMAT})"
+            f"{RECORD_FORMAT} and {CHUNKED_FORMAT})"
         )
+    return record
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def split(data: bytes, max_payload: int) -> list[bytes]:
+    """*data* in chunks that each travel in one message of a server with *max_payload*."""
+    size = max(1024, max_payload - HEADROOM)
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def manifest(record: Record, data: bytes, chunks: int, first_seq: int) -> Record:
+    """The manifest of *record*, whose encoded bytes *data* were put as *chunks* chunks."""
+    return msgspec.structs.replace(
+        record,
+        format=CHUNKED_FORMAT,
+        value=b"",
+        chunks=chunks,
+        size=len(data),
+        digest=_digest(data),
+        first_seq=first_seq,
+    )
+
+
+def chunk_key(version: int, index: int) -> str:
+    return f"chunk.{version}.{index}"
+
+
+def chunk_subjects(bucket: str) -> str:
+    """The stream subjects of every chunk key of *bucket* (for purging old ones)."""
+    return f"$KV.{bucket}.chunk.>"
+
+
+def assemble(manifest: Record, parts: list[bytes]) -> Record:
+    """The full record of *manifest* from its chunks' bytes; :class:`StateStoreError` if they
+    are not exactly the chunks the manifest was made from (nothing is decoded then)."""
+    data = b"".join(parts)
+    if len(parts) != manifest.chunks or len(data) != manifest.size:
+        raise StateStoreError(
+            f"version {manifest.version}: {len(parts)} chunks, {len(data)} bytes; the manifest "
+            f"says {manifest.chunks} chunks, {manifest.size} bytes"
+        )
+    if _digest(data) != manifest.digest:
+        raise StateStoreError(f"version {manifest.version}: the chunks do not match the manifest")
+    record = decode_record(data)
+    if record.chunked or record.version != manifest.version:
+        raise StateStoreError(f"version {manifest.version}: the chunks hold another record")
     return record
 
 
@@ -114,6 +207,11 @@ def default_bucket(name: str) -> str:
         return plain
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4).hexdigest()
     return f"shmstore_{safe[: MAX_BUCKET - 18]}_{digest}"
+
+
+def live_subject(bucket: str) -> str:
+    """The plain subject the active publisher sends each record on, before its durable put."""
+    return f"shmstore.mirror.{bucket}.live"
 
 
 def set_subject(bucket: str) -> str:
