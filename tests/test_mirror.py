@@ -377,10 +377,14 @@ def test_publisher_and_follower_restarts_never_regress(names: tuple[str, str]) -
             for seq in range(2, 51):
                 origin.set(Reading.make(seq))
             wait_version(replica, 50)
+            # (The live copy may reach the replica before the durable put lands.)
+            wait_until(
+                lambda: bucket_record([server.url], bucket).version == 50,
+                "version 50 in the bucket",
+            )
             # Crash both; commits go on meanwhile.
             assert publisher.signal(signal.SIGKILL) == -signal.SIGKILL
             assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
-            assert bucket_record([server.url], bucket).version == 50
             for seq in range(51, 81):
                 origin.set(Reading.make(seq))
             # A follower restarted alone re-reads version 50 and must not apply it again.

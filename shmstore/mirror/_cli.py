@@ -90,6 +90,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         bucket=args.bucket,
         value_type=_import_type(args.type),
         replicas=args.replicas,
+        live=args.live,
     )
     return _run_until_signalled(publisher)
 
@@ -207,6 +208,12 @@ def add_mirror_parser(subparsers: Any) -> None:
         type=_replicas,
         default=1,
         help="bucket replicas when the bucket is created (3 on a 3-node cluster)",
+    )
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="put records into the bucket only, not also on the live subject",
     )
 
     text = "keep a local replica of store NAME from NATS, until SIGINT/SIGTERM"

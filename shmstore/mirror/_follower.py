@@ -15,8 +15,31 @@ follower also reads the key every ``RESYNC`` seconds of silence, and re-creates 
 any failure or reconnection; each confirmation refreshes the "last sync" time.
 
 A record the replica cannot take -- another schema (the origin was re-created with a new type),
-a value larger than the replica's slots -- is refused with an error in the log and shows as
-"behind"; the replica keeps serving its last value.
+a value larger than the replica's slots, an impossible version (>= 2**62) -- is refused with an
+error in the log and shows as "behind"; the replica keeps serving its last value and goes on
+with the next record.
+
+Two paths, one replica
+----------------------
+Besides the watch, the follower subscribes to the publisher's live subject (``_live``: a
+blocking connection read by its own thread, or ``nats-py`` when the options need TLS or
+credentials files). That thread commits a record the replica can take directly; the first
+record (which creates the replica), a manifest, or a record to refuse goes to the event loop.
+Both paths end in ``commit_replicated``, which compares the version with the replica's HEAD
+under the writer lock: whichever copy of a version comes first is applied, the other is
+refused there as not newer, and versions only grow. So the guarantees of the watch alone hold
+for both together: no version applied twice, none applied out of order, and convergence to the
+bucket's newest after any crash (the live path only ever adds versions the bucket gets too,
+and the watch and ``RESYNC`` reads catch up whatever the live path lost).
+
+Chunks
+------
+A manifest (see ``_wire``) is fetched -- every chunk at once -- and checked (count, size,
+digest) before anything is decoded; missing or foreign chunks make the follower refuse that
+version (said once, "behind" in the header) and wait: the next manifest or the next ``RESYNC``
+read tries again, so the replica catches up from the newest complete version and is never
+torn. Live parts of a large record are reassembled in the reading thread and checked the same
+way; parts that do not add up are dropped, and the bucket's copy follows.
 """
 
 from __future__ import annotations
@@ -33,11 +56,13 @@ from ._connect import ConnectOptions, connect, describe_error
 from ._live import open_live
 from ._wire import (
     KEY,
+    Reassembly,
     Record,
     assemble,
     chunk_key,
     decode_record,
     default_bucket,
+    live_parts_subject,
     live_subject,
     validate_bucket,
 )
@@ -90,6 +115,7 @@ class Follower:
         self._kv: Any = None
         self._fetching: set[int] = set()  # versions whose chunks are being fetched
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reassembly = Reassembly()  # live parts, in the reading thread only
         self._tasks: set[asyncio.Task[None]] = set()  # live records handed to the loop
 
     def stop(self) -> None:
@@ -177,9 +203,9 @@ class Follower:
         live = raw = None
         if self.live:
             self._loop = asyncio.get_running_loop()
-            raw = await asyncio.to_thread(
-                open_live, self.options, live_subject(self.bucket), self._on_live_thread
-            )
+            self._reassembly = Reassembly()
+            subjects = (live_subject(self.bucket), live_parts_subject(self.bucket))
+            raw = await asyncio.to_thread(open_live, self.options, subjects, self._on_live_thread)
             if raw is None:  # the options need nats-py (TLS, creds): the same records, slower
                 live = await nc.subscribe(live_subject(self.bucket), cb=self._on_live)
         watcher = await kv.watch(KEY)
@@ -212,11 +238,18 @@ class Follower:
             if raw is not None:
                 await asyncio.to_thread(raw.close)
 
-    def _on_live_thread(self, data: bytes) -> None:
+    def _on_live_thread(self, subject: str, message: bytes) -> None:
         """The live connection's reading thread: commit a record the replica can take at once;
         anything else (the first record, a manifest, a refusal to say) goes to the event loop."""
         replica = self._replica
         try:
+            if subject.endswith(".part"):  # see _wire.live_parts_subject
+                whole = self._reassembly.add(message)
+                if whole is None:
+                    return
+                data = whole
+            else:
+                data = message
             record = decode_record(data)
         except StateStoreError:
             return  # said by the durable path, when this record arrives there

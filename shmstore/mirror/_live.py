@@ -54,7 +54,7 @@ class LiveConnection:
         sock: socket.socket,
         reader: BinaryIO,
         info: dict[str, Any],
-        on_message: Callable[[bytes], None] | None,
+        on_message: Callable[[str, bytes], None] | None,
     ) -> None:
         self.max_payload = int(info.get("max_payload", 1 << 20))
         self._sock = sock
@@ -82,8 +82,9 @@ class LiveConnection:
             return False
         return True
 
-    def subscribe(self, subject: str) -> None:
-        self._send(b"SUB %s 1\r\n" % subject.encode())
+    def subscribe(self, *subjects: str) -> None:
+        for sid, subject in enumerate(subjects, 1):
+            self._send(b"SUB %s %d\r\n" % (subject.encode(), sid))
 
     def _send(self, data: bytes) -> None:
         try:
@@ -100,12 +101,13 @@ class LiveConnection:
                 if not line.endswith(_CRLF):
                     break  # closed, or a line no server sends
                 if line.startswith(b"MSG "):
-                    size = int(line.split()[-1])
+                    fields = line.split()
+                    size = int(fields[-1])
                     payload = reader.read(size + 2)
                     if len(payload) != size + 2:
                         break
                     if self._on_message is not None:
-                        self._on_message(payload[:size])
+                        self._on_message(fields[1].decode(), payload[:size])
                 elif line.startswith(b"PING"):
                     self._send(b"PONG\r\n")
                 elif line.startswith(b"-ERR"):
@@ -131,12 +133,12 @@ class LiveConnection:
 
 def open_live(
     options: ConnectOptions,
-    subscribe: str | None = None,
-    on_message: Callable[[bytes], None] | None = None,
+    subscribe: tuple[str, ...] = (),
+    on_message: Callable[[str, bytes], None] | None = None,
 ) -> LiveConnection | None:
-    """A live connection to the first server of *options* that accepts one (subscribed to
-    *subscribe*, if given, with *on_message* called in the reading thread); ``None`` if the
-    options need what this connection does not speak, or no server accepts."""
+    """A live connection to the first server of *options* that accepts one (subscribed to the
+    subjects *subscribe*, with ``on_message(subject, payload)`` called in the reading thread);
+    ``None`` if the options need what this connection does not speak, or no server accepts."""
     if options.creds_file or options.nkey_seed_file or options.tls_ca_file or options.tls_cert_file:
         return None
     for server in options.servers:
@@ -146,8 +148,8 @@ def open_live(
             log.debug("live path: %s: %s", exc.__class__.__name__, str(exc)[:200])
             continue
         if live is not None:
-            if subscribe is not None:
-                live.subscribe(subscribe)
+            if subscribe:
+                live.subscribe(*subscribe)
                 if not live.alive:
                     live.close()
                     continue
@@ -156,7 +158,7 @@ def open_live(
 
 
 def _open(
-    server: str, options: ConnectOptions, on_message: Callable[[bytes], None] | None
+    server: str, options: ConnectOptions, on_message: Callable[[str, bytes], None] | None
 ) -> LiveConnection | None:
     parts = urlsplit(server if "://" in server else f"nats://{server}")
     host = parts.hostname or "127.0.0.1"

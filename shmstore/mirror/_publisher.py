@@ -23,6 +23,33 @@ version (the bucket never goes back); a warning says so.
 While NATS is away the local store is untouched: commits go on, the header's mirror block says
 "disconnected" and how many versions are not yet in the bucket, and on reconnection the newest
 version is put (latest value, not a log: the versions in between are skipped).
+
+Two paths
+---------
+A thread blocks in ``Store.wait()`` on the local store (:class:`_Commits`). Woken by a commit,
+it sends the newest version on the **live** subject itself, through a plain blocking NATS
+connection (``_live``; in parts when the record is above ``max_payload``), then wakes the event
+loop, which makes the **durable** put into the bucket as above. Only an active publisher that
+knows the bucket's revision sends live copies, so a standby never does, and a version goes out
+on the live path at most once per publisher (``_sent_live``). When the live copy is out, the
+durable put waits ``DURABLE_DELAY`` (5 ms) and then carries the newest version: a fast writer
+costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
+live copies of the next commits. The bucket therefore trails a replica by up to that window; it
+never goes back and never gets another origin's version. A publisher killed inside the window
+leaves the bucket at an older version until it (or a successor of the same origin) restarts and
+puts the newest.
+
+Chunks
+------
+A record above the server's ``max_payload`` is put as chunks under ``chunk.<version>.<i>`` (all
+at once; each waits for its own acknowledgement), then its manifest into ``state`` with the
+compare-and-set as usual (see ``_wire``). After a put, every chunk message older than the
+manifest's first chunk -- chunks of older versions, and those of a publisher killed between its
+chunks and its manifest -- is purged with one stream purge by subject and sequence; after an
+ordinary record, all chunks are. Open question: a second publisher of the same origin putting
+chunks of a newer version at that moment keeps them (they are newer), but its purge after an
+ordinary record could remove chunks the other's manifest is about to name; followers then
+refuse that manifest (missing chunks) and take the next version.
 """
 
 from __future__ import annotations
@@ -55,6 +82,8 @@ from ._wire import (
     decode_record,
     default_bucket,
     encode_record,
+    live_parts,
+    live_parts_subject,
     live_subject,
     manifest,
     set_subject,
@@ -69,6 +98,7 @@ log = logging.getLogger("shmstore.mirror")
 STANDBY_CHECK: Final = 1.0
 LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
 RETRY_WAIT: Final = 0.25
+DURABLE_DELAY: Final = 0.005  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
 
@@ -94,6 +124,7 @@ class Publisher:
         bucket: str | None = None,
         value_type: Any = None,
         replicas: int = 1,
+        live: bool = True,
     ) -> None:
         self.name = name
         self.bucket = validate_bucket(bucket) if bucket else default_bucket(name)
@@ -102,6 +133,8 @@ class Publisher:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be between 1 and 5, got {replicas}")
         self.replicas = replicas
+        self.live = live
+        """Also send each record on the live subject (False: the bucket only)."""
         self.active = False
         """True while this publisher owns the bucket (False while it is a standby)."""
         self.published = 0
@@ -209,10 +242,16 @@ class Publisher:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _loop(self, nc: Any, kv: Any, store: Store[Any]) -> None:
-        self._live_conn = await asyncio.to_thread(open_live, self.options)
+        if self.live:
+            self._live_conn = await asyncio.to_thread(open_live, self.options)
         try:
             with _Commits(store, self._send_live) as commits:
                 await self._serve(nc, kv, store, commits)
+            # A clean stop leaves the bucket at the newest version, as the live copies did
+            # the replicas (the durable put may have been waiting out DURABLE_DELAY).
+            if self.active and self._connected and store.version > self._done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._publish_newest(kv, store, final=True), 10.0)
         finally:
             live, self._live_conn = self._live_conn, None
             if live is not None:
@@ -250,7 +289,12 @@ class Publisher:
                     continue
             now = time.monotonic()
             live = self._live_conn
-            if (live is None or not live.alive) and self._connected and now - last_live >= 1.0:
+            if (
+                self.live
+                and (live is None or not live.alive)
+                and self._connected
+                and now - last_live >= 1.0
+            ):
                 last_live = now  # (re)open the live connection, once a second at most
                 self._live_conn = await asyncio.to_thread(open_live, self.options)
                 if live is not None:
@@ -268,13 +312,20 @@ class Publisher:
                         behind=store.version - self.published,
                     )
             await commits.wait_after(self._done(), LOCAL_WAIT)
+            live = self._live_conn
+            if live is not None and live.alive and self._sent_live >= store.version:
+                # The live copy is out: the durable put may trail it a little, and then carries
+                # the newest of the commits made meanwhile (latest value), instead of competing
+                # for the CPUs with the live path of every commit.
+                await self._pause(DURABLE_DELAY)
 
-    async def _publish_newest(self, kv: Any, store: Store[Any]) -> None:
+    async def _publish_newest(self, kv: Any, store: Store[Any], *, final: bool = False) -> None:
         """Put the store's newest version unless the bucket already has it (or a newer one, or
-        belongs to another origin); compare-and-set, retried on a lost race."""
+        belongs to another origin); compare-and-set, retried on a lost race. *final*: while
+        stopping (the caller bounds it)."""
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError  # noqa: PLC0415
 
-        while not self._stop.is_set():
+        while final or not self._stop.is_set():
             if self._revision is None:
                 try:
                     entry = await kv.get(KEY)
@@ -319,7 +370,7 @@ class Publisher:
                 data = encode_record(put)
             # The live copy first (unless the commit thread sent it): followers apply whichever
             # copy comes first, and this one skips JetStream's storage and acknowledgement.
-            if version > self._sent_live:
+            if self.live and version > self._sent_live:
                 self._sent_live = version
                 live = self._live_conn
                 if live is None or not live.publish(live_subject(self.bucket), data):
@@ -368,20 +419,26 @@ class Publisher:
         if version <= max(self._sent_live, self.published):
             return
         data = encode_record(self._record(store, value, version, commit_ns))
-        if len(data) + HEADROOM <= live.max_payload and live.publish(
-            live_subject(self.bucket), data
-        ):
+        if len(data) + HEADROOM <= live.max_payload:
+            sent = live.publish(live_subject(self.bucket), data)
+        else:  # in parts, which the follower reassembles and checks (the bucket gets chunks)
+            subject = live_parts_subject(self.bucket)
+            sent = all(
+                live.publish(subject, part)
+                for part in live_parts(data, version, live.max_payload - HEADROOM)
+            )
+        if sent:
             self._sent_live = max(self._sent_live, version)
 
     async def _put_chunks(self, kv: Any, record: Record, data: bytes, limit: int) -> Record:
         """Put *data* (the encoded *record*) as chunks; the manifest to put into ``state``."""
         parts = split(data, limit)
-        first_seq = 0
-        for index, part in enumerate(parts):
-            seq = await kv.put(chunk_key(record.version, index), part)
-            first_seq = first_seq or seq
         self._old_chunks = True  # until the manifest is in place, these may be orphans
-        return manifest(record, data, len(parts), first_seq)
+        # All at once: each put waits for its acknowledgement, not for the one before.
+        seqs = await asyncio.gather(
+            *(kv.put(chunk_key(record.version, i), part) for i, part in enumerate(parts))
+        )
+        return manifest(record, data, len(parts), min(seqs))
 
     async def _purge_chunks(self, before: int) -> None:
         """Remove the chunk messages older than stream sequence *before* (all of them if 0):

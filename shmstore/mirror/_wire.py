@@ -50,12 +50,16 @@ __all__ = [
     "Record",
     "SetReply",
     "SetRequest",
+    "LivePart",
+    "Reassembly",
     "assemble",
     "chunk_key",
     "chunk_subjects",
     "decode_record",
     "default_bucket",
     "encode_record",
+    "live_parts",
+    "live_parts_subject",
     "live_subject",
     "manifest",
     "set_subject",
@@ -209,9 +213,67 @@ def default_bucket(name: str) -> str:
     return f"shmstore_{safe[: MAX_BUCKET - 18]}_{digest}"
 
 
+class LivePart(msgspec.Struct, frozen=True, array_like=True):
+    """One part of a record too large for one message, on the live path: the record's bytes
+    are ``b"".join(data of parts 0..count-1)``, *size* bytes with BLAKE2b *digest*."""
+
+    version: int
+    index: int
+    count: int
+    size: int
+    digest: bytes
+    data: bytes
+
+
+_part_decoder = msgspec.msgpack.Decoder(LivePart)
+
+
+def live_parts(data: bytes, version: int, max_payload: int) -> list[bytes]:
+    """The encoded record *data* of *version* as live parts that each fit one message."""
+    pieces = split(data, max_payload - 64)  # the part's own fields
+    digest = _digest(data)
+    return [
+        _record_encoder.encode(LivePart(version, i, len(pieces), len(data), digest, piece))
+        for i, piece in enumerate(pieces)
+    ]
+
+
+class Reassembly:
+    """The live parts of the newest version being received (older ones are dropped)."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._parts: dict[int, LivePart] = {}
+
+    def add(self, message: bytes) -> bytes | None:
+        """Take one part; the record's bytes once every part of its version is here and they
+        match the digest, else ``None``. Raises :class:`StateStoreError` for a foreign message."""
+        try:
+            part = _part_decoder.decode(message)
+        except msgspec.DecodeError as exc:
+            raise StateStoreError(f"not a live part: {exc}") from None
+        if part.version < self._version:
+            return None
+        if part.version > self._version:
+            self._version, self._parts = part.version, {}
+        self._parts[part.index] = part
+        if len(self._parts) < part.count:
+            return None
+        parts, self._parts = self._parts, {}
+        data = b"".join(parts[i].data for i in range(part.count) if i in parts)
+        if len(data) != part.size or _digest(data) != part.digest:
+            return None  # parts of two sends of one version mixed, or damaged: the bucket's copy
+        return data
+
+
 def live_subject(bucket: str) -> str:
     """The plain subject the active publisher sends each record on, before its durable put."""
     return f"shmstore.mirror.{bucket}.live"
+
+
+def live_parts_subject(bucket: str) -> str:
+    """The plain subject the live parts of a record above ``max_payload`` go on."""
+    return f"shmstore.mirror.{bucket}.part"
 
 
 def set_subject(bucket: str) -> str:
