@@ -13,7 +13,10 @@ What it measures:
     durable one (the KV bucket) at once; 4 MB goes as chunks through the bucket;
   - ``redis``: ``SET key v`` + ``PUBLISH chan version`` in one pipeline -> a subscriber process
     gets the message and does ``GET key`` (readers on the other host ask Redis). The value is
-    the same msgpack bytes the store holds.
+    the same msgpack bytes the store holds. Two rows: ``redis`` times what ``set()`` and
+    ``get()`` do on the mirror's side too -- the writer's msgpack encode before ``SET`` and the
+    reader's decode after ``GET`` -- and ``redis (bytes)`` hands Redis pre-encoded bytes and
+    stops at the bytes ``GET`` returns.
   Both sides stamp CLOCK_MONOTONIC, which is system-wide, so the times compare.
 * ``--alternatives``: the designs considered for the fast path, at 100 B, interleaved the same
   way: the live subject (what ships), the KV watch alone (file storage, the durable path as it
@@ -220,10 +223,11 @@ def _create_memory_bucket(url: str, bucket: str) -> None:
 # ----------------------------------------------------------------------------- redis
 
 
-def _redis_subscriber(port: int, conn: Any) -> None:
+def _redis_subscriber(port: int, conn: Any, decode: bool) -> None:
     import redis  # noqa: PLC0415
 
     client = redis.Redis(port=port)
+    decoder = msgspec.msgpack.Decoder()
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("chan")
     conn.send("ready")
@@ -234,14 +238,21 @@ def _redis_subscriber(port: int, conn: Any) -> None:
         version = int(message["data"])
         if version < 0:
             break
-        data = client.get("key")
-        conn.send((version, time.monotonic_ns(), len(data or b"")))
+        data = client.get("key") or b""
+        if decode:  # the value in the reader's hands, as get() gives it
+            decoder.decode(data)
+        conn.send((version, time.monotonic_ns(), len(data)))
     pubsub.close()
     client.close()
 
 
 class RedisRig:
-    def __init__(self, stack: Any) -> None:
+    """*values*: the writer hands a value and the reader gets a value (msgpack encode before SET
+    and decode after GET, timed, as ``set()`` and ``get()`` do); else pre-encoded bytes in and
+    bytes out (SET + PUBLISH + GET alone)."""
+
+    def __init__(self, stack: Any, values: bool) -> None:
+        self.values = values
         import redis  # noqa: PLC0415
 
         server_bin = shutil.which("redis-server")
@@ -254,7 +265,7 @@ class RedisRig:
         self.client = redis.Redis(port=port)
         stack.callback(self.client.close)
         self.conn, theirs = ctx.Pipe()
-        self.sub = ctx.Process(target=_redis_subscriber, args=(port, theirs))
+        self.sub = ctx.Process(target=_redis_subscriber, args=(port, theirs, values))
         self.sub.start()
         stack.callback(self._stop)
         if not self.conn.poll(HANG):
@@ -270,9 +281,13 @@ class RedisRig:
             self.sub.kill()
 
     def sample(self, value: Any) -> int:
-        data = msgspec.msgpack.encode(value)  # the bytes the store holds, encoded alike
         self.version += 1
-        t0 = time.monotonic_ns()
+        if self.values:
+            t0 = time.monotonic_ns()
+            data = msgspec.msgpack.encode(value)  # the bytes the store holds, encoded alike
+        else:
+            data = msgspec.msgpack.encode(value)
+            t0 = time.monotonic_ns()
         pipe = self.client.pipeline(transaction=False)
         pipe.set("key", data)
         pipe.publish("chan", self.version)
@@ -340,13 +355,16 @@ def run(blocks: int, per_block: int, alternatives: bool) -> dict[str, Any]:
             _wait_port(port, server)
             rigs: dict[str, Any] = {"shmstore.mirror": MirrorRig(name, url, "live", stack)}
             if have_redis:
-                rigs["redis"] = RedisRig(stack)
+                rigs["redis"] = RedisRig(stack, values=True)
+                rigs["redis (bytes)"] = RedisRig(stack, values=False)
             if alternatives:
                 rigs["kv watch (file)"] = MirrorRig(name, url, "kv", stack)
                 rigs["kv watch (memory)"] = MirrorRig(name, url, "kv-mem", stack)
             i = 0
             for size, (make, share) in SIZES.items():
-                order = ["shmstore.mirror", "redis"] if have_redis else ["shmstore.mirror"]
+                order = ["shmstore.mirror"]
+                if have_redis:
+                    order += ["redis", "redis (bytes)"]
                 if alternatives and size == "100B":
                     order += ["kv watch (file)", "kv watch (memory)"]
                 runs = samples[size] = {system: [] for system in order}
@@ -394,20 +412,25 @@ def main() -> None:
         "unpinned"
     )
     print(
-        f"{'size':<6}{'system':<20}{'n':>5}{'p50':>9}{'p99':>9}{'p99.9':>9}{'p50 x':>8}{'p99 x':>8}"
+        f"{'size':<6}{'system':<20}{'n':>5}{'p50':>9}{'p99':>9}{'p99.9':>9}"
+        f"{'p50/R':>7}{'p99/R':>7}{'p50/Rb':>7}{'p99/Rb':>7}"
     )
     for size, rows in results["visible"].items():
-        base = rows.get("redis")
         for system, q in rows.items():
-            ratio = ratio99 = ""
-            if base is not None and system != "redis":
-                ratio = f"{q['p50'] / base['p50']:.2f}"
-                ratio99 = f"{q['p99'] / base['p99']:.2f}"
+            ratios = ""
+            for base in (rows.get("redis"), rows.get("redis (bytes)")):
+                if base is None or system.startswith("redis"):
+                    ratios += f"{'':>7}{'':>7}"
+                else:
+                    ratios += f"{q['p50'] / base['p50']:>7.2f}{q['p99'] / base['p99']:>7.2f}"
             print(
                 f"{size:<6}{system:<20}{q['n']:>5}{q['p50'] / 1e3:>9.1f}{q['p99'] / 1e3:>9.1f}"
-                f"{q['p99.9'] / 1e3:>9.1f}{ratio:>8}{ratio99:>8}"
+                f"{q['p99.9'] / 1e3:>9.1f}{ratios}"
             )
-    print("(p50 x, p99 x: the system's figure over Redis's; below 1 is faster)")
+    print(
+        "(/R: over Redis's figure with the value encoded before SET and decoded after GET, as "
+        "set() and get() do;\n /Rb: over Redis's with bytes in and out; below 1 is faster)"
+    )
     print()
     print("read on the reading host (ns per call)")
     for label, ns in results["local_get_ns"].items():

@@ -393,19 +393,22 @@ def test_mirror_set_of_bad_standard_input_is_one_clear_line(stdin: bytes, messag
 def test_live_parts_reassemble_only_whole_and_matching() -> None:
     from shmstore.mirror._wire import Reassembly, live_parts  # noqa: PLC0415
 
+    def messages(data: bytes, version: int) -> list[bytes]:
+        return [header + bytes(piece) for header, piece in live_parts(data, version, 16_384)]
+
     data = os.urandom(50_000)
-    parts = live_parts(data, 7, 16_384)
+    parts = messages(data, 7)
     assert len(parts) == 4
     whole = Reassembly()
     assert [whole.add(p) for p in reversed(parts)] == [None, None, None, data]  # any order
     # Parts of an older version are dropped once a newer one is under way.
-    newer = live_parts(os.urandom(50_000), 8, 16_384)
+    newer = messages(os.urandom(50_000), 8)
     mixed = Reassembly()
     assert mixed.add(newer[0]) is None
     assert all(mixed.add(p) is None for p in parts)
     # A damaged part: the digest refuses the whole, nothing torn comes out.
-    damaged = [*parts[:3], live_parts(bytes(50_000), 7, 16_384)[3]]
+    damaged = [*parts[:3], messages(bytes(50_000), 7)[3]]
     torn = Reassembly()
     assert [torn.add(p) for p in damaged] == [None, None, None, None]
     with pytest.raises(StateStoreError):
-        Reassembly().add(b"\x01not a part")
+        Reassembly().add(b"\x01short")

@@ -66,15 +66,17 @@ class LiveConnection:
         self._thread = threading.Thread(target=self._read, name="shmstore-live", daemon=True)
         self._thread.start()
 
-    def publish(self, subject: str, data: bytes) -> bool:
-        """Send *data* on *subject*; ``False`` (nothing sent) if the connection is gone."""
+    def publish(self, subject: str, data: bytes | memoryview, prefix: bytes = b"") -> bool:
+        """Send *prefix* + *data* on *subject*; ``False`` if the connection is gone."""
         if not self.alive:
             return False
-        head = b"PUB %s %d\r\n" % (subject.encode(), len(data))
+        head = b"PUB %s %d\r\n%s" % (subject.encode(), len(prefix) + len(data), prefix)
         try:
             with self._lock:
-                self._sock.sendall(head + data + _CRLF if len(data) < 65536 else head)
-                if len(data) >= 65536:  # no copy of a large payload
+                if len(data) < 65536:
+                    self._sock.sendall(head + data + _CRLF)
+                else:  # no copy of a large payload
+                    self._sock.sendall(head)
                     self._sock.sendall(data)
                     self._sock.sendall(_CRLF)
         except OSError:

@@ -424,8 +424,8 @@ class Publisher:
         else:  # in parts, which the follower reassembles and checks (the bucket gets chunks)
             subject = live_parts_subject(self.bucket)
             sent = all(
-                live.publish(subject, part)
-                for part in live_parts(data, version, live.max_payload - HEADROOM)
+                live.publish(subject, piece, prefix=header)
+                for header, piece in live_parts(data, version, live.max_payload)
             )
         if sent:
             self._sent_live = max(self._sent_live, version)
