@@ -317,3 +317,25 @@ def test_a_follower_refuses_an_impossible_version_and_goes_on(names: tuple[str, 
             kv_put(urls, bucket, [(KEY, forged(base, 2, "v2"))])
             wait_version(replica, 2)
             assert replica.get() == "v2"
+
+
+def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(
+    names: tuple[str, str],
+) -> None:
+    origin_name, replica_name = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, max_readers=1) as origin,
+        Store.open(origin_name) as holder,
+    ):
+        origin.set("v1")
+        with pytest.raises(TimeoutError):  # takes the store's only reader entry
+            holder.wait(holder.version, timeout=0.01)
+        publisher = start("publish", origin_name, "--server", server.url)
+        start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name) as replica:
+            wait_until(lambda: "cannot wait for commits" in publisher.log(), "the warning")
+            origin.set("v2")
+            wait_version(replica, 2)  # put by the publisher's periodic look
+            assert replica.get() == "v2"

@@ -565,7 +565,14 @@ class _Commits:
                 seen = store.wait(seen, LOCAL_WAIT, spin=False)
             except TimeoutError:
                 continue
-            except StateStoreError:  # closed under us: the publisher is stopping
+            except StateStoreError as exc:  # closed under us, or no reader entry left
+                if not self._stop.is_set() and not store.closed:
+                    log.warning(
+                        "cannot wait for commits of %r (%s): putting every %.1f s instead",
+                        store.name,
+                        exc,
+                        LOCAL_WAIT,
+                    )
                 return
             self._on_commit()
             try:
