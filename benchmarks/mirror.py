@@ -8,9 +8,9 @@ What it measures:
   that the machine's load hits both alike:
   - ``shmstore.mirror``: ``origin.set(v)`` -> publisher process (``shmstore mirror publish``)
     -> ``nats-server`` -> follower process (``shmstore mirror follow``) -> replica store -> this
-    process's ``replica.wait()`` + ``replica.get()`` returns ``v``. Records up to the server's
-    ``max_payload`` (1 MiB, the default here) take the live path (a plain NATS subject) and the
-    durable one (the KV bucket) at once; 4 MB goes as chunks through the bucket;
+    process's ``replica.wait()`` + ``replica.get()`` returns ``v``. Each record takes the live
+    path (a plain NATS subject) and the durable one (the KV bucket); above the server's
+    ``max_payload`` (1 MiB, the default here) it goes as live parts and as chunks in the bucket;
   - ``redis``: ``SET key v`` + ``PUBLISH chan version`` in one pipeline -> a subscriber process
     gets the message and does ``GET key`` (readers on the other host ask Redis). The value is
     the same msgpack bytes the store holds. Two rows: ``redis`` times what ``set()`` and
