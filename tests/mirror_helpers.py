@@ -75,6 +75,7 @@ class NatsServer:
         routes: tuple[int, ...] = (),
         auth: tuple[str, str] | None = None,
         tls: tuple[Path, Path] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.name = name
         self.tls = tls is not None
@@ -87,6 +88,8 @@ class NatsServer:
             f"listen: 127.0.0.1:{self.port}",
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
         ]
+        if max_payload is not None:
+            lines.append(f"max_payload: {max_payload}")
         if tls:
             lines.append(f'tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}')
         if auth:
@@ -135,14 +138,18 @@ class NatsServer:
 
 @contextlib.contextmanager
 def nats_servers(
-    count: int = 1, *, auth: tuple[str, str] | None = None, tls: tuple[Path, Path] | None = None
+    count: int = 1,
+    *,
+    auth: tuple[str, str] | None = None,
+    tls: tuple[Path, Path] | None = None,
+    max_payload: int | None = None,
 ) -> Iterator[list[Any]]:
     """*count* servers (a JetStream cluster when more than one), always killed at the end."""
     root = Path(tempfile.mkdtemp(prefix="shmstore-nats-"))
     servers: list[NatsServer] = []
     try:
         if count == 1:
-            servers.append(NatsServer(root, auth=auth, tls=tls))
+            servers.append(NatsServer(root, auth=auth, tls=tls, max_payload=max_payload))
         else:
             cluster_ports = [free_port() for _ in range(count)]
             for i in range(count):
@@ -284,3 +291,18 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     ):  # fmt: skip
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=HANG)
     return ca, cert, key
+
+
+def nats_call(urls: list[str], action: Callable[[Any], Any]) -> Any:
+    """Run ``await action(nc)`` with a client of the test itself (to put, publish, request)."""
+
+    async def run() -> Any:
+        import nats  # noqa: PLC0415
+
+        nc = await nats.connect(servers=urls, connect_timeout=5, max_reconnect_attempts=2)
+        try:
+            return await action(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())

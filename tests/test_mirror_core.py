@@ -336,3 +336,79 @@ def test_a_replica_cannot_be_published(store_name: str) -> None:
         f"shmstore: store {store_name!r} is a replica of 'robot': publish the origin on its own "
         "host instead"
     )
+
+
+def test_remote_set_of_a_recursive_or_deep_value_is_a_mirror_error() -> None:
+    import asyncio  # noqa: PLC0415
+
+    from shmstore.mirror import (  # noqa: PLC0415
+        AsyncRemoteStore,
+        ConnectOptions,
+        MirrorError,
+        RemoteStore,
+    )
+
+    recursive: list[Any] = []
+    recursive.append(recursive)
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    options = ConnectOptions(servers=("nats://127.0.0.1:9",))  # never reached: refused first
+    with RemoteStore("x", options=options) as remote:
+        for value in (recursive, deep):
+            with pytest.raises(MirrorError, match="recursive or nested too deeply"):
+                remote.set(value)
+
+    async def remote_async() -> None:
+        async with AsyncRemoteStore("x", options=options) as remote:
+            with pytest.raises(MirrorError, match="recursive or nested too deeply"):
+                await remote.set(recursive)
+
+    asyncio.run(remote_async())
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "shmstore: value is nested too deeply"),
+        (b'"\xff\xfe"', "shmstore: value is not valid JSON: Invalid UTF-8 encoded string"),
+    ],
+    ids=["deep", "not-utf8"],
+)
+def test_mirror_set_of_bad_standard_input_is_one_clear_line(stdin: bytes, message: str) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shmstore", "mirror", "set", "x", "-", "--server", "nats://h:9"],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines() == [message]
+
+
+def test_live_parts_reassemble_only_whole_and_matching() -> None:
+    from shmstore.mirror._wire import Reassembly, live_parts  # noqa: PLC0415
+
+    def messages(data: bytes, version: int) -> list[bytes]:
+        return [header + bytes(piece) for header, piece in live_parts(data, version, 16_384)]
+
+    data = os.urandom(50_000)
+    parts = messages(data, 7)
+    assert len(parts) == 4
+    whole = Reassembly()
+    assert [whole.add(p) for p in reversed(parts)] == [None, None, None, data]  # any order
+    # Parts of an older version are dropped once a newer one is under way.
+    newer = messages(os.urandom(50_000), 8)
+    mixed = Reassembly()
+    assert mixed.add(newer[0]) is None
+    assert all(mixed.add(p) is None for p in parts)
+    # A damaged part: the digest refuses the whole, nothing torn comes out.
+    damaged = [*parts[:3], messages(bytes(50_000), 7)[3]]
+    torn = Reassembly()
+    assert [torn.add(p) for p in damaged] == [None, None, None, None]
+    with pytest.raises(StateStoreError):
+        Reassembly().add(b"\x01short")

@@ -1,6 +1,8 @@
-"""shmstore.mirror: a store mirrored to other hosts through NATS JetStream Key-Value.
+"""shmstore.mirror: a store mirrored to other hosts through NATS: a plain subject for speed, and a
+JetStream Key-Value bucket as the durable state (see ``docs/mirror.md``).
 
-An origin store is published by ``Publisher`` (``shmstore mirror publish``) into a KV bucket;
+An origin store is published by ``Publisher`` (``shmstore mirror publish``) on a live subject and
+into a KV bucket; values above the server's ``max_payload`` travel in checked chunks;
 ``Follower`` (``shmstore mirror follow``) keeps a local replica store on each other host at the
 origin's versions and values, read like any store; ``RemoteStore`` / ``AsyncRemoteStore``
 (``shmstore mirror set``) write to the origin with compare-and-set. Needs ``shmstore[mirror]``

@@ -98,6 +98,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         bucket=args.bucket,
         value_type=_import_type(args.type),
         replicas=args.replicas,
+        live=args.live,
     )
     return _run_until_signalled(publisher)
 
@@ -111,6 +112,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         bucket=args.bucket,
         local_name=args.local,
         max_readers=args.max_readers,
+        live=args.live,
     )
     return _run_until_signalled(follower)
 
@@ -118,11 +120,16 @@ def cmd_follow(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     from ._remote import AsyncRemoteStore  # noqa: PLC0415
 
-    text = sys.stdin.read() if args.value == "-" else args.value
+    # Bytes, not text: msgspec checks that they are UTF-8, and a non-UTF-8 input is bad input
+    # with the usual one-line error (text would carry surrogates that cannot be encoded).
+    data = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
     try:
-        value = msgspec.json.decode(text)
+        value = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         print(f"shmstore: value is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except RecursionError:
+        print("shmstore: value is nested too deeply", file=sys.stderr)
         return EXIT_ERROR
 
     async def write() -> int:
@@ -210,6 +217,12 @@ def add_mirror_parser(subparsers: Any) -> None:
         default=1,
         help="bucket replicas when the bucket is created (3 on a 3-node cluster)",
     )
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="put records into the bucket only, not also on the live subject",
+    )
 
     text = "keep a local replica of store NAME from NATS, until SIGINT/SIGTERM"
     p = verbs.add_parser("follow", help=text, description=text)
@@ -222,6 +235,12 @@ def add_mirror_parser(subparsers: Any) -> None:
         type=_readers,
         default=64,
         help="processes that may wait on the replica at once, when it is created (64)",
+    )
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="take records from the bucket only, not from the publisher's live subject",
     )
 
     text = "commit a JSON value on the origin store NAME through its publisher"

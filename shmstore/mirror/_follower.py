@@ -15,8 +15,31 @@ follower also reads the key every ``RESYNC`` seconds of silence, and re-creates 
 any failure or reconnection; each confirmation refreshes the "last sync" time.
 
 A record the replica cannot take -- another schema (the origin was re-created with a new type),
-a value larger than the replica's slots -- is refused with an error in the log and shows as
-"behind"; the replica keeps serving its last value.
+a value larger than the replica's slots, an impossible version (>= 2**62) -- is refused with an
+error in the log and shows as "behind"; the replica keeps serving its last value and goes on
+with the next record.
+
+Two paths, one replica
+----------------------
+Besides the watch, the follower subscribes to the publisher's live subject (``_live``: a
+blocking connection read by its own thread, or ``nats-py`` when the options need TLS or
+credentials files). That thread commits a record the replica can take directly; the first
+record (which creates the replica), a manifest, or a record to refuse goes to the event loop.
+Both paths end in ``Replication.commit_at``, which compares the version with the replica's HEAD
+under the writer lock: whichever copy of a version comes first is applied, the other is
+refused there as not newer, and versions only grow. So the guarantees of the watch alone hold
+for both together: no version applied twice, none applied out of order, and convergence to the
+bucket's newest after any crash (the live path only ever adds versions the bucket gets too,
+and the watch and ``RESYNC`` reads catch up whatever the live path lost).
+
+Chunks
+------
+A manifest (see ``_wire``) is fetched -- every chunk at once -- and checked (count, size,
+digest) before anything is decoded; missing or foreign chunks make the follower refuse that
+version (said once, "behind" in the header) and wait: the next manifest or the next ``RESYNC``
+read tries again, so the replica catches up from the newest complete version and is never
+torn. Live parts of a large record are reassembled in the reading thread and checked the same
+way; parts that do not add up are dropped, and the bucket's copy follows.
 """
 
 from __future__ import annotations
@@ -27,10 +50,22 @@ import logging
 import time
 from typing import Any, Final
 
-from .. import StateStoreError, Store, StoreExistsError, StoreNotFoundError
+from .. import StateStoreError, StateVersionError, Store, StoreExistsError, StoreNotFoundError
 from ..replication import create_replica
 from ._connect import ConnectOptions, connect, describe_error
-from ._wire import KEY, Record, decode_record, default_bucket, validate_bucket
+from ._live import open_live
+from ._wire import (
+    KEY,
+    Reassembly,
+    Record,
+    assemble,
+    chunk_key,
+    decode_record,
+    default_bucket,
+    live_parts_subject,
+    live_subject,
+    validate_bucket,
+)
 
 __all__ = ["Follower"]
 
@@ -59,6 +94,7 @@ class Follower:
         local_name: str | None = None,
         max_readers: int = 64,
         mode: int = 0o600,
+        live: bool = True,
     ) -> None:
         self.name = name
         self.local_name = local_name or name
@@ -66,6 +102,8 @@ class Follower:
         self.options = options or ConnectOptions()
         self.max_readers = max_readers
         self.mode = mode
+        self.live = live
+        """Also take records from the publisher's live subject (False: only the bucket)."""
         self.applied = 0
         """Versions committed into the replica by this follower."""
         self._stop = asyncio.Event()
@@ -74,6 +112,11 @@ class Follower:
         self._refused: tuple[int, str] | None = None
         self._reconnected = asyncio.Event()
         self._said_no_bucket = False
+        self._kv: Any = None
+        self._fetching: set[int] = set()  # versions whose chunks are being fetched
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reassembly = Reassembly()  # live parts, in the reading thread only
+        self._tasks: set[asyncio.Task[None]] = set()  # live records handed to the loop
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -89,7 +132,7 @@ class Follower:
             js = nc.jetstream(timeout=5.0)
             while not self._stop.is_set():
                 try:
-                    await self._follow(js)
+                    await self._follow(nc, js)
                 except StateStoreError:
                     raise
                 except Exception as exc:  # NATS down, bucket missing, leader election: retry
@@ -147,19 +190,32 @@ class Follower:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _follow(self, js: Any) -> None:
-        """One watch of the key, until it fails, the connection comes back, or stop."""
+    async def _follow(self, nc: Any, js: Any) -> None:
+        """One watch of the key (and one subscription to the live subject), until it fails, the
+        connection comes back, or stop."""
         from nats.errors import TimeoutError as NatsTimeout  # noqa: PLC0415
         from nats.js.errors import KeyNotFoundError  # noqa: PLC0415
 
-        kv = await js.key_value(self.bucket)
+        kv = self._kv = await js.key_value(self.bucket)
         self._reconnected.clear()
+        # Subscribed before the watch starts: a record published in between comes one way or
+        # the other (the watch begins with the newest entry).
+        live = raw = None
+        if self.live:
+            self._loop = asyncio.get_running_loop()
+            self._reassembly = Reassembly()
+            subjects = (live_subject(self.bucket), live_parts_subject(self.bucket))
+            raw = await asyncio.to_thread(open_live, self.options, subjects, self._on_live_thread)
+            if raw is None:  # the options need nats-py (TLS, creds): the same records, slower
+                live = await nc.subscribe(live_subject(self.bucket), cb=self._on_live)
         watcher = await kv.watch(KEY)
         try:
             while not self._stop.is_set() and not self._reconnected.is_set():
                 try:
                     entry = await watcher.updates(timeout=RESYNC)
                 except NatsTimeout:
+                    if raw is not None and not raw.alive:  # reopened on the next watch
+                        return
                     # Quiet: confirm with a direct read (a watch can stall silently when the
                     # server restarts under it).
                     try:
@@ -172,17 +228,102 @@ class Follower:
                     continue
                 if entry.operation is not None or not entry.value:
                     continue  # a delete or purge by an operator: keep serving the last value
-                self._apply(entry.value)
+                await self._receive(entry.value)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+            if live is not None:
+                with contextlib.suppress(Exception):
+                    await live.unsubscribe()
+            if raw is not None:
+                await asyncio.to_thread(raw.close)
 
-    def _apply(self, data: bytes) -> None:
+    def _on_live_thread(self, subject: str, message: bytes) -> None:
+        """The live connection's reading thread: commit a record the replica can take at once;
+        anything else (the first record, a manifest, a refusal to say) goes to the event loop."""
+        replica = self._replica
+        try:
+            if subject.endswith(".part"):  # see _wire.live_parts_subject
+                whole = self._reassembly.add(message)
+                if whole is None:
+                    return
+                data = whole
+            else:
+                data = message
+            record = decode_record(data)
+        except StateStoreError:
+            return  # said by the durable path, when this record arrives there
+        if replica is not None and not record.chunked:
+            hooks = replica.replication
+            try:
+                if record.version <= replica.version:
+                    return
+                if record.fingerprint == hooks.fingerprint:
+                    hooks.commit_at(record.value, record.version, record.commit_ns)
+                    self.applied += 1
+                    return
+            except StateVersionError:
+                return  # the bucket's copy came first
+            except (StateStoreError, ValueError):
+                pass  # refused: the loop says so
+        loop = self._loop
+        if loop is not None and not self._stop.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+                loop.call_soon_threadsafe(self._spawn, data)
+
+    def _spawn(self, data: bytes) -> None:
+        task = asyncio.ensure_future(self._receive(data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_live(self, msg: Any) -> None:
+        try:
+            await self._receive(msg.data)
+        except Exception as exc:  # the bucket's copy of this version follows; say it once
+            log.debug("live record not applied: %s", describe_error(exc, self.options))
+
+    async def _receive(self, data: bytes) -> None:
+        """Apply the record in *data* (from either path) unless the replica has its version."""
         try:
             record = decode_record(data)
         except StateStoreError as exc:
             self._refuse(0, str(exc))
             return
+        if record.chunked:
+            replica = self._replica
+            if record.version in self._fetching or (
+                replica is not None and record.version <= replica.version
+            ):
+                return
+            self._fetching.add(record.version)
+            try:
+                full = await self._assemble(record)
+            finally:
+                self._fetching.discard(record.version)
+            if full is None:
+                return
+            record = full
+        self._apply(record)
+
+    async def _assemble(self, manifest: Record) -> Record | None:
+        """The full record of a chunked *manifest*, or ``None`` (refused, and said) if its
+        chunks are not all there or not the manifest's."""
+        from nats.js.errors import KeyNotFoundError  # noqa: PLC0415
+
+        kv = self._kv
+        keys = [chunk_key(manifest.version, i) for i in range(manifest.chunks)]
+        try:
+            entries = await asyncio.gather(*(kv.get(key) for key in keys))
+            return assemble(manifest, [entry.value or b"" for entry in entries])
+        except (KeyNotFoundError, StateStoreError) as exc:
+            self._refuse(
+                manifest.version,
+                f"its chunks are not all in bucket {self.bucket!r} ({exc.__class__.__name__}: "
+                f"{str(exc)[:200]}); waiting for a newer complete version",
+            )
+            return None
+
+    def _apply(self, record: Record) -> None:
         replica = self._replica
         if replica is None:
             replica = self._replica = self._create(record)
@@ -196,7 +337,9 @@ class Follower:
         if record.version > replica.version:
             try:
                 replica.replication.commit_at(record.value, record.version, record.commit_ns)
-            except StateStoreError as exc:
+            except StateVersionError:
+                return  # the other path's copy of this version came first
+            except (StateStoreError, ValueError) as exc:  # ValueError: an impossible version
                 self._refuse(record.version, str(exc))
                 return
             self.applied += 1

@@ -23,6 +23,33 @@ version (the bucket never goes back); a warning says so.
 While NATS is away the local store is untouched: commits go on, the header's mirror block says
 "disconnected" and how many versions are not yet in the bucket, and on reconnection the newest
 version is put (latest value, not a log: the versions in between are skipped).
+
+Two paths
+---------
+A thread blocks in ``Store.wait()`` on the local store (:class:`_Commits`). Woken by a commit,
+it sends the newest version on the **live** subject itself, through a plain blocking NATS
+connection (``_live``; in parts when the record is above ``max_payload``), then wakes the event
+loop, which makes the **durable** put into the bucket as above. Only an active publisher that
+knows the bucket's revision sends live copies, so a standby never does, and a version goes out
+on the live path at most once per publisher (``_sent_live``). When the live copy is out, the
+durable put waits ``DURABLE_DELAY`` (5 ms) and then carries the newest version: a fast writer
+costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
+live copies of the next commits. The bucket therefore trails a replica by up to that window; it
+never goes back and never gets another origin's version. A publisher killed inside the window
+leaves the bucket at an older version until it (or a successor of the same origin) restarts and
+puts the newest.
+
+Chunks
+------
+A record above the server's ``max_payload`` is put as chunks under ``chunk.<version>.<i>`` (all
+at once; each waits for its own acknowledgement), then its manifest into ``state`` with the
+compare-and-set as usual (see ``_wire``). After a put, every chunk message older than the
+manifest's first chunk -- chunks of older versions, and those of a publisher killed between its
+chunks and its manifest -- is purged with one stream purge by subject and sequence; after an
+ordinary record, all chunks are. Open question: a second publisher of the same origin putting
+chunks of a newer version at that moment keeps them (they are newer), but its purge after an
+ordinary record could remove chunks the other's manifest is about to name; followers then
+refuse that manifest (missing chunks) and take the next version.
 """
 
 from __future__ import annotations
@@ -31,7 +58,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -39,15 +68,24 @@ import msgspec
 from .. import StateStoreError, StateVersionError, Store, __version__
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
+from ._live import LiveConnection, open_live
 from ._wire import (
+    HEADROOM,
     KEY,
     Record,
     SetReply,
     SetRequest,
+    chunk_key,
+    chunk_subjects,
     decode_record,
     default_bucket,
     encode_record,
+    live_parts,
+    live_parts_subject,
+    live_subject,
+    manifest,
     set_subject,
+    split,
     validate_bucket,
 )
 
@@ -58,9 +96,9 @@ log = logging.getLogger("shmstore.mirror")
 STANDBY_CHECK: Final = 1.0
 LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
 RETRY_WAIT: Final = 0.25
+DURABLE_DELAY: Final = 0.005  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
-HEADROOM: Final = 512  # the compare-and-set header and the subject travel with the record
 
 
 class Publisher:
@@ -84,6 +122,7 @@ class Publisher:
         bucket: str | None = None,
         value_type: Any = None,
         replicas: int = 1,
+        live: bool = True,
     ) -> None:
         self.name = name
         self.bucket = validate_bucket(bucket) if bucket else default_bucket(name)
@@ -92,6 +131,8 @@ class Publisher:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be between 1 and 5, got {replicas}")
         self.replicas = replicas
+        self.live = live
+        """Also send each record on the live subject (False: the bucket only)."""
         self.active = False
         """True while this publisher owns the bucket (False while it is a standby)."""
         self.published = 0
@@ -103,7 +144,9 @@ class Publisher:
         self._connected = False
         self._serving = False
         self._warned_behind = False
-        self._too_large_version = 0
+        self._old_chunks = True  # chunks may be in the bucket that no manifest names
+        self._live_conn: LiveConnection | None = None
+        self._sent_live = 0  # the newest version sent on the live path
         self._nc: Any = None
 
     def stop(self) -> None:
@@ -197,7 +240,23 @@ class Publisher:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _loop(self, nc: Any, kv: Any, store: Store[Any]) -> None:
-        last_heartbeat = 0.0
+        if self.live:
+            self._live_conn = await asyncio.to_thread(open_live, self.options)
+        try:
+            with _Commits(store, self._send_live) as commits:
+                await self._serve(nc, kv, store, commits)
+            # A clean stop leaves the bucket at the newest version, as the live copies did
+            # the replicas (the durable put may have been waiting out DURABLE_DELAY).
+            if self.active and self._connected and store.version > self._done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._publish_newest(kv, store, final=True), 10.0)
+        finally:
+            live, self._live_conn = self._live_conn, None
+            if live is not None:
+                await asyncio.to_thread(live.close)
+
+    async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: _Commits) -> None:
+        last_heartbeat = last_live = 0.0
         requests = None  # the remote-write subscription: held only while active
         self._serving = False
         while not self._stop.is_set():
@@ -227,6 +286,17 @@ class Publisher:
                     await self._pause(STANDBY_CHECK)
                     continue
             now = time.monotonic()
+            live = self._live_conn
+            if (
+                self.live
+                and (live is None or not live.alive)
+                and self._connected
+                and now - last_live >= 1.0
+            ):
+                last_live = now  # (re)open the live connection, once a second at most
+                self._live_conn = await asyncio.to_thread(open_live, self.options)
+                if live is not None:
+                    await asyncio.to_thread(live.close)
             if now - last_heartbeat >= HEARTBEAT and self._connected:
                 last_heartbeat = now
                 try:  # a round trip to the server: "last sync" is a confirmation, not a hope
@@ -239,15 +309,21 @@ class Publisher:
                         last_sync_ns=time.time_ns(),
                         behind=store.version - self.published,
                     )
-            with contextlib.suppress(TimeoutError):
-                await store.wait_async(self._done(), LOCAL_WAIT)
+            await commits.wait_after(self._done(), LOCAL_WAIT)
+            live = self._live_conn
+            if live is not None and live.alive and self._sent_live >= store.version:
+                # The live copy is out: the durable put may trail it a little, and then carries
+                # the newest of the commits made meanwhile (latest value), instead of competing
+                # for the CPUs with the live path of every commit.
+                await self._pause(DURABLE_DELAY)
 
-    async def _publish_newest(self, kv: Any, store: Store[Any]) -> None:
+    async def _publish_newest(self, kv: Any, store: Store[Any], *, final: bool = False) -> None:
         """Put the store's newest version unless the bucket already has it (or a newer one, or
-        belongs to another origin); compare-and-set, retried on a lost race."""
+        belongs to another origin); compare-and-set, retried on a lost race. *final*: while
+        stopping (the caller bounds it)."""
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError  # noqa: PLC0415
 
-        while not self._stop.is_set():
+        while final or not self._stop.is_set():
             if self._revision is None:
                 try:
                     entry = await kv.get(KEY)
@@ -282,24 +358,21 @@ class Publisher:
             value, version, commit_ns = store.replication.read_encoded()
             if version <= self.published:
                 return  # already in the bucket: never put a version twice, never go back
-            record = Record(
-                shmstore=__version__,
-                origin=self._origin,
-                store=self.name,
-                version=version,
-                commit_ns=commit_ns,
-                fingerprint=store.replication.fingerprint,
-                type_name=store.type_name,
-                slots=store.geometry.slots,
-                slot_size=store.geometry.slot_size,
-                value=value,
-                max_value_size=store.max_value_size,
-            )
+            record = self._record(store, value, version, commit_ns)
             data = encode_record(record)
             limit = self._max_payload()
+            first_seq = 0
             if limit and len(data) + HEADROOM > limit:
-                self._too_large(version, len(data), limit)
-                return
+                put = await self._put_chunks(kv, record, data, limit)
+                first_seq = put.first_seq
+                data = encode_record(put)
+            # The live copy first (unless the commit thread sent it): followers apply whichever
+            # copy comes first, and this one skips JetStream's storage and acknowledgement.
+            if self.live and version > self._sent_live:
+                self._sent_live = version
+                live = self._live_conn
+                if live is None or not live.publish(live_subject(self.bucket), data):
+                    await self._nc.publish(live_subject(self.bucket), data)
             try:
                 self._revision = await kv.update(KEY, data, last=self._revision)
             except KeyWrongLastSequenceError:
@@ -309,34 +382,83 @@ class Publisher:
             store.replication.set_status(
                 connected=self._live(), last_sync_ns=time.time_ns(), behind=store.version - version
             )
+            if first_seq or self._old_chunks:
+                # Older chunks are unreachable now: the manifest in ``state`` names only these.
+                await self._purge_chunks(first_seq)
+            self._old_chunks = bool(first_seq)
             return
 
+    def _record(self, store: Store[Any], value: bytes, version: int, commit_ns: int) -> Record:
+        return Record(
+            shmstore=__version__,
+            origin=self._origin,
+            store=self.name,
+            version=version,
+            commit_ns=commit_ns,
+            fingerprint=store.replication.fingerprint,
+            type_name=store.type_name,
+            slots=store.geometry.slots,
+            slot_size=store.geometry.slot_size,
+            value=value,
+            max_value_size=store.max_value_size,
+        )
+
+    def _send_live(self) -> None:
+        """In the commit thread, right after a local commit: send the newest version on the
+        live path, if this publisher owns the bucket and the record fits one message. The event
+        loop's durable put follows (and sends it itself when this cannot)."""
+        live, store = self._live_conn, self._store
+        if live is None or store is None or not self.active or self._revision is None:
+            return
+        try:
+            value, version, commit_ns = store.replication.read_encoded()
+        except StateStoreError:  # closing
+            return
+        if version <= max(self._sent_live, self.published):
+            return
+        data = encode_record(self._record(store, value, version, commit_ns))
+        if len(data) + HEADROOM <= live.max_payload:
+            sent = live.publish(live_subject(self.bucket), data)
+        else:  # in parts, which the follower reassembles and checks (the bucket gets chunks)
+            subject = live_parts_subject(self.bucket)
+            sent = all(
+                live.publish(subject, piece, prefix=header)
+                for header, piece in live_parts(data, version, live.max_payload)
+            )
+        if sent:
+            self._sent_live = max(self._sent_live, version)
+
+    async def _put_chunks(self, kv: Any, record: Record, data: bytes, limit: int) -> Record:
+        """Put *data* (the encoded *record*) as chunks; the manifest to put into ``state``."""
+        parts = split(data, limit)
+        self._old_chunks = True  # until the manifest is in place, these may be orphans
+        # All at once: each put waits for its acknowledgement, not for the one before.
+        seqs = await asyncio.gather(
+            *(kv.put(chunk_key(record.version, i), part) for i, part in enumerate(parts))
+        )
+        return manifest(record, data, len(parts), min(seqs))
+
+    async def _purge_chunks(self, before: int) -> None:
+        """Remove the chunk messages older than stream sequence *before* (all of them if 0):
+        those of versions the manifest in ``state`` no longer names, and any that a publisher
+        killed between its chunks and its manifest left behind."""
+        js = self._nc.jetstream(timeout=10.0)
+        try:
+            await js.purge_stream(
+                f"KV_{self.bucket}", seq=before or None, subject=chunk_subjects(self.bucket)
+            )
+        except Exception as exc:  # only space is lost for now; the next put purges again
+            self._old_chunks = True
+            log.debug("purging old chunks failed: %s", describe_error(exc, self.options))
+
     def _done(self) -> int:
-        """The newest version dealt with: put, or found too large to put."""
-        return max(self.published, self._too_large_version)
+        """The newest version put into the bucket."""
+        return self.published
 
     def _max_payload(self) -> int:
         """The server's largest message (``max_payload``, 1 MiB by default); 0 if unknown."""
         nc = self._nc
         return int(getattr(nc, "max_payload", 0) or 0) if nc is not None else 0
-
-    def _too_large(self, version: int, size: int, limit: int) -> None:
-        """A version NATS cannot carry: skipped (the next smaller one goes out), said once."""
-        if version != self._too_large_version:
-            self._too_large_version = version
-            log.error(
-                "version %d of %r is %d bytes as a record, more than the NATS server's "
-                "max_payload (%d): not mirrored; raise max_payload in the server configuration",
-                version,
-                self.name,
-                size,
-                limit,
-            )
-        store = self._store
-        if store is not None and not store.closed:
-            store.replication.set_status(
-                connected=self._live(), behind=store.version - self.published
-            )
 
     def _live(self) -> bool:
         """What the header's "connected" bit says: connected, active, and answering remote
@@ -363,7 +485,11 @@ class Publisher:
     # ------------------------------------------------------------------ remote writes
 
     async def _on_request(self, msg: Any) -> None:
-        reply = await self._apply_request(msg.data)
+        try:
+            reply = await self._apply_request(msg.data)
+        except Exception as exc:  # whatever failed, the writer hears a refusal, not silence
+            log.exception("remote set of %r failed", self.name)
+            reply = SetReply(error=f"the publisher failed to apply it: {type(exc).__name__}")
         with contextlib.suppress(Exception):
             await msg.respond(msgspec.json.encode(reply))
 
@@ -383,14 +509,79 @@ class Publisher:
             value = msgspec.json.decode(request.value, type=store.value_type)
         except msgspec.DecodeError as exc:
             return SetReply(error=f"value is not valid for {store.type_name}: {exc}")
+        except RecursionError:
+            return SetReply(error="value is nested too deeply")
         try:
             version = await asyncio.to_thread(self._set, store, value, request.expect)
         except StateVersionError as exc:
             return SetReply(conflict=True, actual=exc.actual)
         except StateStoreError as exc:
             return SetReply(error=str(exc))
+        except RecursionError:
+            return SetReply(error="value is nested too deeply")
         return SetReply(version=version)
 
     @staticmethod
     def _set(store: Store[Any], value: Any, expect: int | None) -> int:
         return store.set(value, expect)
+
+
+class _Commits:
+    """Hears the local store's commits for the event loop: a thread blocks in ``Store.wait()``
+    (the store's semaphore, its registration kept for the thread's life) and wakes the loop.
+
+    Measured on loopback (2 vCPUs): ``Store.wait_async`` from commit to the publisher's loop
+    took 300-1200 us, because its server thread exists only while a coroutine waits and is
+    started, registered and ended around every commit of a paced writer; this thread lives as
+    long as the publisher, woken ~30 us after a commit. It sends the live copy itself
+    (*on_commit*, see ``_live``), then wakes the loop for the durable put.
+    """
+
+    def __init__(self, store: Store[Any], on_commit: Callable[[], None]) -> None:
+        self._store = store
+        self._on_commit = on_commit
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"shmstore-publish-{store.name}", daemon=True
+        )
+
+    def __enter__(self) -> _Commits:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()  # within LOCAL_WAIT: each wait is bounded
+
+    def _run(self) -> None:
+        store = self._store
+        seen = store.version
+        while not self._stop.is_set():
+            try:
+                seen = store.wait(seen, LOCAL_WAIT, spin=False)
+            except TimeoutError:
+                continue
+            except StateStoreError as exc:  # closed under us, or no reader entry left
+                if not self._stop.is_set() and not store.closed:
+                    log.warning(
+                        "cannot wait for commits of %r (%s): putting every %.1f s instead",
+                        store.name,
+                        exc,
+                        LOCAL_WAIT,
+                    )
+                return
+            self._on_commit()
+            try:
+                self._loop.call_soon_threadsafe(self._changed.set)
+            except RuntimeError:  # the loop closed
+                return
+
+    async def wait_after(self, version: int, timeout: float) -> None:
+        """Until the store is past *version*, or *timeout* seconds."""
+        self._changed.clear()
+        if self._store.version > version:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)

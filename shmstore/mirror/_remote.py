@@ -84,6 +84,11 @@ class AsyncRemoteStore:
             )
         except (TypeError, msgspec.EncodeError) as exc:
             raise MirrorError(f"cannot encode {type(value).__name__} as JSON: {exc}") from None
+        except RecursionError:  # a recursive value, or one nested deeper than JSON can go
+            raise MirrorError(
+                f"cannot encode {type(value).__name__} as JSON: it is recursive or nested too "
+                "deeply"
+            ) from None
         if self._nc is None or self._nc.is_closed:
             self._nc = await connect(self.options)
         subject = set_subject(self.bucket)

@@ -1,0 +1,341 @@
+"""The mirror's two paths and its chunks, against real ``nats-server`` processes on loopback: the
+live subject beside the durable bucket, values above ``max_payload`` split into chunks (never
+applied torn, caught up from the newest complete version), and the hardening of issue 20
+(a publisher that always answers, a follower that refuses an impossible version and goes on).
+
+Servers, publishers and followers are real processes, each killed with its process group at
+the end of its test; the chunk tests run a server with a small ``max_payload``. Timeouts only
+bound a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from mirror_helpers import (
+    HANG,
+    NATS_SERVER,
+    Reading,
+    bucket_record,
+    mirror_processes,
+    nats_call,
+    nats_servers,
+    wait_until,
+)
+
+import shmstore
+from shmstore import Store, StoreNotFoundError, SubscriberLaggedError
+from shmstore._names import segment_name
+from shmstore.mirror import default_bucket
+from shmstore.mirror._wire import (
+    KEY,
+    Record,
+    chunk_key,
+    decode_record,
+    encode_record,
+    live_subject,
+    manifest,
+    set_subject,
+    split,
+)
+
+pytestmark = [
+    pytest.mark.skipif(NATS_SERVER is None, reason="nats-server not installed (shmstore[mirror])"),
+    pytest.mark.timeout(300),
+]
+
+TYPE = "mirror_helpers:Reading"
+SMALL_PAYLOAD = 64 * 1024  # the chunk tests' server: a 4 MiB value is 65 chunks
+
+
+@pytest.fixture
+def names(store_name: str) -> Iterator[tuple[str, str]]:
+    replica = f"{store_name}-r"
+    yield store_name, replica
+    for name in (store_name, replica):
+        shmstore.remove(name)
+        assert not Path("/dev/shm" + segment_name(name)).exists()
+
+
+def open_replica(name: str, tp: Any = None) -> Store[Any]:
+    def attempt() -> Store[Any] | None:
+        try:
+            st = Store.open(name, tp)
+        except StoreNotFoundError:
+            return None
+        if st.version == 0:
+            st.close()
+            return None
+        return st
+
+    replica: Store[Any] = wait_until(attempt, f"replica {name!r}")
+    return replica
+
+
+def wait_version(store: Store[Any], version: int) -> None:
+    seen = store.version
+    while seen < version:
+        seen = store.wait(seen, timeout=HANG)
+
+
+def big(seq: int, size: int) -> str:
+    """A value of *size* characters whose every part depends on *seq* (a torn mix shows)."""
+    block = os.urandom(512).hex()
+    return (f"{seq}:" + block * (size // len(block) + 1))[:size]
+
+
+def kv_put(urls: list[str], bucket: str, items: list[tuple[str, bytes]]) -> None:
+    async def put(nc: Any) -> None:
+        kv = await nc.jetstream(timeout=10).key_value(bucket)
+        for key, data in items:
+            await kv.put(key, data)
+
+    nats_call(urls, put)
+
+
+def stream_messages(urls: list[str], bucket: str) -> int:
+    async def count(nc: Any) -> int:
+        info = await nc.jetstream(timeout=10).stream_info(f"KV_{bucket}")
+        return int(info.state.messages)
+
+    result: int = nats_call(urls, count)
+    return result
+
+
+# ---------------------------------------------------------------------------- chunks
+
+
+def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> None:
+    origin_name, replica_name = names
+    bucket = default_bucket(origin_name)
+    with (
+        nats_servers(max_payload=SMALL_PAYLOAD) as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, slot_size=1024) as origin,
+    ):
+        origin.set("small")
+        start("publish", origin_name, "--server", server.url)
+        follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name) as replica:
+            four = big(2, 4 << 20)
+            origin.set(four)
+            wait_version(replica, 2)
+            assert replica.get() == four
+            assert bucket_record([server.url], bucket).chunks == 65
+            # A follower stopped while a 20 MiB record goes out catches up from the bucket.
+            assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
+            twenty = big(3, 20 << 20)
+            origin.set(twenty)
+            wait_until(
+                lambda: (r := bucket_record([server.url], bucket)) and r.version == 3,
+                "version 3 in the bucket",
+            )
+            follower.start()
+            wait_version(replica, 3)
+            assert replica.get() == twenty
+            # Back to a value that fits one message: every chunk is purged from the bucket.
+            origin.set("small again")
+            wait_version(replica, 4)
+            assert replica.get() == "small again"
+            wait_until(lambda: stream_messages([server.url], bucket) == 1, "old chunks purged")
+
+
+def forged(base: Record, version: int, value: Any) -> bytes:
+    """The record the publisher of *base*'s origin would put for *value* at *version*."""
+    record = msgspec.structs.replace(
+        base, version=version, commit_ns=time.time_ns(), value=msgspec.msgpack.encode(value)
+    )
+    return encode_record(record)
+
+
+def forged_chunks(base: Record, version: int, value: Any) -> tuple[list[bytes], bytes]:
+    """The chunks and the manifest of *value* at *version*, as the publisher would put them."""
+    data = forged(base, version, value)
+    parts = split(data, SMALL_PAYLOAD)
+    assert len(parts) > 2
+    return parts, encode_record(manifest(decode_record(data), data, len(parts), 0))
+
+
+def test_a_chunked_record_is_never_applied_torn_and_a_restart_picks_it_up(
+    names: tuple[str, str],
+) -> None:
+    origin_name, replica_name = names
+    bucket = default_bucket(origin_name)
+    urls: list[str]
+    with (
+        nats_servers(max_payload=SMALL_PAYLOAD) as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, slot_size=1024) as origin,
+    ):
+        urls = [server.url]
+        origin.set("v1")
+        publisher = start("publish", origin_name, "--server", server.url)
+        follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name) as replica:
+            assert publisher.signal(signal.SIGTERM) == 0  # from here the test writes the bucket
+            base = bucket_record(urls, bucket)
+            two = big(2, 300_000)
+            parts, head = forged_chunks(base, 2, two)
+            # A manifest whose chunk 1 is missing: refused, said, the replica keeps version 1.
+            kv_put(urls, bucket, [(chunk_key(2, i), c) for i, c in enumerate(parts) if i != 1])
+            kv_put(urls, bucket, [(KEY, head)])
+            wait_until(lambda: "refused version 2" in follower.log(), "the refusal")
+            assert "not all in bucket" in follower.log()
+            # Chunk 1 there but not the manifest's bytes: refused again, never applied torn.
+            torn = bytes(b ^ 1 for b in parts[1])
+            kv_put(urls, bucket, [(chunk_key(2, 1), torn)])
+            wait_until(lambda: "do not match the manifest" in follower.log(), "the torn refusal")
+            assert replica.version == 1
+            assert replica.statistics().mirror_behind == 1
+            # The follower dies in the middle of the record; the chunk is put right; a new
+            # follower applies version 2 whole.
+            assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
+            kv_put(urls, bucket, [(chunk_key(2, 1), parts[1])])
+            follower.start()
+            wait_version(replica, 2)
+            assert replica.get() == two
+            # Version 3 loses a chunk for good; the origin moves on to 4, and the replica
+            # catches up from the newest complete version.
+            parts, head = forged_chunks(base, 3, big(3, 300_000))
+            kv_put(urls, bucket, [(chunk_key(3, i), c) for i, c in enumerate(parts) if i != 0])
+            kv_put(urls, bucket, [(KEY, head)])
+            wait_until(lambda: "refused version 3" in follower.log(), "the refusal of 3")
+            for value in ("a", "b", "c"):  # versions 2, 3, 4 of the origin
+                origin.set(value)
+            publisher.start()
+            wait_version(replica, 4)
+            assert replica.get_with_version() == ("c", 4)
+            with pytest.raises(SubscriberLaggedError) as lag, replica.subscribe(2) as sub:
+                sub.poll()
+            assert lag.value.missed == 1  # version 3 never arrived whole: skipped, not torn
+
+
+# ---------------------------------------------------------------------------- the live path
+
+
+def test_the_live_path_carries_each_record_before_the_bucket(names: tuple[str, str]) -> None:
+    origin_name, replica_name = names
+    bucket = default_bucket(origin_name)
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, Reading) as origin,
+    ):
+        urls = [server.url]
+        origin.set(Reading.make(1))
+        publisher = start("publish", origin_name, "--server", server.url)
+        start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name, Reading) as replica:
+            wait_until(lambda: origin.mirror_status.connected, "the publisher")
+
+            async def listen(nc: Any) -> Record:
+                sub = await nc.subscribe(live_subject(bucket))
+                await nc.flush()
+                origin.set(Reading.make(2))
+                msg = await sub.next_msg(timeout=HANG)
+                return decode_record(msg.data)
+
+            # The publisher sends every commit on the live subject.
+            sent = nats_call(urls, listen)
+            assert sent.version == 2
+            assert msgspec.msgpack.decode(sent.value, type=Reading) == Reading.make(2)
+            wait_version(replica, 2)
+            assert publisher.signal(signal.SIGTERM) == 0
+            wait_until(lambda: bucket_record(urls, bucket).version == 2, "version 2 put")
+            # A record that comes only on the live subject reaches the replica; the bucket
+            # still holds version 2.
+            three = forged(bucket_record(urls, bucket), 3, Reading.make(3))
+
+            async def publish(nc: Any) -> None:
+                await nc.publish(live_subject(bucket), three)
+                await nc.publish(live_subject(bucket), three)  # a second copy: not applied
+                await nc.flush()
+
+            commits = replica.commits
+            nats_call(urls, publish)
+            wait_version(replica, 3)
+            assert replica.get() == Reading.make(3)
+            assert bucket_record(urls, bucket).version == 2
+            # The bucket's copy of version 3 (a publisher's put) is not applied a second time.
+            kv_put(urls, bucket, [(KEY, three)])
+            wait_until(lambda: replica.statistics().mirror_last_sync_ns > 0, "a sync")
+            assert replica.commits == commits + 1
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def test_the_publisher_answers_a_request_it_cannot_apply(names: tuple[str, str]) -> None:
+    origin_name, _replica_name = names
+    bucket = default_bucket(origin_name)
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, Reading) as origin,
+    ):
+        origin.set(Reading.make(1))
+        start("publish", origin_name, "--server", server.url, "--type", TYPE)
+        wait_until(lambda: origin.mirror_status.connected, "the publisher answering")
+        depth = 100_000
+        deep = b'{"value":' + b"[" * depth + b"]" * depth + b',"expect":null}'
+
+        async def ask(nc: Any) -> Any:
+            msg = await nc.request(set_subject(bucket), deep, timeout=HANG)
+            return json.loads(msg.data)
+
+        reply = nats_call([server.url], ask)
+        assert reply["error"] == "value is nested too deeply"
+        assert origin.version == 1
+
+
+def test_a_follower_refuses_an_impossible_version_and_goes_on(names: tuple[str, str]) -> None:
+    origin_name, replica_name = names
+    bucket = default_bucket(origin_name)
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name) as origin,
+    ):
+        urls = [server.url]
+        origin.set("v1")
+        publisher = start("publish", origin_name, "--server", server.url)
+        follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name) as replica:
+            assert publisher.signal(signal.SIGTERM) == 0
+            base = bucket_record(urls, bucket)
+            kv_put(urls, bucket, [(KEY, forged(base, 1 << 62, "impossible"))])
+            wait_until(lambda: f"refused version {1 << 62}" in follower.log(), "the refusal")
+            assert replica.statistics().mirror_behind > 0
+            kv_put(urls, bucket, [(KEY, forged(base, 2, "v2"))])
+            wait_version(replica, 2)
+            assert replica.get() == "v2"
+
+
+def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(
+    names: tuple[str, str],
+) -> None:
+    origin_name, replica_name = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, max_readers=1) as origin,
+        Store.open(origin_name) as holder,
+    ):
+        origin.set("v1")
+        with pytest.raises(TimeoutError):  # takes the store's only reader entry
+            holder.wait(holder.version, timeout=0.01)
+        publisher = start("publish", origin_name, "--server", server.url)
+        start("follow", origin_name, "--server", server.url, "--as", replica_name)
+        with open_replica(replica_name) as replica:
+            wait_until(lambda: "cannot wait for commits" in publisher.log(), "the warning")
+            origin.set("v2")
+            wait_version(replica, 2)  # put by the publisher's periodic look
+            assert replica.get() == "v2"
