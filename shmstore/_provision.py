@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import msgspec
 
+from . import _schemarecord
 from ._checkpoint import Checkpoint, read_checkpoint
 from ._codec import ANY_FINGERPRINT, Codec
 from ._errors import (
@@ -36,6 +37,7 @@ from ._errors import (
     StateStoreError,
     StorePermissionError,
 )
+from ._evolve import CheckedCodec, describe_or_none
 from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
@@ -50,6 +52,7 @@ from ._layout import (
     OFF_MUTEX,
     W_GENERATION,
     W_MIRROR_STATE,
+    W_SCHEMA,
     Geometry,
     HeaderInfo,
     is_unborn,
@@ -98,6 +101,13 @@ class Attached:
     codec: Codec[Any]
     writable: bool
     private: bool = False
+    record: _schemarecord.SchemaRecord | None = None
+    """The store's recorded types (``_schemarecord``) as read at open."""
+    schema_generation: int = 0
+    """The schema generation this handle's type was recorded at: a commit from a handle whose
+    generation is not the store's current one is refused (or adopted, see ``_evolve``)."""
+    evolve: bool = False
+    """Record the handle's type as the store's successor type before returning it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +137,7 @@ class _Plan:
     flags: int
     restore: Checkpoint | None
     max_value_size: int
+    schema: dict[str, Any] | None = None
 
 
 def _plan(tp: Any, options: CreateOptions) -> _Plan:
@@ -171,7 +182,7 @@ def _plan(tp: Any, options: CreateOptions) -> _Plan:
         if len(restore.payload) > geometry.slot_size:
             # Start as large as the saved value needs, as a commit of it would grow the store.
             geometry = Geometry(options.slots, len(restore.payload), options.max_readers)
-    return _Plan(geometry, codec, flags, restore, max_value_size)
+    return _Plan(geometry, codec, flags, restore, max_value_size, describe_or_none(tp))
 
 
 def _load_checkpoint(
@@ -212,18 +223,20 @@ def create_private(tp: Any, options: CreateOptions) -> Attached:
     label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
     segment = Segment.anonymous(label, plan.geometry.total_size)
     attached = _initialize(segment, plan, unlink_on_error=False)
-    return Attached(attached.segment, attached.info, attached.codec, True, private=True)
+    return Attached(attached.segment, attached.info, attached.codec, True, True, attached.record)
 
 
 def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Attached:
     geometry, codec, flags, restore = plan.geometry, plan.codec, plan.flags, plan.restore
+    created_ns = time.time_ns()
+    record = _schemarecord.SchemaRecord(codec.type_name, (codec.fingerprint,), (plan.schema,))
     try:
         m = segment.map
         write_header(
             m,
             geometry,
             flags=flags,
-            created_ns=time.time_ns(),
+            created_ns=created_ns,
             fingerprint=codec.fingerprint,
             type_name=codec.type_name,
             store_name=segment.name,
@@ -235,21 +248,33 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
             ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
             ring.restore(restore.version, restore.payload, time.time_ns())
             ring.release()
+        if segment.named:  # a private store keeps its record in its one handle
+            _schemarecord.publish(
+                segment.name, created_ns, record, mode=segment.mode(), group=segment.group()
+            )
         write_magic(m)  # last: until now, open() treats the segment as unborn
         info = read_header(m, segment.size)
     except BaseException:
         segment.close()
         if unlink_on_error:
             unlink_segment(segment.name)
+            _schemarecord.remove_records(segment.name, 0)
         raise
-    return Attached(segment, info, codec, writable=True)
+    return Attached(segment, info, codec, writable=True, record=record)
 
 
 def attach(
-    name: str, tp: Any, *, allow_other_owner: bool, readonly: bool | None = None
+    name: str,
+    tp: Any,
+    *,
+    allow_other_owner: bool,
+    readonly: bool | None = None,
+    evolve: bool = False,
 ) -> Attached:
     """Open store *name* for values of *tp* (``None``: untyped, for tools); *readonly* as
-    :meth:`Segment.open` takes it."""
+    :meth:`Segment.open` takes it. A *tp* of an older recorded generation opens to read (its
+    writes are refused); with *evolve*, a *tp* that is not the current type is returned marked
+    for evolution (the handle records it under the writer lock, see ``_evolve``)."""
     validate_name(name)
     segment, info = _attach(name, readonly=readonly)
     try:
@@ -260,22 +285,43 @@ def attach(
                 f"store {name!r} is owned by uid {owner}, not by this process's uid "
                 f"{os.geteuid()}; pass allow_other_owner=True to open it anyway",
             )
+        words = memoryview(segment.map).cast("Q")
+        try:
+            record = _schemarecord.load(words, name, info)
+        finally:
+            words.release()
+        generation = record.generation
         if tp is None:
             codec: Codec[Any] = Codec(Any)
-            writable = info.fingerprint == ANY_FINGERPRINT
+            writable = record.fingerprint == ANY_FINGERPRINT
+            if not writable and record.schema is not None and not info.flags & FLAG_REPLICA:
+                codec = CheckedCodec(record)  # writes checked against the recorded type
+                writable = True
         else:
             codec = Codec(tp)
-            if codec.fingerprint != info.fingerprint:
+            known = record.generation_of(codec.fingerprint)
+            if known is not None and (known == generation or not evolve):
+                generation = known  # an older generation's handle reads; its writes are refused
+            elif not evolve:
                 raise SchemaMismatchError(
-                    f"store {name!r} holds {info.type_name}, "
-                    f"which does not match the requested type {codec.type_name}"
+                    f"store {name!r} holds {record.type_name}, which does not match the "
+                    f"requested type {codec.type_name} (pass evolve=True to record it as the "
+                    "store's new type, if it is a compatible successor)"
                 )
+            else:
+                generation = -1  # the handle evolves the store before it is returned
             writable = True
         writable = writable and not segment.readonly
+        if generation < 0 and not writable:
+            raise SchemaMismatchError(
+                f"store {name!r}: evolving its type needs write access to the store"
+            )
     except BaseException:
         segment.close()
         raise
-    return Attached(segment, info, codec, writable)
+    return Attached(
+        segment, info, codec, writable, False, record, generation, evolve=generation < 0
+    )
 
 
 def _attach(
@@ -315,7 +361,7 @@ def remove(name: str) -> bool:
     user may not remove."""
     validate_name(name)
     semaphores: list[str] = []
-    generation = 0
+    generation = schema_generation = 0
     try:
         segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
@@ -327,6 +373,7 @@ def remove(name: str) -> bool:
                 words, info.geometry.registry_capacity, name, info.created_ns
             )
             generation = int(words[W_GENERATION])
+            schema_generation = int(words[W_SCHEMA])
         finally:
             words.release()
             segment.close()
@@ -334,6 +381,7 @@ def remove(name: str) -> bool:
     # Every ring it grew into, and one more: a move that died before publishing it.
     unlink_generations(name, range(1, min(generation, MAX_GENERATIONS) + 2))
     remove_listed_generations(name)
+    _schemarecord.remove_records(name, min(schema_generation, MAX_GENERATIONS))
     for sem in semaphores:
         unlink_semaphore(sem)
     _remove_listed_semaphores(name)
@@ -395,6 +443,6 @@ def create_replica(
         unlink_segment(segment.name)
         raise
     replica_plan = _Plan(
-        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size
+        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size, None
     )
     return _initialize(segment, replica_plan, unlink_on_error=True)

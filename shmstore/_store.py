@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
-from . import _provision
+from . import _provision, _schemarecord
 from ._checkpoint import write_checkpoint
 from ._codec import ENCODE_ERRORS, VALIDATE_ERRORS, Codec
 from ._errors import (
@@ -33,6 +33,7 @@ from ._errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
+from ._evolve import evolve_locked, follow_schema
 from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
@@ -56,6 +57,7 @@ from ._layout import (
     W_MIRROR_STATE,
     W_MIRROR_SYNC,
     W_REG_HIGH,
+    W_SCHEMA,
     Geometry,
     app_counter_word,
     read_text_field,
@@ -153,10 +155,12 @@ class Store(Generic[T]):
         "_private",
         "_raw_decode",
         "_raw_encode",
+        "_record",
         "_registry",
         "_retired",
         "_ring",
         "_ring_segment",
+        "_schema_gen",
         "_segment",
         "_words",
         "_writable",
@@ -227,13 +231,18 @@ class Store(Generic[T]):
         self._checkpoint_lock = threading.Lock()
         self._pid = os.getpid()
         self._app_counters = AppCounters(self._app_counter, self._increment_app_counter)
+        # The recorded types (see _schemarecord), and the generation this handle writes as.
+        self._record = attached.record
+        self._schema_gen = attached.schema_generation
         _live_handles.add(self)
-        if self._ring.moved():
-            try:
+        try:
+            if self._ring.moved():
                 self._follow_move()  # a store that grew before we opened it
-            except BaseException:
-                self.close()
-                raise
+            if attached.evolve:
+                self._evolve()
+        except BaseException:
+            self.close()
+            raise
 
     @overload
     @classmethod
@@ -349,6 +358,7 @@ class Store(Generic[T]):
         *,
         allow_other_owner: bool = ...,
         readonly: bool | None = ...,
+        evolve: bool = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -360,6 +370,7 @@ class Store(Generic[T]):
         *,
         allow_other_owner: bool = ...,
         readonly: bool | None = ...,
+        evolve: bool = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -370,6 +381,7 @@ class Store(Generic[T]):
         *,
         allow_other_owner: bool = False,
         readonly: bool | None = None,
+        evolve: bool = False,
     ) -> Store[Any]:
         """Attach to the existing store *name*.
 
@@ -386,34 +398,61 @@ class Store(Generic[T]):
         this handle. With the default ``None`` the handle is read-only only if the OS grants
         this user read access alone (:attr:`readonly` tells); ``False`` demands write access.
 
+        A *type* the store had before an evolution opens to read (its ``set()`` is refused).
+        ``evolve=True`` records a different *type* as the store's new type if it is a compatible
+        successor of every type the store has had (:class:`SchemaMismatchError` naming the
+        field and the rule otherwise, and nothing changes); see docs/evolution.md. Without a
+        *type*, writes to a typed store are checked against its recorded type.
+
         Raises :class:`StoreNotFoundError` if there is no such store,
         :class:`StorePermissionError` if the OS refuses the access asked for, and
         :class:`CorruptStoreError` if the segment is not a valid store.
         """
         return cls(
-            _provision.attach(name, type, allow_other_owner=allow_other_owner, readonly=readonly)
+            _provision.attach(
+                name, type, allow_other_owner=allow_other_owner, readonly=readonly, evolve=evolve
+            )
         )
 
     @overload
     @classmethod
     def open_or_create(
-        cls, name: str, type: type[T], *, allow_other_owner: bool = ..., **create_options: Any
+        cls,
+        name: str,
+        type: type[T],
+        *,
+        allow_other_owner: bool = ...,
+        evolve: bool = ...,
+        **create_options: Any,
     ) -> Store[T]: ...
 
     @overload
     @classmethod
     def open_or_create(
-        cls, name: str, type: Any = ..., *, allow_other_owner: bool = ..., **create_options: Any
+        cls,
+        name: str,
+        type: Any = ...,
+        *,
+        allow_other_owner: bool = ...,
+        evolve: bool = ...,
+        **create_options: Any,
     ) -> Store[Any]: ...
 
     @classmethod
     def open_or_create(
-        cls, name: str, type: Any = Any, *, allow_other_owner: bool = False, **create_options: Any
+        cls,
+        name: str,
+        type: Any = Any,
+        *,
+        allow_other_owner: bool = False,
+        evolve: bool = False,
+        **create_options: Any,
     ) -> Store[Any]:
         """Open store *name*, creating it with *create_options* (those of :meth:`create`) if it
         does not exist. Race-free: of many processes starting at once exactly one creates the
         store, and the others open that store (waiting for its creation to finish). An existing
-        store keeps its own geometry; its type must match (:class:`SchemaMismatchError`)."""
+        store keeps its own geometry; its type must match (:class:`SchemaMismatchError`), or,
+        with *evolve*, be a compatible successor (see :meth:`open`)."""
         last: StateStoreError | None = None
         for _ in range(_OPEN_OR_CREATE_TRIES):
             try:
@@ -421,7 +460,7 @@ class Store(Generic[T]):
             except StoreExistsError as exc:
                 last = exc
             try:
-                return cls.open(name, type, allow_other_owner=allow_other_owner)
+                return cls.open(name, type, allow_other_owner=allow_other_owner, evolve=evolve)
             except StoreNotFoundError as exc:
                 last = exc  # removed between our create and our open: try again
         raise StateStoreError(f"could not create or open store {name!r}: {last}") from last
@@ -439,8 +478,61 @@ class Store(Generic[T]):
 
     @property
     def type_name(self) -> str:
-        """The name of the type the store was created for, as recorded in its header."""
-        return self._info.type_name
+        """The name of the store's current type (the one it was created for, or the newest it
+        evolved to)."""
+        return self._current_record().type_name
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The structure of the store's current type as JSON-able data (``None`` for a store
+        whose type has none to record: custom types, or a replica); see docs/evolution.md."""
+        return self._current_record().schema
+
+    @property
+    def schema_generation(self) -> int:
+        """How many times the store's type evolved: 0 at create, +1 per evolution."""
+        with self._in_use:
+            self._check_open()
+            return int(self._words[W_SCHEMA])
+
+    def _current_record(self) -> _schemarecord.SchemaRecord:
+        """The store's recorded types, re-read when an evolution happened since."""
+        with self._in_use:
+            self._check_open()
+            record = self._record
+            if record is None or (
+                not self._private and record.generation != int(self._words[W_SCHEMA])
+            ):
+                record = _schemarecord.load(self._words, self.name, self._info)
+                self._record = record
+            return record
+
+    def _evolve(self) -> None:
+        """Record this handle's type as the store's successor type (``_evolve``)."""
+        with self._in_use, self._writer_locked():
+            record = _schemarecord.load(self._words, self.name, self._info)
+            evolved = evolve_locked(
+                record,
+                self._codec,
+                name=self.name,
+                created_ns=self._info.created_ns,
+                mode=self._mode,
+                group=self._gid,
+            )
+            if evolved is not record:
+                self._words[W_SCHEMA] = evolved.generation  # published: the new type is current
+                _schemarecord.retire(self.name, record.generation)
+            self._record, self._schema_gen = evolved, evolved.generation
+
+    def _follow_schema(self, data: bytes) -> None:
+        """A commit found the store at another schema generation: refuse this stale writer,
+        or follow (see ``_evolve.follow_schema``). The caller holds the writer lock."""
+        record = _schemarecord.load(self._words, self.name, self._info)
+        generation, codec = follow_schema(record, self._codec, self._schema_gen, self.name, data)
+        if codec is not None:
+            self._codec = codec
+            self._raw_encode = codec.raw_encode
+        self._record, self._schema_gen = record, generation
 
     @property
     def writable(self) -> bool:
@@ -779,6 +871,8 @@ class Store(Generic[T]):
         if words[W_GENERATION] != ring.generation:
             self._follow_move()  # another process grew the store
             ring = self._ring
+        if words[W_SCHEMA] != self._schema_gen:
+            self._follow_schema(data)  # the type evolved: refuses a writer of an older type
         head = words[W_HEAD]
         if head >= MAX_VERSION:
             raise CorruptStoreError(
@@ -919,10 +1013,11 @@ class Store(Generic[T]):
                 raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
             payload = bytes(payload)  # out of the mapping (and any shared buffer) before I/O
         try:
+            record = self._current_record()
             write_checkpoint(
                 path,
-                fingerprint=self._info.fingerprint,
-                type_name=self._info.type_name,
+                fingerprint=record.fingerprint,
+                type_name=record.type_name,
                 version=version,
                 payload=payload,
             )
@@ -947,10 +1042,11 @@ class Store(Generic[T]):
             growths = int(self._words[W_GENERATION])  # under _in_use: close() releases it
             removed = self._segment.removed()
             mirror = self._mirror_statistics()
+        record = self._current_record()
         return StoreStatistics(
             name=self.name,
-            type_name=self._info.type_name,
-            fingerprint=self._info.fingerprint.hex(),
+            type_name=record.type_name,
+            fingerprint=record.fingerprint.hex(),
             version=version,
             commits=commits,
             conflicts=conflicts,
@@ -972,6 +1068,7 @@ class Store(Generic[T]):
             removed=removed,
             **mirror,
             late_wakeups=self._gate.late_wakeups,
+            schema_generation=record.generation,
         )
 
     # ---------------------------------------------------------------- counters

@@ -1,0 +1,156 @@
+"""Evolving a store's type under running readers, and writing to a typed store without its type.
+
+Three pieces the store handle (``_store``) calls, each off the hot paths:
+
+* :func:`evolve_locked` -- ``Store.open(name, NewType, evolve=True)``: with the writer lock held,
+  re-read the recorded types, check ``NewType`` against every one of them
+  (``_evolution.check_history``), publish the new record and bump the header's SCHEMA word
+  (``_schemarecord``). The lock makes the check and the bump one step with respect to commits
+  and to other evolutions; a refused evolution changes nothing.
+* :func:`follow_schema` -- after an evolution, a handle opened with an older type must
+  not commit: newer readers would lose the fields its values lack. The commit compares SCHEMA
+  with the handle's own generation under the writer lock (one load, already on HEAD's cache
+  line); on a difference it lands here, which raises :class:`SchemaMismatchError` naming the
+  fields the write would drop -- or lets the write through when the handle's type *is* the
+  current one again (V1 -> V2 -> V1).
+* :class:`CheckedCodec` -- an untyped handle (``Store.open(name)``) of a typed store decodes
+  to builtins as before, and its ``set()`` converts the value to a type rebuilt from the
+  record (``_schema.rebuild``) and publishes that value's encoding: what a typed ``set()``
+  refuses, it refuses with the same message; what it accepts, every reader can decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ._codec import Codec
+from ._errors import InvalidSnapshotError, SchemaMismatchError
+from ._evolution import check_history, dropped_fields
+from ._schema import describe, rebuild
+from ._schemarecord import SchemaRecord, publish
+
+__all__ = ["CheckedCodec", "describe_or_none", "evolve_locked", "follow_schema"]
+
+
+def describe_or_none(tp: Any) -> dict[str, Any] | None:
+    """The description of *tp*, or ``None`` for a type that has none (``_schema``)."""
+    try:
+        return describe(tp)
+    except TypeError:
+        return None
+
+
+class _Refused(ValueError):
+    """A value the rebuilt type refuses (raised inside ``raw_encode``)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class CheckedCodec(Codec[Any]):
+    """The codec of an untyped handle of a typed store: reads decode to builtins; writes are
+    converted to the recorded type (rebuilt) and re-encoded, or refused as ``set()`` would."""
+
+    __slots__ = ("checked_type", "generation")
+
+    def __init__(self, record: SchemaRecord) -> None:
+        super().__init__(Any)
+        schema = record.schema
+        if schema is None:
+            raise ValueError("no recorded structure to check values against")
+        self.checked_type = rebuild(schema)
+        self.generation = record.generation
+        self.type_name = record.type_name
+        self.fingerprint = record.fingerprint
+        encode = msgspec.msgpack.Encoder().encode
+        checked_type = self.checked_type
+
+        def raw_encode(value: Any) -> bytes:
+            try:
+                converted = msgspec.convert(value, checked_type)
+            except msgspec.ValidationError as exc:
+                raise _Refused(exc) from exc
+            return encode(converted)
+
+        self.raw_encode = raw_encode
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return self.raw_encode(value)
+        except _Refused as exc:
+            raise self.validate_failure(exc.cause) from exc.cause
+
+    def encode_failure(self, value: object, exc: BaseException) -> InvalidSnapshotError:
+        if isinstance(exc, _Refused):
+            return self.validate_failure(exc.cause)
+        return super().encode_failure(value, exc)
+
+
+def evolve_locked(
+    record: SchemaRecord,
+    codec: Codec[Any],
+    *,
+    name: str,
+    created_ns: int,
+    mode: int,
+    group: int | None,
+) -> SchemaRecord:
+    """Record *codec*'s type as the successor of *record* (the current one, read under the
+    writer lock) and return the new record; the caller then stores SCHEMA. Raises
+    :class:`SchemaMismatchError` (nothing changed) if it is not a compatible successor of
+    every recorded type."""
+    if codec.fingerprint == record.fingerprint:
+        return record  # already the current type: nothing to evolve
+    new_schema = describe_or_none(codec.type)
+    if new_schema is None:
+        raise SchemaMismatchError(
+            f"store {name!r}: {codec.type_name} has no structure shmstore can record "
+            "(custom types, Raw, Ext), so it cannot be checked as a successor"
+        )
+    if any(schema is None for schema in record.schemas):
+        raise SchemaMismatchError(
+            f"store {name!r} holds {record.type_name}, whose structure was not recorded "
+            "(created by an older shmstore, a replica, or a type without one): it cannot evolve"
+        )
+    history = [schema for schema in record.schemas if schema is not None]
+    try:
+        check_history(history, new_schema)
+    except SchemaMismatchError as exc:
+        raise SchemaMismatchError(
+            f"store {name!r}: {codec.type_name} is not a compatible successor of "
+            f"{record.type_name}: {exc}"
+        ) from None
+    evolved = record.evolved(codec.type_name, codec.fingerprint, new_schema)
+    publish(name, created_ns, evolved, mode=mode, group=group)
+    return evolved
+
+
+def follow_schema(
+    record: SchemaRecord, codec: Codec[Any], own_generation: int, name: str, data: bytes
+) -> tuple[int, CheckedCodec | None]:
+    """A commit of encoded *data* found the store at ``record.generation``, not at the handle's
+    *own_generation*. Returns the generation to write as from now on, and for an untyped handle
+    its new checked codec (after checking *data* against the new type); raises
+    :class:`SchemaMismatchError` for a handle of an older type, and
+    :class:`InvalidSnapshotError` for *data* the new type refuses."""
+    if isinstance(codec, CheckedCodec):
+        checked = CheckedCodec(record)
+        try:
+            msgspec.msgpack.decode(data, type=checked.checked_type)
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            raise checked.validate_failure(exc) from exc
+        return record.generation, checked
+    if codec.fingerprint == record.fingerprint:
+        return record.generation, None  # the store came back to this handle's type
+    own = describe_or_none(codec.type)
+    dropped = dropped_fields(own, record.schema) if own is not None and record.schema else []
+    lost = f"; its values would drop {', '.join(dropped)}" if dropped else ""
+    raise SchemaMismatchError(
+        f"store {name!r} evolved to {record.type_name} (schema generation "
+        f"{record.generation}) after this handle opened it with {codec.type_name} "
+        f"(generation {own_generation}): it may read but not write{lost}, which newer readers "
+        "would lose. Open the store with the current type to write."
+    )
