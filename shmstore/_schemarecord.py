@@ -25,6 +25,11 @@ removes ``<name>.s<g>``. A reader that loses that race -- it read SCHEMA = g, an
 gone by the time it opens it -- reads SCHEMA again and finds g+1: the loop in :func:`load`.
 The record carries the whole history, so removing older segments loses nothing.
 
+A record segment gets the store's mode and group at create. Where an operator changed the
+store's group or mode afterwards, a record this user may not read is, at generation 0, taken
+from the header (fingerprint and type name, no structure); after an evolution it is
+:class:`StorePermissionError`.
+
 The incarnation check (``created_ns``) keeps a handle of a removed store from reading the record
 of a new store of the same name. A store made by a shmstore that recorded no schema (or a
 replica, or a type that cannot be described) has no readable structure: its record then says
@@ -45,7 +50,12 @@ from typing import Any, Final
 
 import msgspec
 
-from ._errors import CorruptStoreError, StoreExistsError, StoreNotFoundError
+from ._errors import (
+    CorruptStoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StorePermissionError,
+)
 from ._layout import W_SCHEMA, HeaderInfo
 from ._names import segment_name
 from ._segment import Segment, UnsizedSegmentError, unlink_segment
@@ -159,6 +169,12 @@ def _read(name: str, created_ns: int, generation: int) -> SchemaRecord | None:
         segment = Segment.open(name, readonly=True, os_name=os_name)
     except (StoreNotFoundError, UnsizedSegmentError):
         return None
+    except StorePermissionError:
+        if generation == 0:
+            # The store's group or mode was changed after create (chown, chmod) and not its
+            # record's: generation 0 is also in the header, minus the structure.
+            return None
+        raise
     try:
         m = segment.map
         if segment.size < _HEADER_SIZE:

@@ -56,7 +56,9 @@ def _report(results: Any, fn: Any, *args: Any) -> None:
         results.put(("error", traceback.format_exc()))
 
 
-def subscriber(name: str, kind: str, until: int, ready: Event, tag: str, results: Any) -> None:
+def subscriber(  # noqa: PLR0917 -- a process target takes positional arguments
+    name: str, kind: str, until: int, ready: Event, tag: str, results: Any
+) -> None:
     """Read every version up to *until* with the type *kind*, never reopening the store; report
     what was read as builtins, with the type each value decoded as."""
 
@@ -83,7 +85,7 @@ def subscriber(name: str, kind: str, until: int, ready: Event, tag: str, results
     _report(results, run)
 
 
-def writer(
+def writer(  # noqa: PLR0917 -- a process target takes positional arguments
     name: str,
     kind: str,
     first: int,

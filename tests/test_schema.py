@@ -113,7 +113,8 @@ def big_type(fields: int = 100) -> Any:
     Struct of its own."""
     leaf = msgspec.defstruct("Leaf", [("a", int, 0), ("b", list[str], []), ("c", float, 0.0)])
     return msgspec.defstruct(
-        "Big", [(f"field_number_{i}", leaf, msgspec.field(default_factory=leaf)) for i in range(fields)]
+        "Big",
+        [(f"field_number_{i}", leaf, msgspec.field(default_factory=leaf)) for i in range(fields)],
     )
 
 
