@@ -31,7 +31,13 @@ from ._evolution import check_history, dropped_fields
 from ._schema import describe, rebuild
 from ._schemarecord import SchemaRecord, publish
 
-__all__ = ["CheckedCodec", "describe_or_none", "evolve_locked", "follow_schema"]
+__all__ = [
+    "CheckedCodec",
+    "check_checkpoint_successor",
+    "describe_or_none",
+    "evolve_locked",
+    "follow_schema",
+]
 
 
 def describe_or_none(tp: Any) -> dict[str, Any] | None:
@@ -87,6 +93,22 @@ class CheckedCodec(Codec[Any]):
         if isinstance(exc, _Refused):
             return self.validate_failure(exc.cause)
         return super().encode_failure(value, exc)
+
+
+def check_checkpoint_successor(schema_record: bytes, codec: Codec[Any]) -> None:
+    """Whether a checkpoint whose store had the types of *schema_record* (``b""``: a checkpoint
+    from before records) restores into a store of *codec*'s type; :class:`SchemaMismatchError`
+    if not."""
+    if not schema_record:
+        raise SchemaMismatchError("it records no schema to check a successor against")
+    try:
+        record = SchemaRecord.decode(schema_record)
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError) as exc:
+        raise SchemaMismatchError(f"its schema record does not decode: {exc}") from None
+    new_schema = describe_or_none(codec.type)
+    if new_schema is None or any(schema is None for schema in record.schemas):
+        raise SchemaMismatchError("a type without recorded structure cannot be checked")
+    check_history([schema for schema in record.schemas if schema is not None], new_schema)
 
 
 def evolve_locked(

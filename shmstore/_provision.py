@@ -37,7 +37,7 @@ from ._errors import (
     StateStoreError,
     StorePermissionError,
 )
-from ._evolve import CheckedCodec, describe_or_none
+from ._evolve import CheckedCodec, check_checkpoint_successor, describe_or_none
 from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
@@ -190,10 +190,15 @@ def _load_checkpoint(
 ) -> Checkpoint:
     checkpoint = read_checkpoint(path)
     if checkpoint.fingerprint != codec.fingerprint:
-        raise SchemaMismatchError(
-            f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
-            f"store's type {codec.type_name}"
-        )
+        try:
+            # Taken before an evolution: fine if the type is a successor of every type the
+            # checkpointed store had (the value then decodes as it, defaults filled in).
+            check_checkpoint_successor(checkpoint.schema_record, codec)
+        except SchemaMismatchError as exc:
+            raise SchemaMismatchError(
+                f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match "
+                f"the store's type {codec.type_name}: {exc}"
+            ) from None
     if len(checkpoint.payload) > max_value_size:
         raise SnapshotTooLargeError(
             f"checkpoint value is {len(checkpoint.payload)} bytes; the store's max_value_size "

@@ -1020,6 +1020,7 @@ class Store(Generic[T]):
                 type_name=record.type_name,
                 version=version,
                 payload=payload,
+                schema_record=record.encode(),
             )
         except OSError as exc:
             raise CheckpointError(
