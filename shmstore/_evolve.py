@@ -16,7 +16,11 @@ Three pieces the store handle (``_store``) calls, each off the hot paths:
 * :class:`CheckedCodec` -- an untyped handle (``Store.open(name)``) of a typed store decodes
   to builtins as before, and its ``set()`` converts the value to a type rebuilt from the
   record (``_schema.rebuild``) and publishes that value's encoding: what a typed ``set()``
-  refuses, it refuses with the same message; what it accepts, every reader can decode.
+  refuses, it refuses with the same message; what it accepts, every reader can decode. The
+  conversion drops keys the type does not know, so it must use the current type: the handle
+  looks at SCHEMA before converting (and rebuilds after an evolution); an evolution that lands
+  between the conversion and the commit makes the commit fail with nothing written (the value
+  may carry a field only the new type knows, which the conversion dropped) -- set it again.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "describe_or_none",
     "evolve_locked",
     "follow_schema",
+    "replica_successor",
 ]
 
 
@@ -111,6 +116,28 @@ def check_checkpoint_successor(schema_record: bytes, codec: Codec[Any]) -> None:
     check_history([schema for schema in record.schemas if schema is not None], new_schema)
 
 
+def replica_successor(
+    current: SchemaRecord, schema_record: bytes, name: str
+) -> SchemaRecord | None:
+    """The origin's record (*schema_record*) a replica whose record is *current* should adopt,
+    or ``None`` when it has it already. :class:`SchemaMismatchError` if the origin's types do
+    not begin with the replica's (another origin, or an origin that was re-created)."""
+    try:
+        record = SchemaRecord.decode(schema_record)
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError) as exc:
+        raise SchemaMismatchError(f"the origin's schema record does not decode: {exc}") from None
+    if record.fingerprints == current.fingerprints:
+        return None
+    known = current.fingerprints
+    if record.fingerprints[: len(known)] != known:
+        raise SchemaMismatchError(
+            f"replica {name!r} holds {current.type_name}, and the origin's types "
+            f"({record.type_name}, generation {record.generation}) do not continue the "
+            "replica's: remove the replica to follow the origin"
+        )
+    return record
+
+
 def evolve_locked(
     record: SchemaRecord,
     codec: Codec[Any],
@@ -151,20 +178,13 @@ def evolve_locked(
 
 
 def follow_schema(
-    record: SchemaRecord, codec: Codec[Any], own_generation: int, name: str, data: bytes
+    record: SchemaRecord, codec: Codec[Any], own_generation: int, name: str
 ) -> tuple[int, CheckedCodec | None]:
-    """A commit of encoded *data* found the store at ``record.generation``, not at the handle's
+    """A commit found the store at ``record.generation``, not at the handle's
     *own_generation*. Returns the generation to write as from now on, and for an untyped handle
-    its new checked codec (after checking *data* against the new type); raises
-    :class:`SchemaMismatchError` for a handle of an older type, and
-    :class:`InvalidSnapshotError` for *data* the new type refuses."""
+    its new checked codec; raises :class:`SchemaMismatchError` for a handle of an older type."""
     if isinstance(codec, CheckedCodec):
-        checked = CheckedCodec(record)
-        try:
-            msgspec.msgpack.decode(data, type=checked.checked_type)
-        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-            raise checked.validate_failure(exc) from exc
-        return record.generation, checked
+        return record.generation, CheckedCodec(record)
     if codec.fingerprint == record.fingerprint:
         return record.generation, None  # the store came back to this handle's type
     own = describe_or_none(codec.type)

@@ -138,6 +138,7 @@ class _Plan:
     restore: Checkpoint | None
     max_value_size: int
     schema: dict[str, Any] | None = None
+    record: _schemarecord.SchemaRecord | None = None  # a replica's: the origin's types
 
 
 def _plan(tp: Any, options: CreateOptions) -> _Plan:
@@ -234,7 +235,9 @@ def create_private(tp: Any, options: CreateOptions) -> Attached:
 def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Attached:
     geometry, codec, flags, restore = plan.geometry, plan.codec, plan.flags, plan.restore
     created_ns = time.time_ns()
-    record = _schemarecord.SchemaRecord(codec.type_name, (codec.fingerprint,), (plan.schema,))
+    record = plan.record or _schemarecord.SchemaRecord(
+        codec.type_name, (codec.fingerprint,), (plan.schema,)
+    )
     try:
         m = segment.map
         write_header(
@@ -257,13 +260,17 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
             _schemarecord.publish(
                 segment.name, created_ns, record, mode=segment.mode(), group=segment.group()
             )
+            if record.generation:  # a replica of an evolved origin
+                words = memoryview(m).cast("Q")
+                words[W_SCHEMA] = record.generation
+                words.release()
         write_magic(m)  # last: until now, open() treats the segment as unborn
         info = read_header(m, segment.size)
     except BaseException:
         segment.close()
         if unlink_on_error:
             unlink_segment(segment.name)
-            _schemarecord.remove_records(segment.name, 0)
+            _schemarecord.remove_records(segment.name, record.generation)
         raise
     return Attached(segment, info, codec, writable=True, record=record)
 
@@ -420,6 +427,7 @@ def create_replica(
     origin: str,
     bucket: str,
     options: CreateOptions,
+    schema_record: bytes = b"",
 ) -> Attached:
     """Create store *name* as a replica (``shmstore.mirror``): the header records the origin's
     schema *fingerprint* and *type_name* (typed readers are checked against them), the replica
@@ -447,7 +455,18 @@ def create_replica(
         segment.close()
         unlink_segment(segment.name)
         raise
+    record = None
+    if schema_record:
+        record = _schemarecord.SchemaRecord.decode(schema_record)
+        if record.fingerprint != fingerprint:
+            raise ValueError("the schema record's newest type is not the given fingerprint")
     replica_plan = _Plan(
-        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size, None
+        plan.geometry,
+        plan.codec,
+        plan.flags | FLAG_REPLICA,
+        None,
+        plan.max_value_size,
+        None,
+        record,
     )
     return _initialize(segment, replica_plan, unlink_on_error=True)

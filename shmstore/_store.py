@@ -26,6 +26,7 @@ from ._codec import ENCODE_ERRORS, VALIDATE_ERRORS, Codec
 from ._errors import (
     CheckpointError,
     CorruptStoreError,
+    SchemaMismatchError,
     SnapshotTooLargeError,
     StateStoreError,
     StateVersionError,
@@ -33,7 +34,7 @@ from ._errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
-from ._evolve import evolve_locked, follow_schema
+from ._evolve import CheckedCodec, evolve_locked, follow_schema, replica_successor
 from ._growth import grow, next_capacity, open_generation
 from ._layout import (
     APP_COUNTERS,
@@ -234,6 +235,8 @@ class Store(Generic[T]):
         # The recorded types (see _schemarecord), and the generation this handle writes as.
         self._record = attached.record
         self._schema_gen = attached.schema_generation
+        if isinstance(self._codec, CheckedCodec):
+            self._raw_encode = self._checked_encode
         _live_handles.add(self)
         try:
             if self._ring.moved():
@@ -524,15 +527,28 @@ class Store(Generic[T]):
                 _schemarecord.retire(self.name, record.generation)
             self._record, self._schema_gen = evolved, evolved.generation
 
-    def _follow_schema(self, data: bytes) -> None:
+    def _follow_schema(self) -> None:
         """A commit found the store at another schema generation: refuse this stale writer,
         or follow (see ``_evolve.follow_schema``). The caller holds the writer lock."""
         record = _schemarecord.load(self._words, self.name, self._info)
-        generation, codec = follow_schema(record, self._codec, self._schema_gen, self.name, data)
+        generation, codec = follow_schema(record, self._codec, self._schema_gen, self.name)
+        self._record, self._schema_gen = record, generation
         if codec is not None:
             self._codec = codec
-            self._raw_encode = codec.raw_encode
-        self._record, self._schema_gen = record, generation
+            raise SchemaMismatchError(
+                f"store {self.name!r} evolved to {record.type_name} while this value was being "
+                "written: nothing was written; set it again (it is now checked against the new "
+                "type)"
+            )
+
+    def _checked_encode(self, value: Any) -> bytes:
+        """``raw_encode`` of an untyped handle of a typed store: converts *value* to the
+        store's current type (``_evolve.CheckedCodec``), rebuilt after an evolution."""
+        if self._words[W_SCHEMA] != self._schema_gen:
+            record = _schemarecord.load(self._words, self.name, self._info)
+            self._codec = CheckedCodec(record)
+            self._record, self._schema_gen = record, record.generation
+        return self._codec.raw_encode(value)
 
     @property
     def writable(self) -> bool:
@@ -872,7 +888,7 @@ class Store(Generic[T]):
             self._follow_move()  # another process grew the store
             ring = self._ring
         if words[W_SCHEMA] != self._schema_gen:
-            self._follow_schema(data)  # the type evolved: refuses a writer of an older type
+            self._follow_schema()  # the type evolved: refuses a writer of an older type
         head = words[W_HEAD]
         if head >= MAX_VERSION:
             raise CorruptStoreError(
@@ -1297,12 +1313,16 @@ class MirrorHooks:
         max_readers: int = DEFAULT_MAX_READERS,
         mode: int = 0o600,
         max_value_size: int | None = None,
+        schema_record: bytes = b"",
     ) -> Store[Any]:
         """Create the store *name* as a replica of the store *origin* mirrored through NATS
         bucket *bucket*. It records the origin's schema *fingerprint* and *type_name*, so that
         readers open it with the origin's type and the usual schema check, and it refuses
         ``set()`` in every process: only :meth:`commit_replicated` writes to it. The returned
-        handle decodes to builtins. Raises like :meth:`Store.create`."""
+        handle decodes to builtins. *schema_record* (:attr:`schema_record` of the origin)
+        records the origin's types as well, so readers of older types keep reading and
+        :meth:`follow_schema` can follow the origin's evolutions. Raises like
+        :meth:`Store.create`."""
         options = CreateOptions(
             slots, slot_size, max_readers, None, mode, "auto", None, max_value_size
         )
@@ -1314,13 +1334,44 @@ class MirrorHooks:
                 origin=origin,
                 bucket=bucket,
                 options=options,
+                schema_record=schema_record,
             )
         )
 
     @property
     def fingerprint(self) -> bytes:
-        """The 16-byte schema fingerprint recorded in the store's header."""
-        return self.store._info.fingerprint
+        """The 16-byte schema fingerprint of the store's current type."""
+        return self.store._current_record().fingerprint
+
+    @property
+    def schema_record(self) -> bytes:
+        """Every type the store has had, encoded (``_schemarecord``): what a replica needs to
+        follow the store's evolutions (:meth:`follow_schema`)."""
+        return self.store._current_record().encode()
+
+    def follow_schema(self, schema_record: bytes) -> None:
+        """Record the origin's *schema_record* in this replica, whose types must be the first of
+        its types: the replica then holds the origin's newest type, and readers of every older
+        type keep reading. Raises :class:`SchemaMismatchError` (nothing changed) otherwise."""
+        store = self.store
+        if not store._info.flags & FLAG_REPLICA:
+            raise StateStoreError(f"store {store.name!r} is not a replica")
+        with store._in_use:
+            store._check_open()
+            with store._writer_locked():
+                current = _schemarecord.load(store._words, store.name, store._info)
+                record = replica_successor(current, schema_record, store.name)
+                if record is not None:
+                    _schemarecord.publish(
+                        store.name,
+                        store._info.created_ns,
+                        record,
+                        mode=store._mode,
+                        group=store._gid,
+                    )
+                    store._words[W_SCHEMA] = record.generation
+                    _schemarecord.retire(store.name, current.generation)
+                    store._record = record
 
     def get_encoded(self) -> tuple[bytes, int, int]:
         """The newest value as the encoded bytes in the ring, with its version and commit time

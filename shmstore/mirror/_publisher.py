@@ -296,6 +296,7 @@ class Publisher:
                 slot_size=store.geometry.slot_size,
                 value=value,
                 max_value_size=store.max_value_size,
+                schema=MirrorHooks(store).schema_record,
             )
             data = encode_record(record)
             limit = self._max_payload()

@@ -54,6 +54,9 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     slot_size: int
     value: bytes  # the value exactly as encoded in the origin's ring
     max_value_size: int = 0  # how far the origin's values may grow (0: not said)
+    # Every type the origin has had (its schema record, JSON): a replica follows evolutions.
+    # Empty from a publisher older than issue 21.
+    schema: bytes = b""
 
 
 class SetRequest(msgspec.Struct, frozen=True, kw_only=True):
