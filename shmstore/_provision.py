@@ -299,6 +299,12 @@ def attach(
             )
         words = memoryview(segment.map).cast("Q")
         try:
+            unevolved = int(words[W_SCHEMA]) == 0
+            codec_now: Codec[Any] | None = None if tp is None else Codec(tp)
+            if unevolved and codec_now is not None and codec_now.fingerprint == info.fingerprint:
+                # The common open: the creator's type, never evolved. The header says all that
+                # is needed; the record is read when someone asks (Store._current_record).
+                return Attached(segment, info, codec_now, not segment.readonly)
             record = _schemarecord.load(words, name, info)
         finally:
             words.release()
@@ -310,7 +316,8 @@ def attach(
                 codec = CheckedCodec(record)  # writes checked against the recorded type
                 writable = True
         else:
-            codec = Codec(tp)
+            assert codec_now is not None
+            codec = codec_now
             known = record.generation_of(codec.fingerprint)
             if known is not None and (known == generation or not evolve):
                 generation = known  # an older generation's handle reads; its writes are refused

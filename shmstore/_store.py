@@ -499,8 +499,11 @@ class Store(Generic[T]):
             return int(self._words[W_SCHEMA])
 
     def _current_record(self) -> _schemarecord.SchemaRecord:
-        """The store's recorded types, re-read when an evolution happened since."""
+        """The store's recorded types, re-read when an evolution happened since (a closed
+        handle answers with the last it read)."""
         with self._in_use:
+            if self._closed and self._record is not None:
+                return self._record
             self._check_open()
             record = self._record
             if record is None or (
