@@ -72,14 +72,16 @@ class CheckedCodec(Codec[Any]):
         schema = record.schema
         if schema is None:
             raise ValueError("no recorded structure to check values against")
-        self.checked_type = rebuild(schema)
+        self.checked_type: Any = None  # rebuilt at the first write: most untyped handles read
         self.generation = record.generation
         self.type_name = record.type_name
         self.fingerprint = record.fingerprint
         encode = msgspec.msgpack.Encoder().encode
-        checked_type = self.checked_type
 
         def raw_encode(value: Any) -> bytes:
+            checked_type = self.checked_type
+            if checked_type is None:
+                checked_type = self.checked_type = rebuild(schema)
             try:
                 converted = msgspec.convert(value, checked_type)
             except msgspec.ValidationError as exc:
