@@ -33,7 +33,7 @@ from ._codec import Codec
 from ._errors import InvalidSnapshotError, SchemaMismatchError
 from ._evolution import check_history, dropped_fields
 from ._schema import describe, rebuild
-from ._schemarecord import SchemaRecord, publish
+from ._schemarecord import SchemaRecord
 
 __all__ = [
     "CheckedCodec",
@@ -140,21 +140,13 @@ def replica_successor(
     return record
 
 
-def evolve_locked(
-    record: SchemaRecord,
-    codec: Codec[Any],
-    *,
-    name: str,
-    created_ns: int,
-    mode: int,
-    group: int | None,
-) -> SchemaRecord:
-    """Record *codec*'s type as the successor of *record* (the current one, read under the
-    writer lock) and return the new record; the caller then stores SCHEMA. Raises
-    :class:`SchemaMismatchError` (nothing changed) if it is not a compatible successor of
-    every recorded type."""
+def evolve_locked(record: SchemaRecord, codec: Codec[Any], name: str) -> SchemaRecord | None:
+    """The record that makes *codec*'s type the successor of *record* (the current one, read
+    under the writer lock), or ``None`` if it is the current type already; the caller publishes
+    it. Raises :class:`SchemaMismatchError` if it is not a compatible successor of every
+    recorded type."""
     if codec.fingerprint == record.fingerprint:
-        return record  # already the current type: nothing to evolve
+        return None  # already the current type: nothing to evolve
     new_schema = describe_or_none(codec.type)
     if new_schema is None:
         raise SchemaMismatchError(
@@ -174,9 +166,7 @@ def evolve_locked(
             f"store {name!r}: {codec.type_name} is not a compatible successor of "
             f"{record.type_name}: {exc}"
         ) from None
-    evolved = record.evolved(codec.type_name, codec.fingerprint, new_schema)
-    publish(name, created_ns, evolved, mode=mode, group=group)
-    return evolved
+    return record.evolved(codec.type_name, codec.fingerprint, new_schema)
 
 
 def follow_schema(

@@ -10,7 +10,8 @@ Nothing here imports ``_store``: provisioning is below the operations.
 
 Create protocol: ``shm_open(O_CREAT | O_EXCL)`` decides the one creator; the segment is sized
 (``posix_fallocate``), the header written, the writer mutex initialized, any checkpoint restored,
-and the magic stored *last*. A process that opens the name meanwhile sees no magic ("unborn") and
+the type's schema record published (``_schemarecord``: segment ``<name>.s0``), and the magic
+stored *last*. A process that opens the name meanwhile sees no magic ("unborn") and
 waits up to :data:`OPEN_WAIT` for it, so concurrent starters see one complete store or a clear
 error, never a half-made one. A creator that fails (or is interrupted) unlinks what it made.
 """

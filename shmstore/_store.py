@@ -515,20 +515,35 @@ class Store(Generic[T]):
 
     def _evolve(self) -> None:
         """Record this handle's type as the store's successor type (``_evolve``)."""
-        with self._in_use, self._writer_locked():
-            record = _schemarecord.load(self._words, self.name, self._info)
-            evolved = evolve_locked(
-                record,
-                self._codec,
-                name=self.name,
-                created_ns=self._info.created_ns,
-                mode=self._mode,
-                group=self._gid,
-            )
-            if evolved is not record:
-                self._words[W_SCHEMA] = evolved.generation  # published: the new type is current
-                _schemarecord.retire(self.name, record.generation)
-            self._record, self._schema_gen = evolved, evolved.generation
+        record = self._adopt_schema(lambda current: evolve_locked(current, self._codec, self.name))
+        self._schema_gen = record.generation
+
+    def _adopt_schema(
+        self,
+        successor: Callable[[_schemarecord.SchemaRecord], _schemarecord.SchemaRecord | None],
+    ) -> _schemarecord.SchemaRecord:
+        """Under the writer lock, make ``successor(current record)`` the store's record (publish
+        it, then store SCHEMA, then remove the old one; see ``_schemarecord``); ``None`` keeps
+        the current one. Returns the record in force."""
+        with self._in_use:
+            self._check_open()
+            with self._writer_locked():
+                current = _schemarecord.load(self._words, self.name, self._info)
+                record = successor(current)
+                if record is None:
+                    record = current
+                else:
+                    _schemarecord.publish(
+                        self.name,
+                        self._info.created_ns,
+                        record,
+                        mode=self._mode,
+                        group=self._gid,
+                    )
+                    self._words[W_SCHEMA] = record.generation  # published: now it is current
+                    _schemarecord.retire(self.name, current.generation)
+                self._record = record
+                return record
 
     def _follow_schema(self) -> None:
         """A commit found the store at another schema generation: refuse this stale writer,
@@ -1359,22 +1374,7 @@ class MirrorHooks:
         store = self.store
         if not store._info.flags & FLAG_REPLICA:
             raise StateStoreError(f"store {store.name!r} is not a replica")
-        with store._in_use:
-            store._check_open()
-            with store._writer_locked():
-                current = _schemarecord.load(store._words, store.name, store._info)
-                record = replica_successor(current, schema_record, store.name)
-                if record is not None:
-                    _schemarecord.publish(
-                        store.name,
-                        store._info.created_ns,
-                        record,
-                        mode=store._mode,
-                        group=store._gid,
-                    )
-                    store._words[W_SCHEMA] = record.generation
-                    _schemarecord.retire(store.name, current.generation)
-                    store._record = record
+        store._adopt_schema(lambda current: replica_successor(current, schema_record, store.name))
 
     def get_encoded(self) -> tuple[bytes, int, int]:
         """The newest value as the encoded bytes in the ring, with its version and commit time
