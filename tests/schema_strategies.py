@@ -107,7 +107,7 @@ def type_pairs(draw: st.DrawFn, depth: int = 2) -> Pair:
 @st.composite
 def field_specs(draw: st.DrawFn, name: str, depth: int) -> FieldSpec:
     tp, values = draw(type_pairs(depth))
-    default = draw(st.one_of(st.just(msgspec.NODEFAULT), values)) if True else None
+    default = draw(st.one_of(st.just(msgspec.NODEFAULT), values))
     return FieldSpec(name, tp, values, default)
 
 
