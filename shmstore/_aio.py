@@ -51,6 +51,8 @@ SYNC_PROPERTIES: Final = (
     "version",
     "value_type",
     "type_name",
+    "schema",
+    "schema_generation",
     "writable",
     "geometry",
     "capacity",
@@ -101,6 +103,10 @@ class AsyncStore(Generic[T]):
         def value_type(self) -> Any: ...
         @property
         def type_name(self) -> str: ...
+        @property
+        def schema(self) -> dict[str, Any] | None: ...
+        @property
+        def schema_generation(self) -> int: ...
         @property
         def writable(self) -> bool: ...
         @property

@@ -9,6 +9,8 @@ store's own operations (replication, statistics) through the public names below:
   handle (:meth:`follow_move`) and making one (:meth:`grow`); the protocol is ``_growth``'s;
 - the writer lock and how this handle takes it (``writer``, a :class:`WriterSide`);
 - the reader registry and the wait gate;
+- the store's recorded types (``record``, see ``_schemarecord``), re-read after an evolution,
+  and adopting a new one under the writer lock;
 - ``in_use``, held by whatever touches the mapping in more than one step (a commit from its lock
   to its notifications, statistics, close): the writer mutex lives in the mapping, so
   :meth:`close` must not unmap it under a thread that is using it;
@@ -28,10 +30,19 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from . import _schemarecord
 from ._codec import Codec
 from ._errors import CorruptStoreError, StateStoreError, StoreNotFoundError, StorePermissionError
 from ._growth import grow, next_capacity, open_generation
-from ._layout import FLAG_CRC, FLAG_REPLICA, FLAG_ROBUST_MUTEX, OFF_MUTEX, W_GENERATION, W_HEAD
+from ._layout import (
+    FLAG_CRC,
+    FLAG_REPLICA,
+    FLAG_ROBUST_MUTEX,
+    OFF_MUTEX,
+    W_GENERATION,
+    W_HEAD,
+    W_SCHEMA,
+)
 from ._provision import Attached
 from ._registry import Registry
 from ._ring import Ring, RingMoved
@@ -60,6 +71,7 @@ class Attachment:
         "move_lock",
         "name",
         "private",
+        "record",
         "registry",
         "retired",
         "ring",
@@ -116,6 +128,7 @@ class Attachment:
         )
         self.closed = False
         self.in_use = threading.Lock()
+        self.record: _schemarecord.SchemaRecord | None = attached.record
 
     # ---------------------------------------------------------------- state and errors
 
@@ -208,6 +221,52 @@ class Attachment:
                 return self.ring.read_newest()
             except RingMoved:
                 self.follow_move()
+
+    # ---------------------------------------------------------------- recorded types
+
+    def current_record(self) -> _schemarecord.SchemaRecord:
+        """The store's recorded types, re-read when an evolution happened since (a closed
+        handle answers with the last it read)."""
+        with self.in_use:
+            if self.closed and self.record is not None:
+                return self.record
+            self.check_open()
+            record = self.record
+            if record is None or (
+                not self.private and record.generation != int(self.words[W_SCHEMA])
+            ):
+                record = _schemarecord.load(self.words, self.name, self.info)
+                self.record = record
+            return record
+
+    def load_record(self) -> _schemarecord.SchemaRecord:
+        """The record in force now, read from shared memory (the caller holds the writer
+        lock, so no evolution can race it)."""
+        record = self.record = _schemarecord.load(self.words, self.name, self.info)
+        return record
+
+    def adopt_schema(
+        self,
+        successor: Callable[[_schemarecord.SchemaRecord], _schemarecord.SchemaRecord | None],
+    ) -> _schemarecord.SchemaRecord:
+        """Under the writer lock, make ``successor(current record)`` the store's record (publish
+        it, then store SCHEMA, then remove the old one; see ``_schemarecord``); ``None`` keeps
+        the current one. Returns the record in force."""
+        with self.in_use:
+            self.check_open()
+            with self.writer.locked():
+                current = _schemarecord.load(self.words, self.name, self.info)
+                record = successor(current)
+                if record is None:
+                    record = current
+                else:
+                    _schemarecord.publish(
+                        self.name, self.info.created_ns, record, mode=self.mode, group=self.gid
+                    )
+                    self.words[W_SCHEMA] = record.generation  # published: now it is current
+                    _schemarecord.retire(self.name, current.generation)
+                self.record = record
+                return record
 
     # ---------------------------------------------------------------- life
 

@@ -4,14 +4,17 @@ Format (little-endian)::
 
     off  size  field
       0     8  magic b"SHMCKPT1"
-      8     4  format version (u32) = 1
-     12     4  CRC32 of everything after this header (u32)
+      8     4  format version (u32) = 2 (1: no schema record; still read)
+     12     4  CRC32 of everything after this field (u32)
      16    16  schema fingerprint of the store's type
      32     8  version of the value (u64)
      40     8  written, ns since the epoch (u64)
      48     8  payload length (u64)
      56    64  type name, UTF-8, NUL padded
-    120     -  payload: the value exactly as the store holds it (MessagePack)
+    120     8  schema record length (u64; format 2)
+    128     -  payload: the value exactly as the store holds it (MessagePack)
+     ...    -  the store's schema record (``_schemarecord``, JSON): every type it has had, so a
+               checkpoint taken before an evolution restores into a store of a successor type
 
 Writing goes to a temporary file in the same directory, is flushed and ``fsync``\\ ed, then renamed
 over the target, and the directory is ``fsync``\\ ed: a process killed at any point leaves either
@@ -39,8 +42,9 @@ from ._layout import decode_name_field, name_field
 __all__ = ["Checkpoint", "read_checkpoint", "write_checkpoint"]
 
 MAGIC = b"SHMCKPT1"
-FORMAT = 1
+FORMAT = 2
 _HEADER = struct.Struct("<8sII16sQQQ64s")
+_SCHEMA_LENGTH = struct.Struct("<Q")  # after the header, in format 2
 _CRC_FROM = 16  # the CRC covers the header after its own field, and the payload
 
 
@@ -51,6 +55,7 @@ class Checkpoint:
     version: int
     written_ns: int
     payload: bytes
+    schema_record: bytes = b""  # the store's recorded types (format 2), JSON
 
 
 def write_checkpoint(
@@ -60,6 +65,7 @@ def write_checkpoint(
     type_name: str,
     version: int,
     payload: bytes | memoryview,
+    schema_record: bytes = b"",
 ) -> None:
     target = Path(path)
     body = _HEADER.pack(
@@ -71,17 +77,18 @@ def write_checkpoint(
         time.time_ns(),
         len(payload),
         name_field(type_name),
-    )
-    crc = zlib.crc32(payload, zlib.crc32(body[_CRC_FROM:]))
+    ) + _SCHEMA_LENGTH.pack(len(schema_record))
+    crc = zlib.crc32(schema_record, zlib.crc32(payload, zlib.crc32(body[_CRC_FROM:])))
     header = body[:12] + crc.to_bytes(4, "little") + body[_CRC_FROM:]
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, header)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in (payload, schema_record):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -126,12 +133,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     magic, fmt, crc, fingerprint, version, written, length, type_name = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise CheckpointError(f"{str(path)!r} is not a shmstore checkpoint (magic {magic!r})")
-    if fmt != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {fmt}; this reads {FORMAT}")
-    if length != len(raw) - _HEADER.size:
+    if fmt not in (1, FORMAT):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {fmt}; this reads 1 and {FORMAT}"
+        )
+    header_size = _HEADER.size
+    schema_length = 0
+    if fmt == FORMAT:
+        if len(raw) < header_size + _SCHEMA_LENGTH.size:
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated: no schema length")
+        (schema_length,) = _SCHEMA_LENGTH.unpack_from(raw, header_size)
+        header_size += _SCHEMA_LENGTH.size
+    if length + schema_length != len(raw) - header_size:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or padded: header says {length} payload "
-            f"bytes, file has {len(raw) - _HEADER.size}"
+            f"bytes and {schema_length} schema bytes, file has {len(raw) - header_size}"
         )
     if zlib.crc32(raw[_CRC_FROM:]) != crc:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: CRC mismatch")
@@ -144,5 +160,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         type_name=decode_name_field(type_name),
         version=version,
         written_ns=written,
-        payload=raw[_HEADER.size :],
+        payload=raw[header_size : header_size + length],
+        schema_record=raw[header_size + length :],
     )

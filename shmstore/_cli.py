@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from . import _cli_args as argtypes
+from ._cli_schema import add_schema_parser
 from ._errors import (
     StateStoreError,
     StateVersionError,
@@ -140,6 +141,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "name": s.name,
                 "type": s.type_name,
                 "fingerprint": s.fingerprint,
+                "schema_generation": s.schema_generation,
                 "version": s.version,
                 "slots": s.slots,
                 "slot_size": s.slot_size,
@@ -155,7 +157,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _out("no stores")
         return EXIT_OK
     _out(
-        f"{'NAME':<28} {'TYPE':<32} {'SCHEMA':<8} {'VERSION':>9} {'SLOTS x SIZE':>16} "
+        f"{'NAME':<28} {'TYPE':<32} {'SCHEMA':<8} {'GEN':>3} {'VERSION':>9} {'SLOTS x SIZE':>16} "
         f"{'READERS':>8} {'AGE':>6}"
     )
     for r in rows:
@@ -166,7 +168,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         readers = f"{r['readers_alive']}/{r['readers_registered']}"
         type_name = _clip(r["type"], 32)
         _out(
-            f"{r['name']:<28} {type_name:<32} {r['fingerprint'][:8]:<8} {r['version']:>9} "
+            f"{r['name']:<28} {type_name:<32} {r['fingerprint'][:8]:<8} "
+            f"{r['schema_generation']:>3} {r['version']:>9} "
             f"{geometry:>16} {readers:>8} {_age(r['created_ns']):>6}"
         )
     return EXIT_OK
@@ -621,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_mirror_parser(verbs)
+    add_schema_parser(verbs)
     return parser
 
 

@@ -64,10 +64,11 @@ def collect_statistics(att: Attachment, cached_version: int) -> StoreStatistics:
         removed = att.segment.removed()
         mirror = read_mirror_status(att)
     info = att.info
+    record = att.current_record()
     return StoreStatistics(
         name=att.name,
-        type_name=info.type_name,
-        fingerprint=info.fingerprint.hex(),
+        type_name=record.type_name,
+        fingerprint=record.fingerprint.hex(),
         version=version,
         commits=commits,
         conflicts=conflicts,
@@ -94,4 +95,5 @@ def collect_statistics(att: Attachment, cached_version: int) -> StoreStatistics:
         mirror_bucket=mirror.bucket,
         mirror_origin=mirror.origin,
         late_wakeups=att.gate.late_wakeups,
+        schema_generation=record.generation,
     )

@@ -22,7 +22,7 @@ from ._attachment import Attachment
 from ._codec import Codec
 from ._counters import AppCounters, collect_statistics
 from ._errors import CorruptStoreError, StateStoreError
-from ._layout import FLAG_CRC, W_HEAD, Geometry
+from ._layout import FLAG_CRC, W_HEAD, W_SCHEMA, Geometry
 from ._projection import Projection, check_projection
 from ._provision import Attached
 from ._replication import Replication, read_mirror_status
@@ -108,8 +108,23 @@ class Handle(Generic[T]):
 
     @property
     def type_name(self) -> str:
-        """The name of the type the store was created for, as recorded in its header."""
-        return self._info.type_name
+        """The name of the store's current type (the one it was created for, or the newest it
+        evolved to)."""
+        return self._att.current_record().type_name
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The structure of the store's current type as JSON-able data (``None`` for a store
+        whose type has none to record: custom types, or a replica); see the docs' "Changing a
+        store's type"."""
+        return self._att.current_record().schema
+
+    @property
+    def schema_generation(self) -> int:
+        """How many times the store's type evolved: 0 at create, +1 per evolution."""
+        with self._in_use:
+            self._check_open()
+            return int(self._words[W_SCHEMA])
 
     @property
     def writable(self) -> bool:

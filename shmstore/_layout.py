@@ -34,6 +34,9 @@ Header::
      64     8  HEAD = version of the newest committed value, 0 while empty (u64)
      72     8  pid of the exclusive writer that keeps the writer lock, 0 if none (u64; written
                only when such a writer comes and goes, so HEAD's cache line stays quiet)
+     80     8  schema generation (u64): evolutions of the value type, 0 at create; the recorded
+               type is in segment "<name>.s<g>" (see _schemarecord); written only by an
+               evolution, under the writer lock
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
     144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
@@ -99,6 +102,7 @@ __all__ = [
     "W_MIRROR_STATE",
     "W_MIRROR_SYNC",
     "W_REG_HIGH",
+    "W_SCHEMA",
     "Geometry",
     "HeaderInfo",
     "app_counter_word",
@@ -132,6 +136,7 @@ NAME_FIELD = 64
 # Byte offsets of the live u64 words.
 OFF_HEAD = 64
 OFF_EXCLUSIVE = 72
+OFF_SCHEMA = 80
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
 OFF_GENERATION = 144
@@ -143,6 +148,7 @@ APP_COUNTERS = 4
 # module that loads or stores a live word takes its index from here.
 W_HEAD = OFF_HEAD // 8
 W_EXCLUSIVE = OFF_EXCLUSIVE // 8
+W_SCHEMA = OFF_SCHEMA // 8
 W_BASE_VERSION = OFF_BASE_VERSION // 8
 W_CONFLICTS = OFF_CONFLICTS // 8
 W_GENERATION = OFF_GENERATION // 8

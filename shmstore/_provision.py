@@ -10,7 +10,8 @@ Nothing here imports ``_store``: provisioning is below the operations.
 
 Create protocol: ``shm_open(O_CREAT | O_EXCL)`` decides the one creator; the segment is sized
 (``posix_fallocate``), the header written, the writer mutex initialized, any checkpoint restored,
-and the magic stored *last*. A process that opens the name meanwhile sees no magic ("unborn") and
+the type's schema record published (``_schemarecord``: segment ``<name>.s0``), and the magic
+stored *last*. A process that opens the name meanwhile sees no magic ("unborn") and
 waits up to :data:`OPEN_WAIT` for it, so concurrent starters see one complete store or a clear
 error, never a half-made one. A creator that fails (or is interrupted) unlinks what it made.
 """
@@ -26,6 +27,7 @@ from typing import Any, Final
 
 import msgspec
 
+from . import _schemarecord
 from ._checkpoint import Checkpoint, read_checkpoint
 from ._codec import ANY_FINGERPRINT, Codec
 from ._errors import (
@@ -36,6 +38,7 @@ from ._errors import (
     StateStoreError,
     StorePermissionError,
 )
+from ._evolve import CheckedCodec, check_checkpoint_successor, describe_or_none
 from ._growth import remove_listed_generations, unlink_generations
 from ._layout import (
     FLAG_CRC,
@@ -50,6 +53,7 @@ from ._layout import (
     OFF_MUTEX,
     W_GENERATION,
     W_MIRROR_STATE,
+    W_SCHEMA,
     Geometry,
     HeaderInfo,
     is_unborn,
@@ -99,6 +103,13 @@ class Attached:
     codec: Codec[Any]
     writable: bool
     private: bool = False
+    record: _schemarecord.SchemaRecord | None = None
+    """The store's recorded types (``_schemarecord``) as read at open."""
+    schema_generation: int = 0
+    """The schema generation this handle's type was recorded at: a commit from a handle whose
+    generation is not the store's current one is refused (or adopted, see ``_evolve``)."""
+    evolve: bool = False
+    """Record the handle's type as the store's successor type before returning it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +139,8 @@ class _Plan:
     flags: int
     restore: Checkpoint | None
     max_value_size: int
+    schema: dict[str, Any] | None = None
+    record: _schemarecord.SchemaRecord | None = None  # a replica's: the origin's types
 
 
 def _plan(tp: Any, options: CreateOptions) -> _Plan:
@@ -172,7 +185,7 @@ def _plan(tp: Any, options: CreateOptions) -> _Plan:
         if len(restore.payload) > geometry.slot_size:
             # Start as large as the saved value needs, as a commit of it would grow the store.
             geometry = Geometry(options.slots, len(restore.payload), options.max_readers)
-    return _Plan(geometry, codec, flags, restore, max_value_size)
+    return _Plan(geometry, codec, flags, restore, max_value_size, describe_or_none(tp))
 
 
 def _load_checkpoint(
@@ -180,10 +193,15 @@ def _load_checkpoint(
 ) -> Checkpoint:
     checkpoint = read_checkpoint(path)
     if checkpoint.fingerprint != codec.fingerprint:
-        raise SchemaMismatchError(
-            f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match the "
-            f"store's type {codec.type_name}"
-        )
+        try:
+            # Taken before an evolution: fine if the type is a successor of every type the
+            # checkpointed store had (the value then decodes as it, defaults filled in).
+            check_checkpoint_successor(checkpoint.schema_record, codec)
+        except SchemaMismatchError as exc:
+            raise SchemaMismatchError(
+                f"checkpoint {str(path)!r} holds {checkpoint.type_name}, which does not match "
+                f"the store's type {codec.type_name}: {exc}"
+            ) from None
     if len(checkpoint.payload) > max_value_size:
         raise SnapshotTooLargeError(
             f"checkpoint value is {len(checkpoint.payload)} bytes; the store's max_value_size "
@@ -213,18 +231,22 @@ def create_private(tp: Any, options: CreateOptions) -> Attached:
     label = f"private-{os.getpid()}-{os.urandom(6).hex()}"
     segment = Segment.anonymous(label, plan.geometry.total_size)
     attached = _initialize(segment, plan, unlink_on_error=False)
-    return Attached(attached.segment, attached.info, attached.codec, True, private=True)
+    return Attached(attached.segment, attached.info, attached.codec, True, True, attached.record)
 
 
 def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Attached:
     geometry, codec, flags, restore = plan.geometry, plan.codec, plan.flags, plan.restore
+    created_ns = time.time_ns()
+    record = plan.record or _schemarecord.SchemaRecord(
+        codec.type_name, (codec.fingerprint,), (plan.schema,)
+    )
     try:
         m = segment.map
         write_header(
             m,
             geometry,
             flags=flags,
-            created_ns=time.time_ns(),
+            created_ns=created_ns,
             fingerprint=codec.fingerprint,
             type_name=codec.type_name,
             store_name=segment.name,
@@ -236,21 +258,37 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
             ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
             ring.restore(restore.version, restore.payload, time.time_ns())
             ring.release()
+        if segment.named:  # a private store keeps its record in its one handle
+            _schemarecord.publish(
+                segment.name, created_ns, record, mode=segment.mode(), group=segment.group()
+            )
+            if record.generation:  # a replica of an evolved origin
+                words = memoryview(m).cast("Q")
+                words[W_SCHEMA] = record.generation
+                words.release()
         write_magic(m)  # last: until now, open() treats the segment as unborn
         info = read_header(m, segment.size)
     except BaseException:
         segment.close()
         if unlink_on_error:
             unlink_segment(segment.name)
+            _schemarecord.remove_records(segment.name, record.generation)
         raise
-    return Attached(segment, info, codec, writable=True)
+    return Attached(segment, info, codec, writable=True, record=record)
 
 
 def attach(
-    name: str, tp: Any, *, allow_other_owner: bool, readonly: bool | None = None
+    name: str,
+    tp: Any,
+    *,
+    allow_other_owner: bool,
+    readonly: bool | None = None,
+    evolve: bool = False,
 ) -> Attached:
     """Open store *name* for values of *tp* (``None``: untyped, for tools); *readonly* as
-    :meth:`Segment.open` takes it."""
+    :meth:`Segment.open` takes it. A *tp* of an older recorded generation opens to read (its
+    writes are refused); with *evolve*, a *tp* that is not the current type is returned marked
+    for evolution (the handle records it under the writer lock, see ``_evolve``)."""
     validate_name(name)
     segment, info = _attach(name, readonly=readonly)
     try:
@@ -261,22 +299,50 @@ def attach(
                 f"store {name!r} is owned by uid {owner}, not by this process's uid "
                 f"{os.geteuid()}; pass allow_other_owner=True to open it anyway",
             )
+        words = memoryview(segment.map).cast("Q")
+        try:
+            unevolved = int(words[W_SCHEMA]) == 0
+            codec_now: Codec[Any] | None = None if tp is None else Codec(tp)
+            if unevolved and codec_now is not None and codec_now.fingerprint == info.fingerprint:
+                # The common open: the creator's type, never evolved. The header says all that
+                # is needed; the record is read when someone asks (Store._current_record).
+                return Attached(segment, info, codec_now, not segment.readonly)
+            record = _schemarecord.load(words, name, info)
+        finally:
+            words.release()
+        generation = record.generation
         if tp is None:
             codec: Codec[Any] = Codec(Any)
-            writable = info.fingerprint == ANY_FINGERPRINT
+            writable = record.fingerprint == ANY_FINGERPRINT
+            if not writable and record.schema is not None and not info.flags & FLAG_REPLICA:
+                codec = CheckedCodec(record)  # writes checked against the recorded type
+                writable = True
         else:
-            codec = Codec(tp)
-            if codec.fingerprint != info.fingerprint:
+            assert codec_now is not None
+            codec = codec_now
+            known = record.generation_of(codec.fingerprint)
+            if known is not None and (known == generation or not evolve):
+                generation = known  # an older generation's handle reads; its writes are refused
+            elif not evolve:
                 raise SchemaMismatchError(
-                    f"store {name!r} holds {info.type_name}, "
-                    f"which does not match the requested type {codec.type_name}"
+                    f"store {name!r} holds {record.type_name}, which does not match the "
+                    f"requested type {codec.type_name} (pass evolve=True to record it as the "
+                    "store's new type, if it is a compatible successor)"
                 )
+            else:
+                generation = -1  # the handle evolves the store before it is returned
             writable = True
         writable = writable and not segment.readonly
+        if generation < 0 and not writable:
+            raise SchemaMismatchError(
+                f"store {name!r}: evolving its type needs write access to the store"
+            )
     except BaseException:
         segment.close()
         raise
-    return Attached(segment, info, codec, writable)
+    return Attached(
+        segment, info, codec, writable, False, record, generation, evolve=generation < 0
+    )
 
 
 def _attach(
@@ -321,7 +387,7 @@ def remove(name: str, *, incarnation: int | None = None) -> bool:
     new store of its name: issue 20)."""
     validate_name(name)
     semaphores: list[str] = []
-    generation = created_ns = 0
+    generation = created_ns = schema_generation = 0
     try:
         segment, info = _attach(name, wait=0.0, readonly=True)  # it only reads the registry
     except StateStoreError:
@@ -336,6 +402,7 @@ def remove(name: str, *, incarnation: int | None = None) -> bool:
             )
             generation = int(words[W_GENERATION])
             created_ns = info.created_ns
+            schema_generation = int(words[W_SCHEMA])
         finally:
             words.release()
             segment.close()
@@ -345,6 +412,7 @@ def remove(name: str, *, incarnation: int | None = None) -> bool:
     # Every ring it grew into, and one more: a move that died before publishing it.
     unlink_generations(name, created_ns, range(1, min(generation, MAX_GENERATIONS) + 2))
     remove_listed_generations(name)
+    _schemarecord.remove_records(name, min(schema_generation, MAX_GENERATIONS))
     for sem in semaphores:
         unlink_semaphore(sem)
     _remove_listed_semaphores(name)
@@ -395,6 +463,7 @@ def create_replica(
     origin: str,
     bucket: str,
     options: CreateOptions,
+    schema_record: bytes = b"",
 ) -> Attached:
     """Create store *name* as a replica (``shmstore.mirror``): the header records the origin's
     schema *fingerprint* and *type_name* (typed readers are checked against them), the replica
@@ -422,7 +491,18 @@ def create_replica(
         segment.close()
         unlink_segment(segment.name)
         raise
+    record = None
+    if schema_record:
+        record = _schemarecord.SchemaRecord.decode(schema_record)
+        if record.fingerprint != fingerprint:
+            raise ValueError("the schema record's newest type is not the given fingerprint")
     replica_plan = _Plan(
-        plan.geometry, plan.codec, plan.flags | FLAG_REPLICA, None, plan.max_value_size
+        plan.geometry,
+        plan.codec,
+        plan.flags | FLAG_REPLICA,
+        None,
+        plan.max_value_size,
+        None,
+        record,
     )
     return _initialize(segment, replica_plan, unlink_on_error=True)

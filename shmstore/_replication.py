@@ -1,7 +1,7 @@
 """Replication as an interface of the core: what a replication backend does to a store.
 
 ``shmstore.mirror`` keeps replicas on other hosts current through NATS JetStream; another
-backend would need exactly the same four things from a store, and this module is that contract
+backend would need exactly the same five things from a store, and this module is that contract
 (public as :mod:`shmstore.replication`, per handle as ``Store.replication``):
 
 1. **Create a replica** (``shmstore.replication.create_replica``): a store that records the
@@ -11,7 +11,10 @@ backend would need exactly the same four things from a store, and this module is
 3. **Commit at the origin's version** (:meth:`Replication.commit_at`): the origin's bytes, its
    version and its commit time, into a replica; versions only increase, and skipped versions
    show to subscribers as an exact lag, as a lap of the ring does.
-4. **The mirror block** of the header (:meth:`Replication.claim`, :meth:`Replication.set_status`,
+4. **The recorded types** (:attr:`Replication.schema_record`,
+   :meth:`Replication.follow_schema`): a replica records its origin's types, and follows its
+   origin's evolutions, so readers of every type the origin had keep reading the replica.
+5. **The mirror block** of the header (:meth:`Replication.claim`, :meth:`Replication.set_status`,
    :func:`read_mirror_status`): role, bucket, origin, the mirroring process, connected, last
    sync, versions behind -- what ``statistics()``, ``shmstore stat`` and Prometheus show.
 
@@ -28,6 +31,7 @@ from typing import Final
 
 from ._attachment import Attachment
 from ._errors import SnapshotTooLargeError, StateStoreError, StateVersionError
+from ._evolve import replica_successor
 from ._layout import (
     MIRROR_BUCKET_FIELD,
     MIRROR_CONNECTED,
@@ -70,13 +74,28 @@ class Replication:
 
     @property
     def fingerprint(self) -> bytes:
-        """The 16-byte schema fingerprint recorded in the store's header."""
-        return self._att.info.fingerprint
+        """The 16-byte schema fingerprint of the store's current type."""
+        return self._att.current_record().fingerprint
 
     @property
     def type_name(self) -> str:
-        """The type name recorded in the store's header."""
-        return self._att.info.type_name
+        """The name of the store's current type."""
+        return self._att.current_record().type_name
+
+    @property
+    def schema_record(self) -> bytes:
+        """Every type the store has had, encoded (``_schemarecord``): what a replica needs to
+        follow the store's evolutions (:meth:`follow_schema`)."""
+        return self._att.current_record().encode()
+
+    def follow_schema(self, schema_record: bytes) -> None:
+        """Record the origin's *schema_record* in this replica, whose types must be the first of
+        its types: the replica then holds the origin's newest type, and readers of every older
+        type keep reading. Raises :class:`SchemaMismatchError` (nothing changed) otherwise."""
+        att = self._att
+        if not att.replica:
+            raise StateStoreError(f"store {att.name!r} is not a replica")
+        att.adopt_schema(lambda current: replica_successor(current, schema_record, att.name))
 
     @property
     def is_replica(self) -> bool:

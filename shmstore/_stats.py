@@ -54,6 +54,8 @@ class StoreStatistics:
     # 0 is what the wake-up protocol promises; sleeps are capped, so such a reader is late, not
     # stuck.
     late_wakeups: int = 0
+    # Evolutions of the store's type (Store.open(..., evolve=True)): 0 at create.
+    schema_generation: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

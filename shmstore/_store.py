@@ -22,14 +22,16 @@ from ._counters import AppCounters
 from ._errors import (
     CheckpointError,
     CorruptStoreError,
+    SchemaMismatchError,
     SnapshotTooLargeError,
     StateStoreError,
     StateVersionError,
     StoreExistsError,
     StoreNotFoundError,
 )
+from ._evolve import CheckedCodec, evolve_locked, follow_schema
 from ._handle import Handle
-from ._layout import W_GENERATION, W_HEAD, W_REG_HIGH
+from ._layout import W_GENERATION, W_HEAD, W_REG_HIGH, W_SCHEMA
 from ._provision import (
     DEFAULT_MAX_READERS,
     DEFAULT_SLOT_SIZE,
@@ -56,7 +58,7 @@ class Store(Handle[T]):
     """
 
     # What only writing uses; the rest is the Handle's (see there why slots).
-    __slots__ = ("_lock", "_max_value_size", "_raw_encode", "_writer")
+    __slots__ = ("_lock", "_max_value_size", "_raw_encode", "_schema_gen", "_writer")
 
     def __init__(self, attached: Attached) -> None:
         super().__init__(attached)
@@ -65,6 +67,17 @@ class Store(Handle[T]):
         self._writer = att.writer
         self._raw_encode = self._codec.raw_encode
         self._max_value_size = att.info.max_value_size
+        # The schema generation this handle writes as (see _evolve): a commit compares it with
+        # the header's SCHEMA word under the writer lock.
+        self._schema_gen = attached.schema_generation
+        if isinstance(self._codec, CheckedCodec):
+            self._raw_encode = self._checked_encode
+        if attached.evolve:
+            try:
+                self._evolve()
+            except BaseException:
+                self.close()
+                raise
 
     @overload
     @classmethod
@@ -180,6 +193,7 @@ class Store(Handle[T]):
         *,
         allow_other_owner: bool = ...,
         readonly: bool | None = ...,
+        evolve: bool = ...,
     ) -> Store[T]: ...
 
     @overload
@@ -191,6 +205,7 @@ class Store(Handle[T]):
         *,
         allow_other_owner: bool = ...,
         readonly: bool | None = ...,
+        evolve: bool = ...,
     ) -> Store[Any]: ...
 
     @classmethod
@@ -201,6 +216,7 @@ class Store(Handle[T]):
         *,
         allow_other_owner: bool = False,
         readonly: bool | None = None,
+        evolve: bool = False,
     ) -> Store[Any]:
         """Attach to the existing store *name*.
 
@@ -217,34 +233,61 @@ class Store(Handle[T]):
         this handle. With the default ``None`` the handle is read-only only if the OS grants
         this user read access alone (:attr:`readonly` tells); ``False`` demands write access.
 
+        A *type* the store had before an evolution opens to read (its ``set()`` is refused).
+        ``evolve=True`` records a different *type* as the store's new type if it is a compatible
+        successor of every type the store has had (:class:`SchemaMismatchError` naming the
+        field and the rule otherwise, and nothing changes); see the docs' "Changing a store's
+        type". Without a *type*, writes to a typed store are checked against its recorded type.
+
         Raises :class:`StoreNotFoundError` if there is no such store,
         :class:`StorePermissionError` if the OS refuses the access asked for, and
         :class:`CorruptStoreError` if the segment is not a valid store.
         """
         return cls(
-            _provision.attach(name, type, allow_other_owner=allow_other_owner, readonly=readonly)
+            _provision.attach(
+                name, type, allow_other_owner=allow_other_owner, readonly=readonly, evolve=evolve
+            )
         )
 
     @overload
     @classmethod
     def open_or_create(
-        cls, name: str, type: type[T], *, allow_other_owner: bool = ..., **create_options: Any
+        cls,
+        name: str,
+        type: type[T],
+        *,
+        allow_other_owner: bool = ...,
+        evolve: bool = ...,
+        **create_options: Any,
     ) -> Store[T]: ...
 
     @overload
     @classmethod
     def open_or_create(
-        cls, name: str, type: Any = ..., *, allow_other_owner: bool = ..., **create_options: Any
+        cls,
+        name: str,
+        type: Any = ...,
+        *,
+        allow_other_owner: bool = ...,
+        evolve: bool = ...,
+        **create_options: Any,
     ) -> Store[Any]: ...
 
     @classmethod
     def open_or_create(
-        cls, name: str, type: Any = Any, *, allow_other_owner: bool = False, **create_options: Any
+        cls,
+        name: str,
+        type: Any = Any,
+        *,
+        allow_other_owner: bool = False,
+        evolve: bool = False,
+        **create_options: Any,
     ) -> Store[Any]:
         """Open store *name*, creating it with *create_options* (those of :meth:`create`) if it
         does not exist. Race-free: of many processes starting at once exactly one creates the
         store, and the others open that store (waiting for its creation to finish). An existing
-        store keeps its own geometry; its type must match (:class:`SchemaMismatchError`)."""
+        store keeps its own geometry; its type must match (:class:`SchemaMismatchError`), or,
+        with *evolve*, be a compatible successor (see :meth:`open`)."""
         last: StateStoreError | None = None
         for _ in range(_OPEN_OR_CREATE_TRIES):
             try:
@@ -252,7 +295,7 @@ class Store(Handle[T]):
             except StoreExistsError as exc:
                 last = exc
             try:
-                return cls.open(name, type, allow_other_owner=allow_other_owner)
+                return cls.open(name, type, allow_other_owner=allow_other_owner, evolve=evolve)
             except StoreNotFoundError as exc:
                 last = exc  # removed between our create and our open: try again
         raise StateStoreError(f"could not create or open store {name!r}: {last}") from last
@@ -354,6 +397,8 @@ class Store(Handle[T]):
         ring = self._ring
         if words[W_GENERATION] != ring.generation:
             ring = self._follow_move()  # another process grew the store
+        if words[W_SCHEMA] != self._schema_gen:
+            self._follow_schema()  # the type evolved: refuses a writer of an older type
         head = words[W_HEAD]
         if head >= MAX_VERSION:
             raise CorruptStoreError(
@@ -409,6 +454,38 @@ class Store(Handle[T]):
         """Whether this handle is the store's exclusive writer (:meth:`keep_writer_lock`)."""
         return self._writer.exclusive
 
+    # ---------------------------------------------------------------- evolution
+
+    def _evolve(self) -> None:
+        """Record this handle's type as the store's successor type (``_evolve``)."""
+        record = self._att.adopt_schema(
+            lambda current: evolve_locked(current, self._codec, self.name)
+        )
+        self._schema_gen = record.generation
+
+    def _follow_schema(self) -> None:
+        """A commit found the store at another schema generation: refuse this stale writer,
+        or follow (see ``_evolve.follow_schema``). The caller holds the writer lock."""
+        record = self._att.load_record()
+        generation, codec = follow_schema(record, self._codec, self._schema_gen, self.name)
+        self._schema_gen = generation
+        if codec is not None:
+            self._codec = codec
+            raise SchemaMismatchError(
+                f"store {self.name!r} evolved to {record.type_name} while this value was being "
+                "written: nothing was written; set it again (it is now checked against the new "
+                "type)"
+            )
+
+    def _checked_encode(self, value: Any) -> bytes:
+        """``raw_encode`` of an untyped handle of a typed store: converts *value* to the
+        store's current type (``_evolve.CheckedCodec``), rebuilt after an evolution."""
+        if self._words[W_SCHEMA] != self._schema_gen:
+            record = self._att.load_record()
+            self._codec = CheckedCodec(record)
+            self._schema_gen = record.generation
+        return self._codec.raw_encode(value)
+
     # ---------------------------------------------------------------- checkpoints
 
     def checkpoint(self, path: str | os.PathLike[str]) -> int:
@@ -425,12 +502,14 @@ class Store(Handle[T]):
                 raise StateStoreError(f"store {self.name!r} is empty: nothing to checkpoint")
             payload = bytes(payload)  # out of the mapping (and any shared buffer) before I/O
         try:
+            record = self._att.current_record()
             write_checkpoint(
                 path,
-                fingerprint=self._info.fingerprint,
-                type_name=self._info.type_name,
+                fingerprint=record.fingerprint,
+                type_name=record.type_name,
                 version=version,
                 payload=payload,
+                schema_record=record.encode(),
             )
         except OSError as exc:
             raise CheckpointError(

@@ -31,6 +31,7 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("readers_alive", "shmstore_readers_alive", "gauge", "Registry entries whose owner lives."),
     ("writer_lock_held", "shmstore_writer_lock_held", "gauge", "1 while a writer holds the lock."),
     ("removed", "shmstore_removed", "gauge", "1 once the name no longer points to this store."),
+    ("schema_generation", "shmstore_schema_generation", "gauge", "Evolutions of the value type."),
 )
 
 

@@ -45,13 +45,17 @@ def create_replica(
     max_readers: int = DEFAULT_MAX_READERS,
     mode: int = 0o600,
     max_value_size: int | None = None,
+    schema_record: bytes = b"",
 ) -> Store[Any]:
     """Create the store *name* as a replica of the store *origin* mirrored through *bucket*
     (the backend's name for where the origin's values travel). It records the origin's schema
     *fingerprint* and *type_name*, so that readers open it with the origin's type and the usual
     schema check, and it refuses ``set()`` in every process: only
     ``store.replication.commit_at`` writes to it. The returned handle decodes to builtins.
-    Raises like :meth:`Store.create`."""
+    *schema_record* (the origin's ``store.replication.schema_record``) records the origin's
+    types as well, so readers of older types keep reading and
+    ``store.replication.follow_schema`` can follow the origin's evolutions. Raises like
+    :meth:`Store.create`."""
     options = CreateOptions(
         slots=slots,
         slot_size=slot_size,
@@ -67,5 +71,6 @@ def create_replica(
             origin=origin,
             bucket=bucket,
             options=options,
+            schema_record=schema_record,
         )
     )

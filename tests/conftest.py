@@ -44,15 +44,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def objects_of(name: str) -> set[str]:
-    """The files in /dev/shm that belong to store *name*: its segment, the rings it grew into
-    and its reader semaphores."""
+    """The files in /dev/shm that belong to store *name*: its segment, the rings it grew into,
+    its schema records and its reader semaphores."""
     base = segment_name(name).lstrip("/")
     if not SHM.is_dir():
         return set()
     return {
         p.name
         for p in SHM.iterdir()
-        if p.name == base or p.name.startswith((f"sem.{base}.", f"{base}.g"))
+        if p.name == base or p.name.startswith((f"sem.{base}.", f"{base}.g", f"{base}.s"))
     }
 
 
@@ -88,8 +88,8 @@ def objects_of_this_run() -> set[str]:
             base = n[len("sem.") :].rsplit(".", 1)[0]
             if base in mine or base in _issued:
                 ours.add(n)
-        elif ".g" in n:  # a ring the store grew into: shmstore.<hash>.g<generation>
-            base = n.rsplit(".g", 1)[0]
+        elif ".g" in n or ".s" in n:  # a ring the store grew into (<hash>.g<generation>), or
+            base = n.rsplit(".", 1)[0]  # a schema record (<hash>.s<generation>)
             if base in mine or base in _issued:
                 ours.add(n)
     return ours

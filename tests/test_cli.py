@@ -129,9 +129,11 @@ def test_set_untyped_typed_and_cas(store_name: str) -> None:
         assert cli("set", store_name, "4", "--expect", "2").returncode == 0
     shmstore.remove(store_name)
     with Store.create(store_name, Point) as typed:
-        refused = cli("set", store_name, '{"x": 1, "y": 2}')
+        # Without --type the value is checked against the store's recorded type (issue 21).
+        refused = cli("set", store_name, '{"x": 1, "y": "two"}')
         assert refused.returncode == 1
-        assert "--type" in one_line_error(refused)
+        assert "would not decode as workers:Point" in one_line_error(refused)
+        assert typed.get_with_version() == (None, 0)
         ok = cli("set", store_name, '{"x": 1, "y": 2}', "--type", "workers:Point")
         assert ok.returncode == 0, ok.stderr
         assert typed.get() == Point(1, 2)

@@ -88,3 +88,12 @@ def test_name_field_cuts_at_character_boundary() -> None:
     field = L.name_field("é" * 40)  # 80 bytes of UTF-8
     assert len(field) == 64
     assert field.rstrip(b"\0").decode("utf-8") == "é" * 32
+
+
+def test_the_schema_generation_word_is_aligned_and_rarely_written_next_to_head() -> None:
+    # Written only by an evolution (like the exclusive-writer pid at 72), read by every commit:
+    # on HEAD's cache line the commit's extra load costs no extra line.
+    assert L.OFF_SCHEMA % 8 == 0
+    assert L.OFF_HEAD < L.OFF_SCHEMA < L.OFF_HEAD + L.CACHE_LINE
+    assert L.OFF_SCHEMA not in (L.OFF_EXCLUSIVE, L.OFF_HEAD)
+    assert L.W_SCHEMA * 8 == L.OFF_SCHEMA

@@ -125,14 +125,19 @@ def test_schema_mismatch_names_both_types(store_name: str) -> None:
             Store.open(store_name, Other)
 
 
-def test_untyped_open_reads_builtins_but_cannot_write_a_typed_store(store_name: str) -> None:
+def test_untyped_open_reads_builtins_and_writes_checked_against_the_recorded_type(
+    store_name: str,
+) -> None:
     with Store.create(store_name, Point) as st:
         st.set(Point(1, 2, Color.GREEN))
         with Store.open(store_name) as raw:
             assert raw.get() == {"x": 1, "y": 2, "color": 2}
-            with pytest.raises(StateStoreError, match="open it with that type"):
+            # Refused as the typed set() refuses it (issue 21: the store describes itself).
+            with pytest.raises(InvalidSnapshotError, match=r"would not decode as .*Point"):
                 raw.set({"x": "not an int"})
-        assert st.get_with_version() == (Point(1, 2, Color.GREEN), 1)
+            assert st.get_with_version() == (Point(1, 2, Color.GREEN), 1)
+            assert raw.set({"x": 3, "y": 4, "color": 1}) == 2
+        assert st.get() == Point(3, 4, Color.RED)
 
 
 def test_untyped_store_is_writable_untyped(store_name: str) -> None:

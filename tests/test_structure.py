@@ -138,6 +138,9 @@ def test_no_import_cycles() -> None:
 
 # The core's public face for outer packages: the façade and the replication interface.
 PUBLIC_CORE = {"shmstore", "shmstore.replication"}
+# Exceptions, each with its reason. The mirror's verbs are verbs of the `shmstore` command and
+# resolve --type as its other verbs do.
+MIRROR_MAY_ALSO_IMPORT = {("mirror/_cli.py", "shmstore._typeexpr")}
 
 
 def test_the_mirror_uses_the_core_through_public_names_only() -> None:
@@ -150,7 +153,9 @@ def test_the_mirror_uses_the_core_through_public_names_only() -> None:
         for imported in _imports_of(path, tree):
             # `from .. import Store` names an attribute of the package, not a module
             module = imported if _is_module(imported) else imported.rsplit(".", 1)[0]
-            if not module.startswith("shmstore.mirror") and module not in PUBLIC_CORE:
+            if module.startswith("shmstore.mirror") or module in PUBLIC_CORE:
+                continue
+            if (path, module) not in MIRROR_MAY_ALSO_IMPORT:
                 offences.append(f"{path} imports {module}")
     assert offences == []
 

@@ -233,6 +233,12 @@ class FsmSnapshotDTO(msgspec.Struct, frozen=True, metaclass=_Normalising):
     Construction normalises: ``history`` None -> ``()`` and any iterable -> tuple (``TypeError``
     if it is not iterable); ``context_data``/``state_metadata`` None -> ``{}``; a ``ts_mono``/
     ``ts_wall`` of ``0.0`` -> now; an empty ``snapshot_id``/``fsm_instance_id`` -> a new UUID4.
+
+    ``context_data`` is the application's: the store sees "any value" there and cannot check
+    its shape, so evolve it by convention -- add keys and read them with a default, remove a
+    key only once every reader has a default for it, never change a key's type -- or convert it
+    to a Struct with defaults on read (``msgspec.convert``). The snapshot's own fields and the
+    ``FsmState`` values are not the application's to change. See docs/evolution.md.
     """
 
     version: int

@@ -262,6 +262,8 @@ class Follower:
                     hooks.commit_at(record.value, record.version, record.commit_ns)
                     self.applied += 1
                     return
+                if not record.schema:
+                    return  # the origin evolved: its durable copy carries the schema to follow
             except StateVersionError:
                 return  # the bucket's copy came first
             except (StateStoreError, ValueError):
@@ -328,12 +330,19 @@ class Follower:
         if replica is None:
             replica = self._replica = self._create(record)
         if record.fingerprint != replica.replication.fingerprint:
-            self._refuse(
-                record.version,
-                f"origin {self.name!r} now holds {record.type_name}, which does not match "
-                f"replica {self.local_name!r}; remove the replica to follow the new schema",
-            )
-            return
+            reason = "remove the replica to follow the new schema"
+            if record.schema:  # the origin evolved: follow it (issue 21)
+                try:
+                    replica.replication.follow_schema(record.schema)
+                except StateStoreError as exc:
+                    reason = str(exc)
+            if record.fingerprint != replica.replication.fingerprint:
+                self._refuse(
+                    record.version,
+                    f"origin {self.name!r} now holds {record.type_name}, which does not match "
+                    f"replica {self.local_name!r}; {reason}",
+                )
+                return
         if record.version > replica.version:
             try:
                 replica.replication.commit_at(record.value, record.version, record.commit_ns)
@@ -367,6 +376,7 @@ class Follower:
                 max_readers=self.max_readers,
                 mode=self.mode,
                 max_value_size=record.max_value_size or None,
+                schema_record=record.schema,
             )
         except StoreExistsError:  # another follower of the same replica created it first
             existing = self._open_existing()

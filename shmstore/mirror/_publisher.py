@@ -358,7 +358,9 @@ class Publisher:
             value, version, commit_ns = store.replication.read_encoded()
             if version <= self.published:
                 return  # already in the bucket: never put a version twice, never go back
-            record = self._record(store, value, version, commit_ns)
+            # The durable record carries the schema record: a follower creates its replica
+            # from it and follows an evolution with it (the live copy leaves it out).
+            record = self._record(store, value, version, commit_ns, with_schema=True)
             data = encode_record(record)
             limit = self._max_payload()
             first_seq = 0
@@ -388,7 +390,15 @@ class Publisher:
             self._old_chunks = bool(first_seq)
             return
 
-    def _record(self, store: Store[Any], value: bytes, version: int, commit_ns: int) -> Record:
+    def _record(
+        self,
+        store: Store[Any],
+        value: bytes,
+        version: int,
+        commit_ns: int,
+        *,
+        with_schema: bool = False,
+    ) -> Record:
         return Record(
             shmstore=__version__,
             origin=self._origin,
@@ -401,6 +411,7 @@ class Publisher:
             slot_size=store.geometry.slot_size,
             value=value,
             max_value_size=store.max_value_size,
+            schema=store.replication.schema_record if with_schema else b"",
         )
 
     def _send_live(self) -> None:

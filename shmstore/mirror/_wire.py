@@ -103,6 +103,10 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     def chunked(self) -> bool:
         return self.format == CHUNKED_FORMAT
 
+    # Every type the origin has had (its schema record, JSON): a replica follows evolutions.
+    # Durable records only (the live copy leaves it out); empty from a publisher before it.
+    schema: bytes = b""
+
 
 class SetRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A remote ``set(value, expected_version=expect)``; *value* is JSON."""
