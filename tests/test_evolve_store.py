@@ -24,10 +24,9 @@ from shmstore import (
     Store,
     remove,
 )
-from shmstore._store import MirrorHooks
 from shmstore.metrics import prometheus_text
 from shmstore.mirror._follower import Follower
-from shmstore.mirror._wire import Record, encode_record
+from shmstore.mirror._wire import Record, decode_record, encode_record
 
 
 class Retyped(msgspec.Struct):
@@ -267,21 +266,24 @@ def test_cli_schema_and_set_without_type(store_name: str) -> None:
         assert stat["schema_generation"] == 1
 
 
-def _record(origin: Store[Any], version: int) -> bytes:
-    value, version, commit_ns = MirrorHooks(origin).get_encoded()
-    return encode_record(
-        Record(
-            shmstore="test",
-            origin="host/origin",
-            store=origin.name,
-            version=version,
-            commit_ns=commit_ns,
-            fingerprint=MirrorHooks(origin).fingerprint,
-            type_name=origin.type_name,
-            slots=origin.geometry.slots,
-            slot_size=origin.geometry.slot_size,
-            value=value,
-            schema=MirrorHooks(origin).schema_record,
+def _record(origin: Store[Any], version: int) -> Record:
+    """The durable record the publisher would put, as the follower decodes it."""
+    value, version, commit_ns = origin.replication.read_encoded()
+    return decode_record(
+        encode_record(
+            Record(
+                shmstore="test",
+                origin="host/origin",
+                store=origin.name,
+                version=version,
+                commit_ns=commit_ns,
+                fingerprint=origin.replication.fingerprint,
+                type_name=origin.type_name,
+                slots=origin.geometry.slots,
+                slot_size=origin.geometry.slot_size,
+                value=value,
+                schema=origin.replication.schema_record,
+            )
         )
     )
 
