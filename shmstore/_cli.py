@@ -19,20 +19,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from . import _cli_args as argtypes
+from ._cli_common import (
+    EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    json_line,
+    one_line,
+    opened,
+    out,
+    read_stdin,
+    type_for,
+)
+from ._cli_inventory import cmd_doctor, cmd_gc, cmd_ls, cmd_rm, cmd_stat
 from ._cli_schema import add_schema_parser
 from ._errors import (
     StateStoreError,
@@ -41,184 +54,19 @@ from ._errors import (
     SubscriberLaggedError,
 )
 from ._names import validate_name
-from ._store import Store, remove
-from ._typeexpr import TypeExpressionError, resolve_type
+from ._store import Store
 from .mirror._cli import add_mirror_parser
 
 __all__ = ["EXIT_CONFLICT", "build_parser", "main", "one_line"]
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_CONFLICT = 3
-EXIT_INTERRUPTED = 130
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1 (or ``code``)."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _json(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
-
-
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def _opened(name: str, type_: Any = None, *, inspect: bool = True) -> Iterator[Store[Any]]:
-    # Inspecting another user's store (root's ls/stat/get/watch) is fine; writing is not.
-    st = Store.open(name, type_, allow_other_owner=inspect)
-    try:
-        yield st
-    finally:
-        st.close()
-
-
-def _type_for(spec: str) -> Any:
-    """The one place the CLI turns ``--type`` text into a type (``_typeexpr``: ``module:Name``
-    or any expression ``ls`` prints, parsed, never evaluated). A type rebuilt from a store's
-    recorded schema, for when ``--type`` is absent, belongs here too."""
-    try:
-        return resolve_type(spec)
-    except TypeExpressionError as exc:
-        raise CliError(str(exc), EXIT_USAGE if exc.syntax else EXIT_ERROR) from None
-
-
-def _age(created_ns: int) -> str:
-    seconds = max(0.0, time.time() - created_ns / 1e9)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _when(ns: int) -> str | None:
-    """``2026-11-28 11:48:09.563 UTC`` for a time in ns since the epoch; None for 0 (never)."""
-    if ns <= 0:
-        return None
-    moment = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
-
-
-def _clip(text: str, width: int) -> str:
-    """*text* in at most *width* characters; a cut is marked with an ellipsis."""
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _read_stdin() -> str:
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CliError(f"standard input is not UTF-8 text: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- verbs
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    from ._inventory import list_store_names, listing_supported  # noqa: PLC0415
-
-    if not listing_supported():
-        raise CliError("listing stores needs /dev/shm (Linux); open a store by name instead")
-    rows: list[dict[str, Any]] = []
-    for name in list_store_names():
-        try:
-            with _opened(name) as st:
-                s = st.statistics()
-        except StateStoreError as exc:
-            rows.append({"name": name, "error": str(exc)})
-            continue
-        rows.append(
-            {
-                "name": s.name,
-                "type": s.type_name,
-                "fingerprint": s.fingerprint,
-                "schema_generation": s.schema_generation,
-                "version": s.version,
-                "slots": s.slots,
-                "slot_size": s.slot_size,
-                "readers_alive": s.readers_alive,
-                "readers_registered": s.readers_registered,
-                "created_ns": s.created_ns,
-            }
-        )
-    if args.json:
-        _out(_json(rows))
-        return EXIT_OK
-    if not rows:
-        _out("no stores")
-        return EXIT_OK
-    _out(
-        f"{'NAME':<28} {'TYPE':<32} {'SCHEMA':<8} {'GEN':>3} {'VERSION':>9} {'SLOTS x SIZE':>16} "
-        f"{'READERS':>8} {'AGE':>6}"
-    )
-    for r in rows:
-        if "error" in r:
-            _out(f"{r['name']:<28} (unreadable: {r['error']})")
-            continue
-        geometry = f"{r['slots']} x {r['slot_size']}"
-        readers = f"{r['readers_alive']}/{r['readers_registered']}"
-        type_name = _clip(r["type"], 32)
-        _out(
-            f"{r['name']:<28} {type_name:<32} {r['fingerprint'][:8]:<8} "
-            f"{r['schema_generation']:>3} {r['version']:>9} "
-            f"{geometry:>16} {readers:>8} {_age(r['created_ns']):>6}"
-        )
-    return EXIT_OK
-
-
-def cmd_stat(args: argparse.Namespace) -> int:
-    from ._inventory import unattributed_readers  # noqa: PLC0415
-
-    with _opened(args.name) as st:
-        stats = st.statistics()
-        readers = st.readers()
-    if args.prometheus:
-        from .metrics import prometheus_text  # noqa: PLC0415
-
-        sys.stdout.write(prometheus_text([stats]))
-        return EXIT_OK
-    data = stats.as_dict()
-    for drop in ("lag", "reads", "retries"):  # this short-lived handle's own: meaningless here
-        data.pop(drop)
-    data["readers_dead"] = data["readers_registered"] - data["readers_alive"]
-    unseen = unattributed_readers(args.name, readers)
-    times = {key: _when(data[key]) for key in ("created_ns", "last_update_ns")}
-    if args.json:
-        data["created_utc"] = times["created_ns"]
-        data["last_update_utc"] = times["last_update_ns"]
-        data["readers_unattributed"] = [{"entry": r.index, "pid": r.pid} for r in unseen]
-        _out(_json(data))
-        return EXIT_OK
-    data["readers_unattributed"] = len(unseen)
-    width = max(map(len, data))
-    for key, value in data.items():
-        shown = str(value)
-        if key in times:
-            when = times[key]
-            shown += f"  ({when}, {_age(value)} ago)" if when else "  (never)"
-        elif key == "readers_unattributed" and unseen:
-            entries = ", ".join(f"entry {r.index} (pid {r.pid} in its namespace)" for r in unseen)
-            shown += (
-                f"  ({entries}: alive, but no process this one can see holds it: "
-                "another PID namespace, e.g. another container)"
-            )
-        _out(f"{key:<{width}}  {shown}")
-    return EXIT_OK
-
-
 def cmd_get(args: argparse.Namespace) -> int:
-    with _opened(args.name) as st:
+    with opened(args.name) as st:
         value, version = st.get_with_version()
-    _out(_json({"version": version, "value": value}) if args.version else _json(value))
+    out(json_line({"version": version, "value": value}) if args.version else json_line(value))
     return EXIT_OK
 
 
@@ -250,12 +98,12 @@ def _watch_until_gone(name: str, after: int | None) -> None:
     """Print each version of store *name* after *after*; return once the name no longer
     points at the store this started with (``statistics().removed``), checked every
     ``WATCH_SLICE`` seconds, busy or idle."""
-    with _opened(name) as st, st.subscribe(after_version=after, timeout=WATCH_SLICE) as sub:
+    with opened(name) as st, st.subscribe(after_version=after, timeout=WATCH_SLICE) as sub:
         checked = time.monotonic()
         while True:
             try:
                 for version, value in sub:
-                    _out(_json({"version": version, "value": value}))
+                    out(json_line({"version": version, "value": value}))
                     if time.monotonic() - checked >= WATCH_SLICE:
                         break
             except SubscriberLaggedError as lag:
@@ -271,16 +119,16 @@ def _wait_until_it_exists(name: str) -> None:
     # Nothing signals the creation of a store: look for it once per slice (Ctrl-C ends this).
     while True:
         try:
-            with _opened(name):
+            with opened(name):
                 return
         except StoreNotFoundError:
             time.sleep(WATCH_SLICE)
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    text = _read_stdin() if args.value == "-" else args.value
-    type_ = _type_for(args.type) if args.type is not None else None
-    with _opened(args.name, type_, inspect=False) as st:
+    text = read_stdin() if args.value == "-" else args.value
+    type_ = type_for(args.type) if args.type is not None else None
+    with opened(args.name, type_, inspect=False) as st:
         value = _decode_value(text, st.value_type, args.type or "the store")
         if st.mirror_status.role == "replica":
             st.set(value, args.expect)  # refused, with the message that names the origin
@@ -293,7 +141,7 @@ def cmd_set(args: argparse.Namespace) -> int:
             version = st.set(value, args.expect)
         except StateVersionError as exc:
             raise CliError(str(exc), EXIT_CONFLICT) from exc
-    _out(_json({"version": version}))
+    out(json_line({"version": version}))
     return EXIT_OK
 
 
@@ -308,7 +156,7 @@ def _decode_value(text: str, type_: Any, what: str) -> Any:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    type_ = _type_for(args.type)
+    type_ = type_for(args.type)
     options: dict[str, Any] = {"mode": args.mode, "group": args.group}
     for key in ("slots", "slot_size", "max_value_size", "max_readers"):
         if getattr(args, key) is not None:
@@ -321,8 +169,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     with st:
         stats = st.statistics()
-    _out(
-        _json(
+    out(
+        json_line(
             {
                 "name": stats.name,
                 "type": stats.type_name,
@@ -335,129 +183,6 @@ def cmd_create(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    if not remove(args.name):
-        raise CliError(f"no store named {args.name!r}")
-    return EXIT_OK
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    from ._inventory import (  # noqa: PLC0415
-        SHM_DIR,
-        find_orphans,
-        gc_blind_spot,
-        gc_verdict,
-        listing_supported,
-    )
-    from ._procview import process_visibility  # noqa: PLC0415
-    from ._segment import attached_elsewhere  # noqa: PLC0415
-
-    if not listing_supported():
-        raise CliError("gc needs /dev/shm and /proc (Linux)")
-    visibility = process_visibility()
-    if not visibility.complete:
-        print(f"shmstore: warning: {gc_blind_spot(visibility)}", file=sys.stderr)
-    orphans = find_orphans()
-    if orphans.unreadable_processes:
-        raise CliError(
-            f"cannot inspect {orphans.unreadable_processes} process(es) that might use a store; "
-            "run gc as root (or their owner) to decide safely"
-        )
-    doing = "removing" if args.yes else "would remove"
-    prefix = args.prefix or ""
-    # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
-    # Nor is one garbage when /proc may not show a process that still has it open.
-    strays = [] if prefix or not visibility.complete else list(orphans.stray_semaphores)
-    if orphans.stray_semaphores and not visibility.complete:
-        _out(
-            f"keeping {len(orphans.stray_semaphores)} semaphore(s) of removed stores: a process "
-            "this one cannot see may still have them open"
-        )
-    doomed: list[str] = []
-    kept = busy = 0
-    elsewhere = "" if visibility.complete else " (in another PID namespace)"
-    for name in orphans.unused_stores:
-        if not name.startswith(prefix):
-            continue
-        try:
-            attached = bool(attached_elsewhere(name))  # asked before our own handle opens it
-        except StoreNotFoundError:
-            continue  # removed meanwhile
-        except StateStoreError:
-            attached = False  # not ours to read: the open below says so
-        if attached:
-            _out(f"keeping store {name!r}: in use: a process has it open{elsewhere}")
-            busy += 1
-            continue
-        try:
-            with _opened(name) as st:
-                verdict = gc_verdict(
-                    st.statistics(),
-                    older_than=args.older_than,
-                    everything=args.all,
-                )
-        except StateStoreError as exc:
-            if not args.all:
-                _out(f"keeping store {name!r}: cannot inspect it ({exc}); --all removes it")
-                kept += 1
-                continue
-            reason = f"unreadable ({exc}) (--all)"
-        else:
-            if not verdict.remove:
-                _out(f"keeping store {name!r}: {verdict.reason}")
-                if verdict.in_use:
-                    busy += 1
-                else:
-                    kept += 1
-                continue
-            reason = verdict.reason
-        _out(f"{doing} store {name!r}: {reason}")
-        doomed.append(name)
-    for sem in strays:
-        _out(f"{doing} semaphore {sem}: its store is gone")
-    reclaimed = failed = 0
-    if args.yes:
-        for name in list(doomed):
-            try:
-                remove(name)
-            except StateStoreError as exc:  # another user's store: say so, go on with the rest
-                print(f"shmstore: {exc}", file=sys.stderr)
-                doomed.remove(name)
-                failed += 1
-        for sem in list(strays):
-            try:
-                (SHM_DIR / sem).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                print(f"shmstore: cannot remove semaphore {sem}: {exc.strerror}", file=sys.stderr)
-                strays.remove(sem)
-                failed += 1
-        from ._inventory import list_store_names  # noqa: PLC0415
-
-        in_use = [n for n in list_store_names() if n.startswith(prefix)]
-        for name in in_use:  # the stores in use: reclaim their dead readers
-            with contextlib.suppress(StateStoreError), _opened(name, inspect=False) as st:
-                reclaimed += st.reclaim_dead_readers()
-    total = len(doomed) + len(strays)
-    kept_note = (
-        f"; kept {kept} unused store(s) (--older-than AGE or --all to remove)" if kept else ""
-    )
-    if busy:
-        kept_note += f"; kept {busy} store(s) in use by processes /proc does not show"
-    if args.yes:
-        _out(f"removed {total} object(s); reclaimed {reclaimed} dead reader entr(ies){kept_note}")
-    else:
-        _out(f"{total} object(s) to remove; run with --yes to remove them{kept_note}")
-    return EXIT_ERROR if failed else EXIT_OK
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from ._doctor import run_doctor  # noqa: PLC0415
-
-    return run_doctor()
 
 
 BENCHMARKS = ("harness", "core", "wake", "fsm", "mirror")
@@ -672,21 +397,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
-
-
-_ERRNO_PREFIX = re.compile(r"\[Errno -?\d+\] ")
-
-
-def one_line(exc: BaseException) -> str:
-    """*exc*'s message as one line for an operator: an ``OSError``'s ``[Errno N]`` prefix is
-    dropped, wherever a message quotes one (the store's errors that are also ``OSError``s,
-    e.g. ``StoreNotFoundError``, would otherwise print ``[Errno 2] no store named 'x'``), and
-    line breaks become spaces."""
-    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
-        text = exc.strerror
-    else:
-        text = str(exc)
-    return " ".join(_ERRNO_PREFIX.sub("", text).split())
 
 
 def _silence_stdout() -> None:
