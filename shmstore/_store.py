@@ -69,7 +69,7 @@ from ._provision import (
     Attached,
     CreateOptions,
 )
-from ._registry import Registry, pid_alive
+from ._registry import Registry, Waiter, pid_alive
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._segment import Segment
 from ._stats import MirrorStatus, StoreStatistics
@@ -660,6 +660,18 @@ class Store(Generic[T]):
         """:meth:`wait` for asyncio: never blocks the loop. This handle's coroutines and threads
         share its one registry entry; cancelling leaves nothing behind."""
         return await self._gate.wait_async(after_version, timeout)
+
+    def register_waiter(self, deadline: float | None, *, share: str | None = None) -> Waiter:
+        """Claim a registry entry of this store for a waiter other than this handle's own
+        :meth:`wait` (``shmstore.wait_any``, which sleeps on one semaphore for several stores):
+        see ``Registry.register`` for *deadline* and *share*. The caller owns the entry and
+        gives it back with ``Waiter.close()``; :meth:`close` gives it back first, and kicks it.
+        Raises :class:`StateStoreError` if the handle is closed or waits by polling."""
+        with self._in_use:  # the registry writes the mapping: not under close()
+            self._check_open()
+            if self._gate.mode != "semaphore":
+                raise StateStoreError(f"store {self.name!r} waits by polling: it cannot register")
+            return self._registry.register(deadline, share=share)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None
