@@ -1,0 +1,93 @@
+"""Process entry points for the wait_any tests (importable by spawned children)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import shmstore
+from shmstore import Store, _wait_any
+
+
+def follow_any(names: list[str], rounds: int, results: Any, readonly: tuple[str, ...] = ()) -> None:
+    """``wait_any`` over the stores *names* for *rounds* rounds; report each round's
+    ``{name: version}``. Stores named in *readonly* are opened read-only (they poll). Sleeps
+    are not capped at a second: a wake-up that does not arrive shows as a ~30 s round."""
+    _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
+    stores = [Store.open(name, readonly=name in readonly) for name in names]  # any type
+    try:
+        seen = {st: st.version for st in stores}
+        for _ in range(rounds):
+            moved = shmstore.wait_any(seen, timeout=60)
+            seen.update(moved)
+            results.put({st.name: version for st, version in moved.items()})
+    finally:
+        for st in stores:
+            st.close()
+
+
+def follow_any_async(names: list[str], rounds: int, results: Any) -> None:
+    """:func:`follow_any` with ``wait_any_async`` over AsyncStore handles."""
+    _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
+
+    async def main() -> None:
+        stores = [shmstore.AsyncStore.open(name, int) for name in names]
+        try:
+            seen = {st: st.version for st in stores}
+            for _ in range(rounds):
+                moved = await shmstore.wait_any_async(seen, timeout=60)
+                seen.update(moved)
+                results.put({st.name: version for st, version in moved.items()})
+        finally:
+            for st in stores:
+                st.close()
+
+    asyncio.run(main())
+
+
+def sleep_in_wait_any(names: list[str], seconds: float, results: Any) -> None:
+    """Block in ``wait_any`` with nothing committed; report (CPU seconds, wall seconds)."""
+    stores = [Store.open(name, int) for name in names]
+    try:
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            shmstore.wait_any({st: st.version for st in stores}, timeout=seconds)
+        results.put((time.process_time() - cpu0, time.monotonic() - wall0))
+    finally:
+        for st in stores:
+            st.close()
+
+
+def block_in_wait_any(names: list[str]) -> None:
+    """Wait on the stores forever (the test kills this process)."""
+    stores = [Store.open(name, int) for name in names]
+    shmstore.wait_any({st: st.version for st in stores}, timeout=None)
+
+
+def follow_until(names: list[str], last: int, results: Any) -> None:
+    """Follow every store until each has reached version *last*; report how many calls it
+    took and the longest single call. Sleeps are not capped at a second here, so a lost
+    wake-up shows as a call of ~30 s rather than being papered over by the next look-up."""
+    _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
+    stores = [Store.open(name, int) for name in names]
+    try:
+        seen = {st: st.version for st in stores}
+        calls, longest = 0, 0.0
+        while min(seen.values()) < last:
+            pending = {st: v for st, v in seen.items() if v < last}
+            started = time.monotonic()
+            seen.update(shmstore.wait_any(pending, timeout=60))
+            longest = max(longest, time.monotonic() - started)
+            calls += 1
+        results.put((calls, longest))
+    finally:
+        for st in stores:
+            st.close()
+
+
+def commit_many(name: str, count: int) -> None:
+    with Store.open(name, int) as st:
+        for i in range(count):
+            st.set(i)
