@@ -198,12 +198,15 @@ class Waiter:
 
     __slots__ = ("_closed", "_registry", "index", "sem", "sem_name")
 
-    def __init__(self, registry: Registry, index: int, sem: Any, sem_name: str) -> None:
+    def __init__(
+        self, registry: Registry, index: int, sem: Any, sem_name: str, *, owns_sem: bool = True
+    ) -> None:
         self._registry = registry
         self.index = index
         self.sem = sem
+        """The semaphore object; a shared entry's is the one of the entry it shares with."""
         self.sem_name = sem_name
-        self._closed = False
+        self._closed = not owns_sem  # a borrowed semaphore is its owner's to close
 
     def sleep(self, timeout: float | None) -> bool:
         """Block until a post (``True``) or until *timeout* seconds pass (``False``)."""
@@ -223,7 +226,9 @@ class Waiter:
 
     def close(self) -> None:
         """Give the entry back (unless the handle's close did already) and close the
-        semaphore. Only the owner calls this, once nobody sleeps on :attr:`sem`."""
+        semaphore, unless borrowed. Only the owner calls this, once nobody sleeps on
+        :attr:`sem`, and closes the entries that share a semaphore before the one they
+        borrow it from."""
         self._registry.unregister(self)
         if not self._closed:
             self._closed = True
@@ -391,19 +396,20 @@ class Registry:
 
     # ------------------------------------------------------------------ reader side
 
-    def register(self, deadline: float | None = None, *, share: str | None = None) -> Waiter:
+    def register(self, deadline: float | None = None, *, share: Waiter | None = None) -> Waiter:
         """Claim an entry and its semaphore.
 
-        With *share* (the name of a semaphore this process holds, such as another store's
-        :attr:`Waiter.sem_name`), the entry's semaphore is that one, hard-linked under the
-        entry's own name: a post to either wakes whoever sleeps on it (see the module essay).
+        With *share* (an entry of this process, usually of another store), the new entry's
+        semaphore is *share*'s, hard-linked under the entry's own name: a post to either wakes
+        whoever sleeps on it (see the module essay). The new entry borrows *share*'s semaphore
+        object (no second mapping): close it before *share*.
 
         Raises :class:`RegistryFullError` when no entry is free, ``TimeoutError`` if the
         registry lock is not had by *deadline* (``time.monotonic()``; ``None``: no limit), and
         :class:`NotShareable` when *share* cannot serve this store.
         """
         if share is not None:
-            self._check_shareable(share)
+            self._check_shareable(share.sem_name)
         removed = 0
         with self._serialized(deadline):
             q = self._q
@@ -433,7 +439,8 @@ class Registry:
                 if share is None:
                     gen, sem, sem_name = self._create_sem(index, previous)
                 else:
-                    gen, sem, sem_name = self._link_sem(index, previous, share)
+                    gen, sem_name = self._link_sem(index, previous, share.sem_name)
+                    sem = share.sem
             except BaseException:
                 if _OFD:
                     _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
@@ -444,7 +451,7 @@ class Registry:
             q[entry_word(index, REG_STATE)] = _IN_USE
             if q[W_REG_HIGH] <= index:
                 q[W_REG_HIGH] = index + 1
-            waiter = Waiter(self, index, sem, sem_name)
+            waiter = Waiter(self, index, sem, sem_name, owns_sem=share is None)
             with self._own_lock:
                 self._own[index] = waiter
             removed += self._sweep_locked()
@@ -468,8 +475,9 @@ class Registry:
                 f"store {self._name!r} gives {self._mode:#o} and group {self._gid}"
             )
 
-    def _link_sem(self, index: int, previous_gen: int, share: str) -> tuple[int, Any, str]:
-        """:meth:`_create_sem`, but the new name is a hard link to semaphore *share*."""
+    def _link_sem(self, index: int, previous_gen: int, share: str) -> tuple[int, str]:
+        """:meth:`_create_sem`, but the new name is a hard link to semaphore *share*:
+        ``(generation, name)``."""
         source = _sem_path(share)
         gen = previous_gen
         for _ in range(_CLAIM_TRIES):
@@ -486,14 +494,7 @@ class Registry:
                 raise StateStoreError(
                     f"store {self._name!r}: cannot link semaphore {share} as {name}: {exc}"
                 ) from exc
-            try:
-                sem = posix_ipc.Semaphore(name)
-            except posix_ipc.Error as exc:
-                unlink_semaphore(name)
-                raise StateStoreError(
-                    f"store {self._name!r}: cannot open semaphore {name}: {exc}"
-                ) from exc
-            return gen, sem, name
+            return gen, name
         raise StateStoreError(f"store {self._name!r}: cannot find a free semaphore name")
 
     def _create_sem(self, index: int, previous_gen: int) -> tuple[int, Any, str]:

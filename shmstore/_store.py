@@ -661,7 +661,7 @@ class Store(Generic[T]):
         share its one registry entry; cancelling leaves nothing behind."""
         return await self._gate.wait_async(after_version, timeout)
 
-    def register_waiter(self, deadline: float | None, *, share: str | None = None) -> Waiter:
+    def register_waiter(self, deadline: float | None, *, share: Waiter | None = None) -> Waiter:
         """Claim a registry entry of this store for a waiter other than this handle's own
         :meth:`wait` (``shmstore.wait_any``, which sleeps on one semaphore for several stores):
         see ``Registry.register`` for *deadline* and *share*. The caller owns the entry and

@@ -12,14 +12,16 @@ Protocol
 1. Look at every store's HEAD; return at once if one moved (``timeout=0`` ends here too).
 2. Register in the registry of every store that can wake us (``Store.register_waiter``). The
    first registration creates a semaphore as for any reader; each later one passes
-   ``share=<that semaphore's name>``, so its entry's semaphore name is a hard link to the same
-   file (``_registry``: "Shared semaphores"). Every writer of every store now posts the same
-   semaphore, each through its own store's entry, by its own name.
+   ``share=<the first entry>``, so its entry's semaphore name is a hard link to the same file
+   (``_registry``: "Shared semaphores") and it borrows the first entry's semaphore object (one
+   mapping in this process). Every writer of every store now posts the same semaphore, each
+   through its own store's entry, by its own name.
 3. Loop: load every store's HEAD; return those past their version; else sleep on the
    semaphore (at most a second at a time, like ``Store.wait``, and at most the polling pause
    while some stores can only be polled).
 4. On the way out -- return, timeout, an exception, cancellation -- give back every entry
-   (``Waiter.close``: the entry's name is unlinked, the entry freed, its liveness lock dropped).
+   (``Waiter.close``: the entry's name is unlinked, the entry freed, its liveness lock dropped),
+   the first last: the others borrow its semaphore object.
 
 Stores that cannot wake us are polled with back-off from 50 us to 5 ms (``Store.wait``'s
 polling): handles that map the store read-only (``wait_mode == "poll"``), every store where
@@ -163,7 +165,7 @@ class _Session:
                 attempt = now + _REGISTER_SLICE
                 if deadline is not None:
                     attempt = min(attempt, deadline)
-                share = self.waiters[0].sem_name if self.waiters else None
+                share = self.waiters[0] if self.waiters else None
                 try:
                     waiter = store.register_waiter(attempt, share=share)
                 except TimeoutError:
@@ -204,7 +206,7 @@ class _Session:
             self._open = False
             waiters, self.waiters = self.waiters, []
             self._sem = None
-        for waiter in waiters:
+        for waiter in reversed(waiters):  # the first owns the semaphore the others borrow
             waiter.close()
 
 

@@ -259,21 +259,22 @@ def test_cancelled_coroutine_leaves_no_registration_and_no_thread(names: list[st
     asyncio.run(main())
 
 
-def test_a_store_closed_while_waited_on_ends_the_wait(names: list[str]) -> None:
+@pytest.mark.parametrize("closing", [0, 1], ids=["owner of the semaphore", "a sharer"])
+def test_a_store_closed_while_waited_on_ends_the_wait(names: list[str], closing: int) -> None:
     stores = [Store.open(name, int) for name in names]
     try:
         thread, out = sleeping_thread(dict.fromkeys(stores, 0))
         for st in stores:
             wait_for_registrations(st, 1)
-        stores[1].close()
+        stores[closing].close()
         thread.join(JOIN)
         assert not thread.is_alive()
         assert len(out) == 1
         assert isinstance(out[0], StateStoreError)
-        assert names[1] in str(out[0])
-        with Store.open(names[1], int) as again:
+        assert names[closing] in str(out[0])
+        with Store.open(names[closing], int) as again:
             assert registered(again) == 0
-        assert [registered(stores[0]), registered(stores[2])] == [0, 0]
+        assert [registered(st) for st in stores if not st.closed] == [0, 0]
         assert [semaphores_of(name) for name in names] == [set(), set(), set()]
     finally:
         for st in stores:
