@@ -71,8 +71,11 @@ its loop. Cancellation sets a flag and posts the semaphore; the thread gives its
 and ends, and the coroutine waits for that (without blocking the loop), so nothing is left
 behind. A store handle's own wait gate and its server thread are not involved.
 
-Open questions: registering costs a registry-lock round trip, a hard link and a ``sem_open`` per
-store, on every call, because registrations end with the call; a reusable set of registrations
+Open questions: registrations end with the call, so every call registers with each store (a
+registry-lock round trip, a scan, a hard link: ~50 us per store on the loaded reference VM),
+gives each back before it returns (~15 us per store), and each writer opens the new entry's
+semaphore on its first post. The wake-up is ``Store.wait``'s, but over 64 stores a call costs
+milliseconds (``benchmarks/wake.py``). A reusable set of registrations that lives across calls
 (iceoryx2's WaitSet) would take that off the path of a loop that waits again and again. Stores
 of different modes or groups in one call poll all but the first kind.
 """
@@ -314,6 +317,10 @@ async def wait_any_async(pending: Mapping[K, int], timeout: float | None = None)
             # that nothing is left once we return (shielded: a second cancellation returns at
             # once, and the thread still ends on its own).
             await asyncio.shield(ended)
+        if ended.done():
+            # The thread has given everything back and settled us: all that is left of it is
+            # its return, so this join does not hold the loop (and no thread outlives us).
+            thread.join()
     return got
 
 

@@ -25,6 +25,7 @@ from wait_any_workers import (
     follow_until,
     sleep_in_wait_any,
 )
+from wake_workers import register
 
 import shmstore
 from shmstore import AsyncStore, StateStoreError, Store, _wait_any, wait_any, wait_any_async
@@ -385,3 +386,22 @@ def test_bad_input_gets_clear_errors(names: list[str]) -> None:
         assert registered(st) == 0
     finally:
         st.close()
+
+
+def test_a_full_registry_raises_and_gives_the_other_registrations_back(
+    names: list[str], store_name: str
+) -> None:
+    full = f"{store_name}-full"
+    try:
+        with (
+            Store.create(full, int, max_readers=1) as st,
+            Store.open(full, int) as occupant,
+            Store.open(names[0], int) as other,
+        ):
+            register(occupant)  # takes the one entry, until it closes
+            with pytest.raises(shmstore.RegistryFullError):
+                wait_any({other: 0, st: 0}, timeout=10)
+            assert registered(other) == 0
+            assert semaphores_of(names[0]) == set()
+    finally:
+        shmstore.remove(full)
