@@ -50,10 +50,11 @@ reused PID can then keep a dead entry until that process exits.
 Shared semaphores (``shmstore.wait_any``). A thread that waits on several stores at once claims
 an entry in each store's registry, but all of those entries name *one* semaphore: the first
 entry's semaphore is created as usual, and every other entry's name is a hard link to the same
-file in ``/dev/shm`` (``register(share=...)``; glibc's named semaphores are files there, and a
-writer that opens the link maps the same page). Nothing else changes: writers post, reclaim and
-remove the entry by its own name exactly as for any reader, and removing one link leaves the
-semaphore of the others. The lost-wake-up argument above holds per store; why it holds for the
+file in ``/dev/shm`` (``register(share=first_entry)``; glibc's named semaphores are files there,
+and a writer that opens the link maps the same page; in the waiting process the other entries
+borrow the first entry's semaphore object, one mapping). Nothing else changes: writers post,
+reclaim and remove the entry by its own name exactly as for any reader, and removing one link
+leaves the semaphore of the others. The lost-wake-up argument above holds per store; why it holds for the
 shared semaphore is in ``_wait_any``. A link is made only where the semaphore already has the
 mode and group this store's semaphores get (:class:`NotShareable` otherwise, and on systems
 whose semaphores are not files).
