@@ -54,10 +54,10 @@ file in ``/dev/shm`` (``register(share=first_entry)``; glibc's named semaphores 
 and a writer that opens the link maps the same page; in the waiting process the other entries
 borrow the first entry's semaphore object, one mapping). Nothing else changes: writers post,
 reclaim and remove the entry by its own name exactly as for any reader, and removing one link
-leaves the semaphore of the others. The lost-wake-up argument above holds per store; why it holds for the
-shared semaphore is in ``_wait_any``. A link is made only where the semaphore already has the
-mode and group this store's semaphores get (:class:`NotShareable` otherwise, and on systems
-whose semaphores are not files).
+leaves the semaphore of the others. The lost-wake-up argument above holds per store; why it
+holds for the shared semaphore is in ``_wait_any``. A link is made only where the semaphore
+already has the mode and group this store's semaphores get (:class:`NotShareable` otherwise,
+and on systems whose semaphores are not files).
 
 An entry's owner may be another part of the process than the handle's wait gate (``wait_any``
 holds entries of handles it does not own), so :meth:`Registry.close` gives back every entry
