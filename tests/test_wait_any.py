@@ -329,10 +329,13 @@ def test_a_sleeping_wait_any_burns_no_cpu(names: list[str]) -> None:
     results = ctx.Queue()
     child = ctx.Process(target=sleep_in_wait_any, args=(names, 1.5, results))
     child.start()
-    ((cpu, wall),) = collect_from(results, [child], 1)
+    ((cpu, wall, sleeps),) = collect_from(results, [child], 1)
     child.join(JOIN)
     assert wall >= 1.5
     assert cpu / wall < 0.1  # asleep on one semaphore: nothing but the start and the end
+    # ... and it went to sleep a handful of times (the 1 s cap), where polling with back-off
+    # up to 5 ms would sleep some 300 times in 1.5 s.
+    assert sleeps < 50, sleeps
 
 
 def test_a_mix_with_a_read_only_polling_handle(names: list[str]) -> None:

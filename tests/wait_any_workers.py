@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import time
 from typing import Any
 
@@ -48,13 +49,17 @@ def follow_any_async(names: list[str], rounds: int, results: Any) -> None:
 
 
 def sleep_in_wait_any(names: list[str], seconds: float, results: Any) -> None:
-    """Block in ``wait_any`` with nothing committed; report (CPU seconds, wall seconds)."""
+    """Block in ``wait_any`` with nothing committed; report (CPU seconds, wall seconds, times
+    this process went to sleep): a poll would sleep hundreds of times, however cheaply."""
     stores = [Store.open(name, int) for name in names]
     try:
+        switches0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
         cpu0, wall0 = time.process_time(), time.monotonic()
         with contextlib.suppress(TimeoutError):
             shmstore.wait_any({st: st.version for st in stores}, timeout=seconds)
-        results.put((time.process_time() - cpu0, time.monotonic() - wall0))
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches0
+        results.put((cpu, wall, switches))
     finally:
         for st in stores:
             st.close()
