@@ -23,6 +23,7 @@ from ._stats import StoreStatistics as StoreStatistics
 from ._store import Store as Store
 from ._store import remove as remove
 from ._subscription import Subscription as Subscription
+from ._wait_any import WaitSet as WaitSet
 from ._wait_any import wait_any as wait_any
 from ._wait_any import wait_any_async as wait_any_async
 
@@ -33,6 +34,7 @@ __all__ = [
     "Projection",
     "Subscription",
     "remove",
+    "WaitSet",
     "wait_any",
     # asyncio
     "AsyncStore",

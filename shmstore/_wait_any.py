@@ -86,8 +86,8 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Generic, TypeVar
 
 import posix_ipc
 
@@ -97,7 +97,7 @@ from ._registry import NotShareable, Waiter
 from ._store import Store
 from ._waiting import TIMED_WAIT, check_timeout
 
-__all__ = ["wait_any", "wait_any_async"]
+__all__ = ["WaitSet", "wait_any", "wait_any_async"]
 
 K = TypeVar("K", bound="Store[Any] | AsyncStore[Any]")
 
@@ -111,23 +111,13 @@ class _Cancelled(Exception):
     """The coroutine that the waiting thread serves was cancelled."""
 
 
-def _items(pending: object) -> list[tuple[Any, Store[Any], int]]:
-    """``(key, store, after)`` for each entry of *pending*; clear errors for bad input."""
-    if not isinstance(pending, Mapping):
-        raise TypeError(f"pending must map Store handles to versions, got {type(pending).__name__}")
-    if not pending:
-        raise ValueError("pending is empty: there is no store to wait on")
-    items = []
-    for key, after in pending.items():
-        store = key.store if isinstance(key, AsyncStore) else key
-        if not isinstance(store, Store):
-            raise TypeError(f"pending's keys must be Store or AsyncStore handles, got {key!r}")
-        if not isinstance(after, int) or isinstance(after, bool):
-            raise TypeError(f"the version for store {store.name!r} must be an int, got {after!r}")
-        if store.closed:
-            raise StateStoreError(f"store {store.name!r} is closed")
-        items.append((key, store, after))
-    return items
+def _store_of(key: object) -> Store[Any]:
+    store = key.store if isinstance(key, AsyncStore) else key
+    if not isinstance(store, Store):
+        raise TypeError(f"pending's keys must be Store or AsyncStore handles, got {key!r}")
+    if store.closed:
+        raise StateStoreError(f"store {store.name!r} is closed")
+    return store
 
 
 def _moved(items: list[tuple[Any, Store[Any], int]]) -> dict[Any, int]:
@@ -141,108 +131,311 @@ def _moved(items: list[tuple[Any, Store[Any], int]]) -> dict[Any, int]:
     return ready
 
 
-class _Session:
-    """One call's registrations and the semaphore its thread sleeps on."""
+def _timeout_error(items: list[tuple[Any, Store[Any], int]], timeout: float | None) -> TimeoutError:
+    names = ", ".join(f"{store.name!r} after {after}" for _key, store, after in items)
+    return TimeoutError(f"no store moved within {timeout} s ({names})")
 
-    def __init__(self, stores: list[Store[Any]]) -> None:
-        self._stores = stores
-        self.waiters: list[Waiter] = []
-        self.polled: list[Store[Any]] = []
+
+class WaitSet(Generic[K]):
+    """Wait on several stores again and again, registered once.
+
+    ``WaitSet(stores)`` takes :class:`Store` or :class:`AsyncStore` handles. Its first wait that
+    has to sleep registers in every member's registry -- one entry each, all naming one
+    semaphore -- and the registrations stay until :meth:`close` (or the end of the ``with``
+    block), so later waits go straight to sleep: a wake-up costs what :meth:`Store.wait`'s does.
+
+    :meth:`wait` / :meth:`wait_async` take *pending*, a mapping of members (all or some) to
+    the version each was last seen at, and return the members whose version moved past it, as
+    :func:`wait_any` does. One thread (or coroutine) waits on a WaitSet at a time; a second
+    raises :class:`StateStoreError` (use one WaitSet per waiting thread). :meth:`close` may
+    come from any thread: a wait in progress raises :class:`StateStoreError`. So does a wait
+    once a member handle has been closed (the handle's close gives its registration back).
+    Not carried across ``fork()``: the child makes its own.
+    """
+
+    def __init__(self, stores: Iterable[K]) -> None:
+        if isinstance(stores, (Store, AsyncStore)):
+            raise TypeError("WaitSet takes an iterable of Store or AsyncStore handles, not one")
+        members: dict[Any, Store[Any]] = {}
+        for key in stores:
+            members[key] = _store_of(key)
+        if not members:
+            raise ValueError("a WaitSet needs at least one store")
+        self._members = members
+        # Registration order; a store given both as Store and as its AsyncStore counts once.
+        self._stores = list(dict.fromkeys(members.values()))
+        self._unregistered = list(self._stores)  # still to register, in order
+        self._waiters: list[Waiter] = []
+        self._polled: list[Store[Any]] = []
         self._sem: Any = None  # the first entry's semaphore: every entry names this one
-        self._lock = threading.Lock()  # orders kick() against registering and closing
-        self._cancelled = False
-        self._idle = threading.Event()  # what a session without a semaphore sleeps on
-        self._open = True
+        self._lock = threading.Lock()  # orders kicks against registering, waiting and closing
+        self._left = threading.Condition(self._lock)  # notified when the waiting thread leaves
+        self._busy = False  # a thread (or a coroutine's thread) is waiting
+        self._cancelled = False  # the waiting coroutine was cancelled
+        self._closed = False
+        self._idle = threading.Event()  # what a set without a semaphore sleeps on
 
-    def register(self, deadline: float | None) -> None:
-        """Register with every store that can wake us; the rest are polled."""
-        for store in self._stores:
-            if store.wait_mode != "semaphore" or not TIMED_WAIT:
-                self.polled.append(store)
-                continue
-            while True:
-                self._check_cancelled()
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    raise TimeoutError
-                attempt = now + _REGISTER_SLICE
-                if deadline is not None:
-                    attempt = min(attempt, deadline)
-                share = self.waiters[0] if self.waiters else None
-                try:
-                    waiter = store.register_waiter(attempt, share=share)
-                except TimeoutError:
-                    continue  # the registry lock is busy: look at the deadline, then again
-                except NotShareable:
-                    self.polled.append(store)
-                    break
-                with self._lock:
-                    self.waiters.append(waiter)
-                    if self._sem is None:
-                        self._sem = waiter.sem
-                break
+    # ---------------------------------------------------------------- introspection
 
-    def _check_cancelled(self) -> None:
-        if self._cancelled:
-            raise _Cancelled
+    @property
+    def stores(self) -> list[K]:
+        """The members, as given."""
+        return list(self._members)
 
-    def sleep(self, seconds: float) -> None:
-        self._check_cancelled()
-        if self._sem is None:
-            self._idle.wait(seconds)
-            return
-        with contextlib.suppress(posix_ipc.BusyError, posix_ipc.SignalError):
-            # A signal (Ctrl-C) is a spurious wake-up; Python raises its exception right after.
-            self._sem.acquire(seconds)
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    def cancel(self) -> None:
-        """From another thread: make the sleeping thread give up (``_Cancelled``)."""
+    @property
+    def polled(self) -> list[K]:
+        """The members that are polled rather than woken (read-only handles and the like); only
+        known once a wait has slept."""
+        polled = set(self._polled)
+        return [key for key, store in self._members.items() if store in polled]
+
+    # ---------------------------------------------------------------- waiting
+
+    def wait(self, pending: Mapping[K, int], timeout: float | None = None) -> dict[K, int]:
+        """Block until at least one member of *pending* moves past its version; return every
+        one that did, to its new version. *timeout* as for :meth:`Store.wait` (``0``: a
+        non-blocking check). :class:`StateStoreError` if this set or a member is closed (also
+        while waiting) or another thread is waiting on it."""
+        items = self._items(pending)
+        timeout = check_timeout(timeout)
+        ready = _moved(items)
+        if ready:
+            return ready
+        if timeout is not None and timeout <= 0:
+            raise _timeout_error(items, 0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._enter()
+        try:
+            return self._sleep_until_moved(items, deadline)
+        except TimeoutError:
+            raise _timeout_error(items, timeout) from None
+        finally:
+            self._leave()
+
+    async def wait_async(
+        self, pending: Mapping[K, int], timeout: float | None = None
+    ) -> dict[K, int]:
+        """:meth:`wait` for asyncio: never blocks the loop. One thread sleeps for the call and
+        ends with it; cancelling the coroutine leaves no thread behind (the registrations stay
+        with the set until it closes)."""
+        items = self._items(pending)
+        timeout = check_timeout(timeout)
+        ready = _moved(items)
+        if ready:
+            return ready
+        if timeout is not None and timeout <= 0:
+            raise _timeout_error(items, 0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[dict[Any, int]] = loop.create_future()
+        ended: asyncio.Future[None] = loop.create_future()
+        self._enter()
+
+        def serve() -> None:
+            outcome: dict[Any, int] | None = None
+            error: BaseException | None = None
+            try:
+                outcome = self._sleep_until_moved(items, deadline)
+            except _Cancelled:
+                pass
+            except BaseException as exc:
+                error = exc
+            finally:
+                self._leave()
+            with contextlib.suppress(RuntimeError):  # the loop closed: its coroutine is gone
+                loop.call_soon_threadsafe(_finish, result, ended, outcome, error)
+
+        thread = threading.Thread(target=serve, name="shmstore-wait-any", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            self._leave()
+            raise
+        try:
+            got = await result
+        except TimeoutError:
+            raise _timeout_error(items, timeout) from None
+        finally:
+            if not ended.done():
+                self._cancel()
+                # The thread stops within a moment: wait for that, so that nothing is left once
+                # we return (shielded: a second cancellation returns at once, and the thread
+                # still ends on its own).
+                await asyncio.shield(ended)
+            if ended.done():
+                # The thread has left and settled us: all that is left of it is its return, so
+                # this join does not hold the loop (and no thread outlives us).
+                thread.join()
+        return got
+
+    def _items(self, pending: object) -> list[tuple[Any, Store[Any], int]]:
+        """``(key, store, after)`` for each entry of *pending*; clear errors for bad input."""
+        if self._closed:
+            raise StateStoreError("this WaitSet is closed")
+        if not isinstance(pending, Mapping):
+            raise TypeError(
+                f"pending must map Store handles to versions, got {type(pending).__name__}"
+            )
+        if not pending:
+            raise ValueError("pending is empty: there is no store to wait on")
+        members = self._members
+        items = []
+        for key, after in pending.items():
+            try:
+                store = members.get(key)
+            except TypeError:  # unhashable
+                store = None
+            if store is None:
+                _store_of(key)  # a TypeError for what is no store handle at all
+                raise ValueError(f"{key!r} is not a member of this WaitSet")
+            if type(after) is not int and (not isinstance(after, int) or isinstance(after, bool)):
+                raise TypeError(
+                    f"the version for store {store.name!r} must be an int, got {after!r}"
+                )
+            items.append((key, store, after))
+        return items
+
+    def _enter(self) -> None:
         with self._lock:
-            self._cancelled = True
-            self._idle.set()
-            if self._sem is not None and self._open:
-                self._sem.release()
+            if self._closed:
+                raise StateStoreError("this WaitSet is closed")
+            if self._busy:
+                raise StateStoreError(
+                    "another thread or coroutine is waiting on this WaitSet: it serves one at a "
+                    "time (make one WaitSet per waiting thread)"
+                )
+            self._busy = True
+            self._cancelled = False
+            self._idle.clear()
 
-    def close(self) -> None:
-        """Give every entry back (the owner's thread, once it no longer sleeps)."""
+    def _leave(self) -> None:
         with self._lock:
-            self._open = False
-            waiters, self.waiters = self.waiters, []
-            self._sem = None
-        for waiter in reversed(waiters):  # the first owns the semaphore the others borrow
-            waiter.close()
+            self._busy = False
+            if self._closed:
+                self._left.notify_all()
 
-
-def _wait(
-    items: list[tuple[Any, Store[Any], int]], deadline: float | None, session: _Session
-) -> dict[Any, int]:
-    """Steps 2-4 of the essay: register, then sleep until a store moves. ``TimeoutError`` at
-    *deadline* (``time.monotonic()``)."""
-    try:
-        session.register(deadline)
+    def _sleep_until_moved(
+        self, items: list[tuple[Any, Store[Any], int]], deadline: float | None
+    ) -> dict[Any, int]:
+        """Steps 2-3 of the essay: register (once), then sleep until a store moves.
+        ``TimeoutError`` at *deadline* (``time.monotonic()``)."""
+        if self._unregistered:
+            self._register(deadline)
         pause = _POLL_MIN
+        polled = bool(self._polled)
         while True:
             # After the registrations' barriers, and after every wake-up: every HEAD.
             ready = _moved(items)
             if ready:
                 return ready
+            self._check_members()  # off the wake-up's path: only when nothing moved
             nap = _MAX_SLEEP
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
                 nap = min(nap, remaining)
-            if session.polled:
+            if polled:
                 nap = min(nap, pause)
                 pause = min(pause * 2, _POLL_MAX)
-            session.sleep(nap)
-    finally:
-        session.close()
+            self._sleep(nap)
 
+    def _register(self, deadline: float | None) -> None:
+        """Register with every store not registered yet that can wake us; the rest are
+        polled. A timeout keeps what is done: the next wait goes on from there."""
+        while self._unregistered:
+            store = self._unregistered[0]
+            if store.wait_mode != "semaphore" or not TIMED_WAIT:
+                self._polled.append(store)
+                del self._unregistered[0]
+                continue
+            self._check_interrupted()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError
+            attempt = now + _REGISTER_SLICE
+            if deadline is not None:
+                attempt = min(attempt, deadline)
+            share = self._waiters[0] if self._waiters else None
+            try:
+                waiter = store.register_waiter(attempt, share=share)
+            except TimeoutError:
+                continue  # the registry lock is busy: look at the deadline, then again
+            except NotShareable:
+                self._polled.append(store)
+                del self._unregistered[0]
+                continue
+            with self._lock:
+                self._waiters.append(waiter)
+                if self._sem is None:
+                    self._sem = waiter.sem
+            del self._unregistered[0]
 
-def _timeout_error(items: list[tuple[Any, Store[Any], int]], timeout: float | None) -> TimeoutError:
-    names = ", ".join(f"{store.name!r} after {after}" for _key, store, after in items)
-    return TimeoutError(f"no store moved within {timeout} s ({names})")
+    def _check_interrupted(self) -> None:
+        if self._cancelled:
+            raise _Cancelled
+        if self._closed:
+            raise StateStoreError("this WaitSet was closed while waiting")
+
+    def _check_members(self) -> None:
+        """A member's close kicked us (or will have: it gave our entry back): end the wait,
+        also when that member is not among *pending* (it can no longer wake us)."""
+        for store in self._stores:
+            if store.closed:
+                raise StateStoreError(f"store {store.name!r} was closed while waiting")
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep until a post, a kick or *seconds*; then raise if we were kicked to stop."""
+        sem = self._sem
+        if sem is None:
+            self._idle.wait(seconds)
+        else:
+            with contextlib.suppress(posix_ipc.BusyError, posix_ipc.SignalError):
+                # A signal (Ctrl-C) is a spurious wake-up; Python raises its exception right after.
+                sem.acquire(seconds)
+        self._check_interrupted()  # two loads on the wake-up's path
+
+    def _kick_locked(self) -> None:
+        self._idle.set()
+        if self._sem is not None:
+            self._sem.release()
+
+    def _cancel(self) -> None:
+        """From the loop's thread: make the waiting thread give up (``_Cancelled``)."""
+        with self._lock:
+            self._cancelled = True
+            self._kick_locked()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Give every registration back; a wait in progress (another thread's) raises
+        :class:`StateStoreError`, and this returns once it has left. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._busy:
+                self._kick_locked()
+                self._left.wait(0.1)
+            waiters, self._waiters = self._waiters, []
+            self._sem = None
+        for waiter in reversed(waiters):  # the first owns the semaphore the others borrow
+            waiter.close()
+
+    def __enter__(self) -> WaitSet[K]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._waiters)} registered"
+        return f"<shmstore.WaitSet of {len(self._stores)} stores, {state}>"
 
 
 def wait_any(pending: Mapping[K, int], timeout: float | None = None) -> dict[K, int]:
@@ -254,74 +447,30 @@ def wait_any(pending: Mapping[K, int], timeout: float | None = None) -> dict[K, 
     :meth:`Store.wait`: seconds (``None`` or ``math.inf``: no limit; ``nan``: ``ValueError``),
     ``TimeoutError`` when it passes, ``timeout=0`` a non-blocking check.
 
-    The calling thread sleeps on one semaphore registered in every store's registry, so asleep
-    it costs no CPU whatever the number of stores; handles that wait by polling (read-only ones,
-    see :attr:`Store.wait_mode`) are polled with back-off up to 5 ms. The registrations last
-    for the call only (one entry of each store's ``max_readers``). Raises ``TypeError`` /
-    ``ValueError`` for bad input, :class:`StateStoreError` for a closed handle (also one closed
-    while waiting), :class:`RegistryFullError` like :meth:`Store.wait`.
+    A :class:`WaitSet` for one call: the registrations last for the call only, so a loop that
+    waits again and again should keep a :class:`WaitSet` instead (each call here registers with
+    every store and gives the registrations back). Raises ``TypeError`` / ``ValueError`` for
+    bad input, :class:`StateStoreError` for a closed handle (also one closed while waiting),
+    :class:`RegistryFullError` like :meth:`Store.wait`.
     """
-    items = _items(pending)
-    timeout = check_timeout(timeout)
-    ready = _moved(items)
-    if ready:
-        return ready
-    if timeout is not None and timeout <= 0:
-        raise _timeout_error(items, 0)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        return _wait(items, deadline, _Session([store for _key, store, _after in items]))
-    except TimeoutError:
-        raise _timeout_error(items, timeout) from None
+    with _one_call(pending) as waiting:
+        return waiting.wait(pending, timeout)
 
 
 async def wait_any_async(pending: Mapping[K, int], timeout: float | None = None) -> dict[K, int]:
     """:func:`wait_any` for asyncio: never blocks the loop. One thread sleeps for this coroutine
     (not one per store) and ends with it; cancelling the coroutine leaves no registration and
     no thread behind."""
-    items = _items(pending)
-    timeout = check_timeout(timeout)
-    ready = _moved(items)
-    if ready:
-        return ready
-    if timeout is not None and timeout <= 0:
-        raise _timeout_error(items, 0)
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[dict[Any, int]] = loop.create_future()
-    ended: asyncio.Future[None] = loop.create_future()
-    session = _Session([store for _key, store, _after in items])
-    deadline = None if timeout is None else time.monotonic() + timeout
+    with _one_call(pending) as waiting:
+        return await waiting.wait_async(pending, timeout)
 
-    def serve() -> None:
-        outcome: dict[Any, int] | None = None
-        error: BaseException | None = None
-        try:
-            outcome = _wait(items, deadline, session)
-        except _Cancelled:
-            pass
-        except BaseException as exc:
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed: its coroutine is gone
-            loop.call_soon_threadsafe(_finish, result, ended, outcome, error)
 
-    thread = threading.Thread(target=serve, name="shmstore-wait-any", daemon=True)
-    thread.start()
-    try:
-        got = await result
-    except TimeoutError:
-        raise _timeout_error(items, timeout) from None
-    finally:
-        if not ended.done():
-            session.cancel()
-            # The thread gives the entries back and ends within a moment: wait for that, so
-            # that nothing is left once we return (shielded: a second cancellation returns at
-            # once, and the thread still ends on its own).
-            await asyncio.shield(ended)
-        if ended.done():
-            # The thread has given everything back and settled us: all that is left of it is
-            # its return, so this join does not hold the loop (and no thread outlives us).
-            thread.join()
-    return got
+def _one_call(pending: object) -> WaitSet[Any]:
+    if not isinstance(pending, Mapping):
+        raise TypeError(f"pending must map Store handles to versions, got {type(pending).__name__}")
+    if not pending:
+        raise ValueError("pending is empty: there is no store to wait on")
+    return WaitSet(pending)
 
 
 def _finish(
