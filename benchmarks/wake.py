@@ -40,6 +40,7 @@ Run:  python benchmarks/wake.py [--rounds N] [--any-rounds N] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -119,22 +120,29 @@ def pingpong_store(rounds: int, spin: bool = True, exclusive: bool = False) -> l
         shmstore.remove(pong)
 
 
-def _any_echo(pings: list[str], pong: str, rounds: int) -> None:
+def _any_echo(pings: list[str], pong: str, rounds: int, reuse: bool, spin: bool) -> None:
     stores = [Store.open(name, int) for name in pings]
     b = Store.open(pong, int)
     seen = dict.fromkeys(stores, 0)
-    for _ in range(rounds):
-        moved = shmstore.wait_any(seen, timeout=30)
-        seen.update(moved)
-        b.set(max(moved.values()))
+    with shmstore.WaitSet(stores) as waiting:
+        for _ in range(rounds):
+            if reuse:
+                moved = waiting.wait(seen, timeout=30, spin=spin)
+            else:
+                moved = shmstore.wait_any(seen, timeout=30)
+            seen.update(moved)
+            b.set(max(moved.values()))
     for st in [*stores, b]:
         st.close()
 
 
-def pingpong_wait_any(rounds: int, stores: int) -> list[float]:
-    """The echo waits with ``wait_any`` over *stores* stores, of which we commit to one (the
-    last it registers with); both sides sleep (``wait_any`` never spins; our ``wait`` here
-    neither), so the row to compare with is ``shmstore spin=False``."""
+def pingpong_wait_any(
+    rounds: int, stores: int, reuse: bool = False, spin: bool = False
+) -> list[float]:
+    """The echo waits with ``wait_any`` (or, *reuse*, one ``WaitSet`` kept for all rounds) over
+    *stores* stores, of which we commit to one (the last it registers with). Without *spin*
+    both sides sleep (``wait_any`` never spins), so the row to compare with is
+    ``shmstore spin=False``; with it (a WaitSet only) both spin first, like ``shmstore``."""
     pings = [f"bench-any-{os.getpid()}-{i}" for i in range(stores)]
     pong = f"bench-any-pong-{os.getpid()}"
     handles = [Store.create(name, int) for name in pings]
@@ -142,11 +150,15 @@ def pingpong_wait_any(rounds: int, stores: int) -> list[float]:
 
     def round_trip(i: int) -> None:
         a.set(i)
-        b.wait(i - 1, timeout=30, spin=False)
+        b.wait(i - 1, timeout=30, spin=spin)
 
     try:
         return ping_pong(
-            _any_echo, (pings, pong, rounds), round_trip, range(1, rounds + 1), cpu=_echo_cpu()
+            _any_echo,
+            (pings, pong, rounds, reuse, spin),
+            round_trip,
+            range(1, rounds + 1),
+            cpu=_echo_cpu(),
         )
     finally:
         for st in [*handles, b]:
@@ -220,31 +232,38 @@ def pingpong_semaphore(rounds: int, commit: bool = False) -> list[float]:
 # ----------------------------------------------------------------------------- paced wake-ups
 
 
-def _paced_waiter(names: list[str], commits: int, results: Any, use_wait_any: bool) -> None:
+def _paced_waiter(names: list[str], commits: int, results: Any, how: str) -> None:
     stores = [Store.open(name, int) for name in names]
     target = stores[-1]
     clock = time.perf_counter_ns
     woke: dict[int, int] = {}
     seen = dict.fromkeys(stores, 0)
     version = 0
-    while version < commits:
-        if use_wait_any:
-            moved = shmstore.wait_any(seen, timeout=30)
-            seen.update(moved)
-            version = moved.get(target, version)
-        else:
-            version = target.wait(version, timeout=30, spin=False)
-        woke[version] = clock()
+    with shmstore.WaitSet(stores) as waiting:
+        if how == "WaitSet":
+            # Registered before the first commit, like Store.wait after its first wait.
+            with contextlib.suppress(TimeoutError):
+                waiting.wait(seen, timeout=0.001)
+        while version < commits:
+            if how == "Store.wait":
+                version = target.wait(version, timeout=30, spin=False)
+            else:
+                wait = waiting.wait if how == "WaitSet" else shmstore.wait_any
+                moved = wait(seen, timeout=30)
+                seen.update(moved)
+                version = moved.get(target, version)
+            woke[version] = clock()
     for st in stores:
         st.close()
     results.put(woke)
 
 
-def paced_wake(stores: int, commits: int, pace: float) -> list[float]:
+def paced_wake(stores: int, commits: int, pace: float, how: str = "wait_any") -> list[float]:
     """Commit to one store every *pace* seconds, so that the waiter is asleep (registered)
     each time; the time from just before ``set()`` until the waiting process has returned.
-    ``stores=0``: ``Store.wait(spin=False)`` on that store alone; else ``wait_any`` over
-    *stores* stores (its return includes giving the registrations back)."""
+    ``stores=0``: ``Store.wait(spin=False)`` on that store alone; else *how* (``"wait_any"``,
+    whose return includes giving the registrations back, or ``"WaitSet"``, one kept for all
+    commits) over *stores* stores."""
     count = max(stores, 1)
     names = [f"bench-paced-{os.getpid()}-{i}" for i in range(count)]
     handles = [Store.create(name, int) for name in names]
@@ -252,7 +271,8 @@ def paced_wake(stores: int, commits: int, pace: float) -> list[float]:
     try:
         results = ctx.Queue()
         pin(MEASURER_CPU)
-        waiter = start_echo(_paced_waiter, (names, commits, results, stores > 0), PEER_CPU)
+        how = how if stores else "Store.wait"
+        waiter = start_echo(_paced_waiter, (names, commits, results, how), PEER_CPU)
         deadline = time.monotonic() + 60
         while target.statistics().readers_registered < 1:  # the waiter is up and asleep
             if time.monotonic() > deadline:
@@ -375,6 +395,19 @@ def main(argv: list[str] | None = None) -> int:
             (f"wait_any over {n}", functools.partial(pingpong_wait_any, stores=n), args.any_rounds)
             for n in ANY_STORES
         ],
+        *[
+            (
+                f"WaitSet over {n}",
+                functools.partial(pingpong_wait_any, stores=n, reuse=True),
+                args.rounds,
+            )
+            for n in ANY_STORES
+        ],
+        (
+            "WaitSet over 8, spinning",
+            functools.partial(pingpong_wait_any, stores=8, reuse=True, spin=True),
+            args.rounds,
+        ),
     ]
     global _placement
     placements = list(PLACEMENTS) if (os.cpu_count() or 1) > 1 else ["same"]
@@ -437,6 +470,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"N={n} {results[f'wait_any over {n}']['p50'] / alone:.2f}x" for n in ANY_STORES
             )
         )
+        print(
+            f"WaitSet over N stores (one commits; {args.rounds} round trips) vs "
+            "Store.wait(spin=False) on that store alone, p50: "
+            + ", ".join(
+                f"N={n} {results[f'WaitSet over {n}']['p50'] / alone:.2f}x" for n in ANY_STORES
+            )
+            + " (target: <= 1.2x at N=1 and N=8); spinning, over 8 vs shmstore (spinning): "
+            f"{results['WaitSet over 8, spinning']['p50'] / results['shmstore']['p50']:.2f}x"
+        )
 
     print(f"  paced wake-ups ({args.any_commits} commits per row) ...", file=sys.stderr, flush=True)
     paced: dict[str, dict[str, float]] = {
@@ -444,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     for n in ANY_STORES:
         paced[f"wait_any over {n}"] = quantiles(paced_wake(n, args.any_commits, ANY_PACE))
+    for n in ANY_STORES:
+        paced[f"WaitSet over {n}"] = quantiles(
+            paced_wake(n, args.any_commits, ANY_PACE, how="WaitSet")
+        )
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     print(

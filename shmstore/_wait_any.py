@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -95,7 +96,7 @@ from ._aio import AsyncStore
 from ._errors import StateStoreError
 from ._registry import NotShareable, Waiter
 from ._store import Store
-from ._waiting import TIMED_WAIT, check_timeout
+from ._waiting import SPIN, TIMED_WAIT, check_timeout
 
 __all__ = ["WaitSet", "wait_any", "wait_any_async"]
 
@@ -129,6 +130,20 @@ def _moved(items: list[tuple[Any, Store[Any], int]]) -> dict[Any, int]:
         if version > after:
             ready[key] = version
     return ready
+
+
+def _spin(items: list[tuple[Any, Store[Any], int]], seconds: float) -> dict[Any, int]:
+    """Re-read every version for up to *seconds*, yielding the CPU each turn (a writer that
+    shares our CPU runs meanwhile); ``{}`` if none moved. ``_waiting`` explains the trade."""
+    clock = time.perf_counter_ns
+    stop = clock() + int(1e9 * seconds)
+    relax = os.sched_yield
+    while clock() < stop:
+        ready = _moved(items)
+        if ready:
+            return ready
+        relax()
+    return {}
 
 
 def _timeout_error(items: list[tuple[Any, Store[Any], int]], timeout: float | None) -> TimeoutError:
@@ -174,6 +189,7 @@ class WaitSet(Generic[K]):
         self._cancelled = False  # the waiting coroutine was cancelled
         self._closed = False
         self._idle = threading.Event()  # what a set without a semaphore sleeps on
+        self._typical = 10 * SPIN  # how long waits take (a moving average): spin only if short
 
     # ---------------------------------------------------------------- introspection
 
@@ -195,11 +211,14 @@ class WaitSet(Generic[K]):
 
     # ---------------------------------------------------------------- waiting
 
-    def wait(self, pending: Mapping[K, int], timeout: float | None = None) -> dict[K, int]:
+    def wait(
+        self, pending: Mapping[K, int], timeout: float | None = None, *, spin: bool = True
+    ) -> dict[K, int]:
         """Block until at least one member of *pending* moves past its version; return every
         one that did, to its new version. *timeout* as for :meth:`Store.wait` (``0``: a
-        non-blocking check). :class:`StateStoreError` if this set or a member is closed (also
-        while waiting) or another thread is waiting on it."""
+        non-blocking check); *spin* as for :meth:`Store.wait`: while recent waits were short,
+        re-read the versions for up to 100 us before sleeping. :class:`StateStoreError` if this
+        set or a member is closed (also while waiting) or another thread is waiting on it."""
         items = self._items(pending)
         timeout = check_timeout(timeout)
         ready = _moved(items)
@@ -207,14 +226,21 @@ class WaitSet(Generic[K]):
             return ready
         if timeout is not None and timeout <= 0:
             raise _timeout_error(items, 0)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         self._enter()
         try:
+            if spin and self._typical < SPIN:
+                ready = _spin(items, SPIN if timeout is None else min(SPIN, timeout))
+                if ready:
+                    return ready
             return self._sleep_until_moved(items, deadline)
         except TimeoutError:
             raise _timeout_error(items, timeout) from None
         finally:
             self._leave()
+            if spin:  # learn only from waits that may spin, as Store.wait
+                self._typical += (time.monotonic() - started - self._typical) * 0.25
 
     async def wait_async(
         self, pending: Mapping[K, int], timeout: float | None = None
