@@ -96,3 +96,73 @@ def commit_many(name: str, count: int) -> None:
     with Store.open(name, int) as st:
         for i in range(count):
             st.set(i)
+
+
+# ------------------------------------------------------------------ WaitSet
+
+
+def follow_with_wait_set(names: list[str], rounds: int, results: Any, go: Any) -> None:
+    """One ``WaitSet`` over the stores *names* for *rounds* rounds; report each round's
+    ``{name: version}``, then wait for *go* before closing (so that the parent can look at the
+    registries while this process still lives). Sleeps are not capped at a second."""
+    _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
+    stores = [Store.open(name, int) for name in names]
+    try:
+        with shmstore.WaitSet(stores) as waiting:
+            seen = {st: st.version for st in stores}
+            for _ in range(rounds):
+                moved = waiting.wait(seen, timeout=60)
+                seen.update(moved)
+                results.put({st.name: version for st, version in moved.items()})
+        results.put("closed")
+        go.wait(60)
+    finally:
+        for st in stores:
+            st.close()
+
+
+def block_in_wait_set(names: list[str]) -> None:
+    """Wait on the stores through a WaitSet forever (the test kills this process)."""
+    stores = [Store.open(name, int) for name in names]
+    waiting = shmstore.WaitSet(stores)
+    waiting.wait({st: st.version for st in stores}, timeout=None)
+
+
+def sleep_in_wait_set(names: list[str], seconds: float, results: Any) -> None:
+    """:func:`sleep_in_wait_any` for a WaitSet that registered on an earlier wait."""
+    stores = [Store.open(name, int) for name in names]
+    try:
+        with shmstore.WaitSet(stores) as waiting:
+            seen = {st: st.version for st in stores}
+            with contextlib.suppress(TimeoutError):
+                waiting.wait(seen, timeout=0.01)  # registers
+            switches0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                waiting.wait(seen, timeout=seconds)
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches0
+        results.put((cpu, wall, switches))
+    finally:
+        for st in stores:
+            st.close()
+
+
+def follow_until_with_wait_set(names: list[str], last: int, results: Any) -> None:
+    """:func:`follow_until` with one WaitSet kept for every call."""
+    _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
+    stores = [Store.open(name, int) for name in names]
+    try:
+        with shmstore.WaitSet(stores) as waiting:
+            seen = {st: st.version for st in stores}
+            calls, longest = 0, 0.0
+            while min(seen.values()) < last:
+                pending = {st: v for st, v in seen.items() if v < last}
+                started = time.monotonic()
+                seen.update(waiting.wait(pending, timeout=60))
+                longest = max(longest, time.monotonic() - started)
+                calls += 1
+        results.put((calls, longest))
+    finally:
+        for st in stores:
+            st.close()
