@@ -1,27 +1,35 @@
-"""Waiting on several stores at once: ``wait_any`` and ``wait_any_async``.
+"""Waiting on several stores at once: ``WaitSet``, ``wait_any`` and ``wait_any_async``.
 
 What it does
 ------------
-``wait_any({store_a: va, store_b: vb, ...}, timeout)`` returns ``{store: version}`` for every
-store whose version moved past the one given (at least one), or raises ``TimeoutError``. One
-thread sleeps on **one** semaphore however many stores it waits on: no thread per store, and no
-polling of a store that can wake it.
+``WaitSet(stores)`` keeps one thread's registrations in several stores' registries across
+waits; ``ws.wait({store_a: va, store_b: vb, ...}, timeout)`` returns ``{store: version}`` for
+every member whose version moved past the one given (at least one), or raises ``TimeoutError``.
+One thread sleeps on **one** semaphore however many stores it waits on: no thread per store,
+and no polling of a store that can wake it. ``wait_any(pending, timeout)`` is a WaitSet for one
+call (made, waited on once, closed), so there is one engine.
 
 Protocol
 --------
-1. Look at every store's HEAD; return at once if one moved (``timeout=0`` ends here too).
-2. Register in the registry of every store that can wake us (``Store.register_waiter``). The
-   first registration creates a semaphore as for any reader; each later one passes
-   ``share=<the first entry>``, so its entry's semaphore name is a hard link to the same file
-   (``_registry``: "Shared semaphores") and it borrows the first entry's semaphore object (one
-   mapping in this process). Every writer of every store now posts the same semaphore, each
-   through its own store's entry, by its own name.
-3. Loop: load every store's HEAD; return those past their version; else sleep on the
+1. Look at every pending store's HEAD; return at once if one moved (``timeout=0`` ends here
+   too, having registered nothing).
+2. On the set's first wait that has to sleep, register in the registry of every member that can
+   wake us (``Store.register_waiter``). The first registration creates a semaphore as for any
+   reader; each later one passes ``share=<the first entry>``, so its entry's semaphore name is a
+   hard link to the same file (``_registry``: "Shared semaphores") and it borrows the first
+   entry's semaphore object (one mapping in this process). Every writer of every member now
+   posts the same semaphore, each through its own store's entry, by its own name. The entries
+   stay until the set closes: later waits skip this step. (A registration cut short by the
+   wait's deadline keeps what it did; the next wait goes on from there.)
+3. While recent waits were short (a moving average under ``SPIN``, as ``Store.wait``), re-read
+   the pending HEADs for up to ``SPIN``, yielding the CPU each turn (``_waiting`` explains the
+   trade: a busy reader sees a commit within microseconds, a quiet one never spins).
+4. Loop: load every pending store's HEAD; return those past their version; else sleep on the
    semaphore (at most a second at a time, like ``Store.wait``, and at most the polling pause
-   while some stores can only be polled).
-4. On the way out -- return, timeout, an exception, cancellation -- give back every entry
-   (``Waiter.close``: the entry's name is unlinked, the entry freed, its liveness lock dropped),
-   the first last: the others borrow its semaphore object.
+   while some members can only be polled).
+5. ``close()`` -- or the end of the ``with`` block -- gives back every entry (``Waiter.close``:
+   the entry's name is unlinked, the entry freed, its liveness lock dropped), the first last: the
+   others borrow its semaphore object.
 
 Stores that cannot wake us are polled with back-off from 50 us to 5 ms (``Store.wait``'s
 polling): handles that map the store read-only (``wait_mode == "poll"``), every store where
@@ -36,21 +44,28 @@ barrier (releasing the writer lock), then loads the registry and the semaphore's
 if the value is 0; the reader stores its entry, passes a full barrier, then loads HEAD. Here
 the same holds store by store, with two differences.
 
-* *The reader loads every HEAD after every registration and after every wake-up*, never only
-  the HEAD of the store it "expects". So for each store S: either our load of HEAD(S) after
-  registering (step 3's first turn, after S's registration barrier) sees S's commit, or S's
-  writer sees our entry and posts or finds a post pending.
+* *The reader loads every pending HEAD after every registration and after every wake-up*, never
+  only the HEAD of the store it "expects". So for each store S: either our load of HEAD(S)
+  after registering (step 4's first turn, after S's registration barrier) sees S's commit, or
+  S's writer sees our entry and posts or finds a post pending.
 * *A post may be skipped because another store's post is pending* (the value is 1, not 0). The
   writer of S read that 1 after its barrier; the 1 is consumed by our ``sem_wait``, a locked
   read-modify-write that comes after the writer's read in the semaphore word's modification
   order, and we load HEAD(S) after it. This is the store-buffering pattern with a full barrier
-  on each side: our load of HEAD(S) sees S's commit. Since step 3 loads *every* HEAD after each
-  wake-up, S's commit is returned by the wake-up that another store's post caused. A wake-up
-  is never "used up" on one store.
+  on each side: our load of HEAD(S) sees S's commit. Since step 4 loads *every* pending HEAD
+  after each wake-up, S's commit is returned by the wake-up that another store's post caused.
+  A wake-up is never "used up" on one store.
+
+Keeping the entries between waits changes nothing in this argument: a commit that lands
+between two waits either posts the semaphore (the entry is there all along), which the next
+sleep consumes at once, or is seen by the next wait's first load of HEAD. A post left pending
+by a commit the caller already saw is one spurious wake-up; so is a kick (cancellation, a
+member's close) that found nobody asleep. Waiting on some members only is fine too: the others'
+posts are spurious wake-ups for that wait.
 
 A store that grows moves its slots to a new ring (``_growth``), but HEAD, the registry and its
 semaphores stay in the store's own segment: registrations and wake-ups are untouched by a move,
-and ``wait_any`` reads nothing else. Surplus posts (two writers racing, the registration barrier)
+and the wait reads nothing else. Surplus posts (two writers racing, the registration barrier)
 only cause spurious wake-ups, after which the loop sleeps again; the semaphore's value stays
 bounded by the number of writers racing at once.
 
@@ -59,25 +74,36 @@ Release and reclaim
 Each registration is an ordinary registry entry: the process holds its liveness byte lock, so a
 SIGKILLed waiter's entries are reclaimed by the next registration or sweep of each store like
 any dead reader's, and each sweep unlinks that store's link name; the kernel frees the
-semaphore with its last name and mapping. A handle closed while we wait gives our entry back
-itself and kicks the semaphore (``Registry.close``): we wake, find the store closed and raise
-:class:`StateStoreError`, giving the other stores' entries back on the way out.
+semaphore with its last name and mapping. A member handle closed while the set lives gives our
+entry back itself and kicks the semaphore (``Registry.close``): a wait in progress wakes, finds
+the member closed and raises :class:`StateStoreError`, and so does every later wait (the set has
+lost a member that could wake it; ``close()`` gives the other stores' entries back).
 
-Coroutines
-----------
-``wait_any_async`` runs the same loop in one thread per waiting coroutine (one sleeping thread
-per waiter, as for threads; never one per store), which settles the coroutine's future through
-its loop. Cancellation sets a flag and posts the semaphore; the thread gives its entries back
-and ends, and the coroutine waits for that (without blocking the loop), so nothing is left
-behind. A store handle's own wait gate and its server thread are not involved.
+Threads and coroutines
+----------------------
+One wait at a time per set: a second thread (or coroutine) that tries gets a
+:class:`StateStoreError` at once, rather than a second sleeper on a semaphore that one post
+wakes only one of. ``close()`` may come from any thread: it kicks the semaphore and returns once
+the waiting thread has left, which raises :class:`StateStoreError`.
 
-Open questions: registrations end with the call, so every call registers with each store (a
-registry-lock round trip, a scan, a hard link: ~50 us per store on the loaded reference VM),
-gives each back before it returns (~15 us per store), and each writer opens the new entry's
-semaphore on its first post. The wake-up is ``Store.wait``'s, but over 64 stores a call costs
-milliseconds (``benchmarks/wake.py``). A reusable set of registrations that lives across calls
-(iceoryx2's WaitSet) would take that off the path of a loop that waits again and again. Stores
-of different modes or groups in one call poll all but the first kind.
+``wait_async`` runs the same loop in one thread per call (never one per store), which settles
+the coroutine's future through its loop. Cancellation sets a flag and posts the semaphore; the
+thread stops (leaving the registrations to the set) and the coroutine waits for it to end
+(without blocking the loop), so no thread is left behind. A store handle's own wait gate and
+its server thread are not involved.
+
+Cost
+----
+A kept set's wake-up is ``Store.wait``'s: a post, the semaphore, then a load of each pending
+HEAD. ``benchmarks/wake.py`` measured p50 one-way latencies within 1.1x of
+``Store.wait(spin=False)`` over 1 and 8 stores (see ``docs/wait-any.md``). ``wait_any`` pays
+the registrations on each call: a registry-lock round trip, a scan and a hard link per store
+(~50 us each on the loaded reference VM), ~15 us per store to give them back, and each writer
+opens the new entry's semaphore on its first post -- milliseconds over 64 stores.
+
+Open questions: a wake-up loads every pending HEAD (~0.1 us each), so over hundreds of stores
+a per-entry "who posted" word would be cheaper than the scan. Stores of different modes or
+groups in one set poll all but the first kind.
 """
 
 from __future__ import annotations
@@ -234,6 +260,25 @@ class WaitSet(Generic[K]):
                 ready = _spin(items, SPIN if timeout is None else min(SPIN, timeout))
                 if ready:
                     return ready
+            sem = self._sem
+            if sem is not None and not self._unregistered and not self._polled:
+                # The common case, straight to the semaphore and straight back (the first turn
+                # of step 4 without the loop): on a wake-up from an idle CPU, every line of
+                # Python here runs from cold caches.
+                nap = _MAX_SLEEP
+                if deadline is not None:
+                    nap = min(nap, deadline - time.monotonic())
+                if nap > 0:
+                    try:
+                        sem.acquire(nap)
+                    except posix_ipc.BusyError:
+                        nap = 0.0  # timed out: the loop below looks at the deadline
+                    except posix_ipc.SignalError:
+                        pass  # spurious; Python raises the signal's exception (Ctrl-C) next
+                    if not (self._cancelled or self._closed):
+                        ready = _moved(items)
+                        if ready:
+                            return ready
             return self._sleep_until_moved(items, deadline)
         except TimeoutError:
             raise _timeout_error(items, timeout) from None
@@ -334,6 +379,7 @@ class WaitSet(Generic[K]):
                     "another thread or coroutine is waiting on this WaitSet: it serves one at a "
                     "time (make one WaitSet per waiting thread)"
                 )
+            self._check_members()  # one closed earlier: its kick may be consumed already
             self._busy = True
             self._cancelled = False
             self._idle.clear()
@@ -416,13 +462,17 @@ class WaitSet(Generic[K]):
 
     def _sleep(self, seconds: float) -> None:
         """Sleep until a post, a kick or *seconds*; then raise if we were kicked to stop."""
+        self._check_interrupted()  # a kick that an earlier sleep consumed
         sem = self._sem
         if sem is None:
             self._idle.wait(seconds)
         else:
-            with contextlib.suppress(posix_ipc.BusyError, posix_ipc.SignalError):
-                # A signal (Ctrl-C) is a spurious wake-up; Python raises its exception right after.
+            try:
                 sem.acquire(seconds)
+            except posix_ipc.BusyError:
+                seconds = 0.0  # timed out: the caller looks at the deadline
+            except posix_ipc.SignalError:
+                pass  # spurious; Python raises the signal's exception (Ctrl-C) next
         self._check_interrupted()  # two loads on the wake-up's path
 
     def _kick_locked(self) -> None:
