@@ -19,11 +19,16 @@ What it measures:
     N stores, of which we commit to one; both sides sleep, so compare it with
     ``shmstore spin=False`` (``Store.wait`` on that store alone). ``wait_any`` registers with
     every store on each call and gives the registrations back before it returns, so this row
-    includes that per-call cost (fewer round trips: ``--any-rounds``).
-* **paced wake-up** (``wait_any``): one commit every 20 ms, so that the waiter is asleep and
-  registered each time; the time from just before ``set()`` until the waiting call has returned
-  in the other process (CLOCK_MONOTONIC is system-wide), for ``Store.wait(spin=False)`` alone and
-  ``wait_any`` over 1, 8 and 64 stores. Committer on CPU 0, waiter on CPU 1.
+    includes that per-call cost (fewer round trips: ``--any-rounds``);
+  - ``WaitSet over N``: the same with one ``shmstore.WaitSet`` kept for every round (registered
+    once), ``spin=False``; the target is ``shmstore spin=False``'s p50 within ~1.2x at N = 1 and
+    8. ``WaitSet over 8, spinning``: both sides spin first; compare with ``shmstore``.
+* **paced wake-up** (``wait_any``, ``WaitSet``): one commit every 20 ms, so that the waiter is
+  asleep and registered each time; the time from just before ``set()`` until the waiting call
+  has returned in the other process (CLOCK_MONOTONIC is system-wide), for
+  ``Store.wait(spin=False)`` alone and ``wait_any`` and a kept ``WaitSet`` over 1, 8 and 64
+  stores, the rows taken in blocks in turn like the ping-pong. Committer on CPU 0, waiter on
+  CPU 1.
 * **same run**: the ping-pong rounds are taken in blocks (``--blocks``), every peer in turn, so
   that the machine's drifting speed weighs on all peers alike;
 * **placement**: each ping-pong runs twice, its two processes pinned to different CPUs
@@ -365,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ping-pong round trips of each wait_any row (it registers with every store on "
         "every call: the 64-store row is slow)",
     )
-    parser.add_argument("--any-commits", type=int, default=200, help="paced wait_any commits")
+    parser.add_argument("--any-commits", type=int, default=400, help="paced commits per row")
     parser.add_argument("--fanout-commits", type=int, default=400)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -481,15 +486,19 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"  paced wake-ups ({args.any_commits} commits per row) ...", file=sys.stderr, flush=True)
-    paced: dict[str, dict[str, float]] = {
-        "Store.wait spin=False": quantiles(paced_wake(0, args.any_commits, ANY_PACE))
-    }
-    for n in ANY_STORES:
-        paced[f"wait_any over {n}"] = quantiles(paced_wake(n, args.any_commits, ANY_PACE))
-    for n in ANY_STORES:
-        paced[f"WaitSet over {n}"] = quantiles(
-            paced_wake(n, args.any_commits, ANY_PACE, how="WaitSet")
-        )
+    # (label, stores, how), taken in blocks like the ping-pong: the rows' runs interleave.
+    paced_rows = [
+        ("Store.wait spin=False", 0, "Store.wait"),
+        *[(f"wait_any over {n}", n, "wait_any") for n in ANY_STORES],
+        *[(f"WaitSet over {n}", n, "WaitSet") for n in ANY_STORES],
+    ]
+    paced_samples: dict[str, list[float]] = {label: [] for label, _n, _how in paced_rows}
+    for _block in range(args.blocks):
+        for label, n, how in paced_rows:
+            paced_samples[label] += paced_wake(
+                n, max(1, args.any_commits // args.blocks), ANY_PACE, how=how
+            )
+    paced = {label: quantiles(got) for label, got in paced_samples.items()}
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     print(
