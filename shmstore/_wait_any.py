@@ -95,11 +95,15 @@ its server thread are not involved.
 Cost
 ----
 A kept set's wake-up is ``Store.wait``'s: a post, the semaphore, then a load of each pending
-HEAD. ``benchmarks/wake.py`` measured p50 one-way latencies within 1.1x of
-``Store.wait(spin=False)`` over 1 and 8 stores (see ``docs/wait-any.md``). ``wait_any`` pays
-the registrations on each call: a registry-lock round trip, a scan and a hard link per store
-(~50 us each on the loaded reference VM), ~15 us per store to give them back, and each writer
-opens the new entry's semaphore on its first post -- milliseconds over 64 stores.
+HEAD. ``benchmarks/wake.py`` measured p50 one-way latencies of 0.96x to 1.19x of
+``Store.wait(spin=False)`` over 1 and 8 stores, across runs and placements, and paced wake-ups
+(the waiter asleep on an idle CPU) of 1.08x to 1.24x with the rows interleaved
+(``docs/wait-any.md``). The lone waiter's path straight to the semaphore in
+:meth:`WaitSet.wait` brought the paced figure down from ~1.4x: after an idle sleep every line of
+Python between the semaphore and the caller runs from cold caches. ``wait_any`` pays the
+registrations on each call: a registry-lock round trip, a scan and a hard link per store (~50 us
+each on the loaded reference VM), ~15 us per store to give them back, and each writer opens the
+new entry's semaphore on its first post -- milliseconds over 64 stores.
 
 Open questions: a wake-up loads every pending HEAD (~0.1 us each), so over hundreds of stores
 a per-entry "who posted" word would be cheaper than the scan. Stores of different modes or
