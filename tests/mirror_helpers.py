@@ -204,6 +204,8 @@ def bucket_record(urls: list[str], bucket: str) -> Any:
             return decode_record((await kv.get(KEY)).value)
         except (BucketNotFoundError, KeyNotFoundError):
             return None
+        except nats.errors.TimeoutError:
+            return None  # a busy server (20 MiB values, purges): callers poll with wait_until
         finally:
             await nc.close()
 
