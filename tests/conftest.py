@@ -132,3 +132,14 @@ def writer_lock(request: pytest.FixtureRequest) -> str:
     if kind == "mutex" and not robust_mutex_supported():
         pytest.skip("this platform has no robust mutexes")
     return kind
+
+
+@pytest.fixture
+def names(store_name: str) -> Iterator[tuple[str, str]]:
+    """An origin name and its replica's name, both removed at the end."""
+    replica = f"{store_name}-r"
+    yield store_name, replica
+    shmstore.remove(replica)
+    for name in (store_name, replica):  # removed, and nobody (a stray follower) made it again
+        shmstore.remove(name)
+        assert not Path("/dev/shm" + segment_name(name)).exists()

@@ -16,12 +16,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from shmstore import Store, StoreNotFoundError, SubscriberLaggedError
 
 TESTS = str(Path(__file__).parent)
 NATS_SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -308,3 +311,58 @@ def nats_call(urls: list[str], action: Callable[[Any], Any]) -> Any:
             await nc.close()
 
     return asyncio.run(run())
+
+
+def open_replica(name: str, tp: Any = Reading) -> Store[Any]:
+    """The replica once its follower has created it and committed a first version."""
+
+    def attempt() -> Store[Any] | None:
+        try:
+            st = Store.open(name, tp)
+        except StoreNotFoundError:
+            return None
+        if st.version == 0:
+            st.close()
+            return None
+        return st
+
+    replica: Store[Any] = wait_until(attempt, f"replica {name!r}")
+    return replica
+
+
+def wait_version(store: Store[Any], version: int) -> None:
+    """Until *store* is at *version* or later (the replica's own wake-ups, no polling)."""
+    seen = store.version
+    while seen < version:
+        seen = store.wait(seen, timeout=HANG)
+
+
+class Recorder:
+    """A thread that subscribes to a replica and records every (version, value) it sees."""
+
+    def __init__(self, name: str) -> None:
+        self.seen: list[tuple[int, Any]] = []
+        self.lagged = 0
+        self.stop = threading.Event()
+        self.store = Store.open(name, Reading)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with self.store.subscribe(timeout=0.2) as sub:
+            while True:
+                try:
+                    for item in sub:
+                        self.seen.append(item)
+                except SubscriberLaggedError as lag:
+                    self.lagged += lag.missed
+                except TimeoutError:
+                    if self.stop.is_set():  # only once caught up: nothing new for a while
+                        return
+
+    def close(self) -> list[tuple[int, Any]]:
+        """Stop once the subscriber has caught up; everything it saw."""
+        self.stop.set()
+        self.thread.join(HANG)
+        self.store.close()
+        return self.seen

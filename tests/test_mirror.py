@@ -12,8 +12,6 @@ import asyncio
 import json
 import shutil
 import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +20,15 @@ from mirror_helpers import (
     HANG,
     NATS_SERVER,
     Reading,
+    Recorder,
     bucket_record,
     cli,
     make_tls_files,
     mirror_processes,
     nats_servers,
+    open_replica,
     wait_until,
+    wait_version,
 )
 
 import shmstore
@@ -37,10 +38,8 @@ from shmstore import (
     StateStoreError,
     StateVersionError,
     Store,
-    StoreNotFoundError,
     SubscriberLaggedError,
 )
-from shmstore._names import segment_name
 from shmstore.fsm import AsyncStateStore, FsmSnapshotDTO, FsmState, initial_snapshot, next_snapshot
 from shmstore.mirror import (
     AsyncRemoteStore,
@@ -57,72 +56,6 @@ pytestmark = [
 ]
 
 TYPE = "mirror_helpers:Reading"
-
-
-@pytest.fixture
-def names(store_name: str) -> Iterator[tuple[str, str]]:
-    """An origin name and its replica's name, both removed at the end."""
-    replica = f"{store_name}-r"
-    yield store_name, replica
-    shmstore.remove(replica)
-    for name in (store_name, replica):  # removed, and nobody (a stray follower) made it again
-        shmstore.remove(name)
-        assert not Path("/dev/shm" + segment_name(name)).exists()
-
-
-def open_replica(name: str, tp: Any = Reading) -> Store[Any]:
-    """The replica once its follower has created it and committed a first version."""
-
-    def attempt() -> Store[Any] | None:
-        try:
-            st = Store.open(name, tp)
-        except StoreNotFoundError:
-            return None
-        if st.version == 0:
-            st.close()
-            return None
-        return st
-
-    replica: Store[Any] = wait_until(attempt, f"replica {name!r}")
-    return replica
-
-
-def wait_version(store: Store[Any], version: int) -> None:
-    """Until *store* is at *version* or later (the replica's own wake-ups, no polling)."""
-    seen = store.version
-    while seen < version:
-        seen = store.wait(seen, timeout=HANG)
-
-
-class Recorder:
-    """A thread that subscribes to a replica and records every (version, value) it sees."""
-
-    def __init__(self, name: str) -> None:
-        self.seen: list[tuple[int, Any]] = []
-        self.lagged = 0
-        self.stop = threading.Event()
-        self.store = Store.open(name, Reading)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with self.store.subscribe(timeout=0.2) as sub:
-            while True:
-                try:
-                    for item in sub:
-                        self.seen.append(item)
-                except SubscriberLaggedError as lag:
-                    self.lagged += lag.missed
-                except TimeoutError:
-                    if self.stop.is_set():  # only once caught up: nothing new for a while
-                        return
-
-    def close(self) -> list[tuple[int, Any]]:
-        """Stop once the subscriber has caught up; everything it saw."""
-        self.stop.set()
-        self.thread.join(HANG)
-        self.store.close()
-        return self.seen
 
 
 def assert_monotonic_and_true(seen: list[tuple[int, Any]], origin: str = "a") -> None:

@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,12 +26,12 @@ from mirror_helpers import (
     mirror_processes,
     nats_call,
     nats_servers,
+    open_replica,
     wait_until,
+    wait_version,
 )
 
-import shmstore
-from shmstore import Store, StoreNotFoundError, SubscriberLaggedError
-from shmstore._names import segment_name
+from shmstore import Store, SubscriberLaggedError
 from shmstore.mirror import default_bucket
 from shmstore.mirror._wire import (
     KEY,
@@ -54,36 +52,6 @@ pytestmark = [
 
 TYPE = "mirror_helpers:Reading"
 SMALL_PAYLOAD = 64 * 1024  # the chunk tests' server: a 4 MiB value is 65 chunks
-
-
-@pytest.fixture
-def names(store_name: str) -> Iterator[tuple[str, str]]:
-    replica = f"{store_name}-r"
-    yield store_name, replica
-    for name in (store_name, replica):
-        shmstore.remove(name)
-        assert not Path("/dev/shm" + segment_name(name)).exists()
-
-
-def open_replica(name: str, tp: Any = None) -> Store[Any]:
-    def attempt() -> Store[Any] | None:
-        try:
-            st = Store.open(name, tp)
-        except StoreNotFoundError:
-            return None
-        if st.version == 0:
-            st.close()
-            return None
-        return st
-
-    replica: Store[Any] = wait_until(attempt, f"replica {name!r}")
-    return replica
-
-
-def wait_version(store: Store[Any], version: int) -> None:
-    seen = store.version
-    while seen < version:
-        seen = store.wait(seen, timeout=HANG)
 
 
 def big(seq: int, size: int) -> str:
@@ -129,7 +97,7 @@ def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> No
         origin.set("small")
         start("publish", origin_name, "--server", server.url)
         follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
-        with open_replica(replica_name) as replica:
+        with open_replica(replica_name, None) as replica:
             four = big(2, 4 << 20)
             origin.set(four)
             wait_version(replica, 2)
@@ -184,7 +152,7 @@ def test_a_chunked_record_is_never_applied_torn_and_a_restart_picks_it_up(
         origin.set("v1")
         publisher = start("publish", origin_name, "--server", server.url)
         follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
-        with open_replica(replica_name) as replica:
+        with open_replica(replica_name, None) as replica:
             assert publisher.signal(signal.SIGTERM) == 0  # from here the test writes the bucket
             base = bucket_record(urls, bucket)
             two = big(2, 300_000)
@@ -329,7 +297,7 @@ def test_a_follower_refuses_an_impossible_version_and_goes_on(names: tuple[str, 
         origin.set("v1")
         publisher = start("publish", origin_name, "--server", server.url)
         follower = start("follow", origin_name, "--server", server.url, "--as", replica_name)
-        with open_replica(replica_name) as replica:
+        with open_replica(replica_name, None) as replica:
             assert publisher.signal(signal.SIGTERM) == 0
             base = bucket_record(urls, bucket)
             kv_put(urls, bucket, [(KEY, forged(base, 1 << 62, "impossible"))])
@@ -355,7 +323,7 @@ def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(
             holder.wait(holder.version, timeout=0.01)
         publisher = start("publish", origin_name, "--server", server.url)
         start("follow", origin_name, "--server", server.url, "--as", replica_name)
-        with open_replica(replica_name) as replica:
+        with open_replica(replica_name, None) as replica:
             wait_until(lambda: "cannot wait for commits" in publisher.log(), "the warning")
             origin.set("v2")
             wait_version(replica, 2)  # put by the publisher's periodic look
