@@ -2,14 +2,14 @@
 
 One-way latency = round trip / 2, where a round trip is: publish the value, the echo process wakes,
 reads it and publishes it back, we wake and read it. The two processes are pinned to different
-CPUs (``placement``).
+CPUs (``placement``). The ping-pong itself (echo start, timing, percentiles) is ``pingpong``'s,
+shared with ``wake.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -17,12 +17,11 @@ import uuid
 from typing import Any
 
 import msgspec
-from placement import MEASURER_CPU, pin, start_on_peer_cpu
+from pingpong import ctx, quantiles, start_echo, time_round_trips
+from placement import MEASURER_CPU, PEER_CPU, pin
 from values import SIZES
 
 import shmstore
-
-ctx = mp.get_context("spawn")
 
 
 def unavailable(system: str) -> str | None:
@@ -37,29 +36,20 @@ LAST_SAMPLES: list[float] = []  # every one-way sample of the last _measure, for
 
 
 def _measure(round_trip: Any, calls: int, rounds: int) -> list[float]:
-    for i in range(max(10, calls // 10)):  # warm-up
-        round_trip(i)
-    clock = time.perf_counter_ns
+    """A warm-up, then *rounds* rounds of *calls* round trips: each round's median one-way."""
+    time_round_trips(round_trip, range(max(10, calls // 10)))  # warm-up
     medians = []
     LAST_SAMPLES.clear()
     for _ in range(rounds):
-        samples = []
-        for i in range(calls):
-            t0 = clock()
-            round_trip(i)
-            samples.append((clock() - t0) / 2)
+        samples = time_round_trips(round_trip, range(calls))
         medians.append(statistics.median(samples))
         LAST_SAMPLES.extend(samples)
     return medians
 
 
 def percentiles() -> dict[str, float]:
-    ordered = sorted(LAST_SAMPLES)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {"p50_ns": statistics.median(ordered), "p99_ns": at(0.99), "p999_ns": at(0.999)}
+    q = quantiles(LAST_SAMPLES)
+    return {"p50_ns": q["p50"], "p99_ns": q["p99"], "p999_ns": q["p99.9"]}
 
 
 # ------------------------------------------------------------ shmstore
@@ -84,8 +74,7 @@ def _shmstore(size: str, calls: int, rounds: int) -> list[float]:
     total = max(10, calls // 10) + calls * rounds
     value = make(1)
     try:
-        echo = ctx.Process(target=_shm_echo, args=(ping, pong, value_type, total), daemon=True)
-        start_on_peer_cpu(echo)
+        echo = start_echo(_shm_echo, (ping, pong, value_type, total), PEER_CPU)
 
         def round_trip(i: int) -> None:
             version = a.set(value)
@@ -115,8 +104,7 @@ def _queue(size: str, calls: int, rounds: int) -> list[float]:
     value = make(1)
     q_in, q_out = ctx.Queue(), ctx.Queue()
     total = max(10, calls // 10) + calls * rounds
-    echo = ctx.Process(target=_queue_echo, args=(q_in, q_out, total), daemon=True)
-    start_on_peer_cpu(echo)
+    echo = start_echo(_queue_echo, (q_in, q_out, total), PEER_CPU)
 
     def round_trip(i: int) -> None:
         q_in.put(value)
@@ -158,8 +146,7 @@ def _zeromq(size: str, calls: int, rounds: int) -> list[float]:
     context = zmq.Context()
     pub, sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
     pub.bind(down)
-    echo = ctx.Process(target=_zmq_echo, args=(down, up, value_type), daemon=True)
-    start_on_peer_cpu(echo)
+    echo = start_echo(_zmq_echo, (down, up, value_type), PEER_CPU)
     sub.connect(up)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     # PUB/SUB drops messages until both subscriptions are live: say hello until one comes back.
@@ -221,8 +208,7 @@ def _iceoryx(size: str, calls: int, rounds: int) -> list[float]:
     notifier, listener = send.notifier_builder().create(), back.listener_builder().create()
     ready = ctx.Event()
     total = max(10, calls // 10) + calls * rounds
-    echo = ctx.Process(target=_iox_echo, args=(ping, pong, ready, total), daemon=True)
-    start_on_peer_cpu(echo)
+    echo = start_echo(_iox_echo, (ping, pong, ready, total), PEER_CPU)
     if not ready.wait(60):
         raise TimeoutError("iceoryx2 echo did not start")
 

@@ -23,6 +23,9 @@ from ._stats import StoreStatistics as StoreStatistics
 from ._store import Store as Store
 from ._store import remove as remove
 from ._subscription import Subscription as Subscription
+from ._wait_any import WaitSet as WaitSet
+from ._wait_any import wait_any as wait_any
+from ._wait_any import wait_any_async as wait_any_async
 
 __all__ = [
     # the store
@@ -31,9 +34,12 @@ __all__ = [
     "Projection",
     "Subscription",
     "remove",
+    "WaitSet",
+    "wait_any",
     # asyncio
     "AsyncStore",
     "AsyncSubscription",
+    "wait_any_async",
     # errors
     "CheckpointError",
     "CorruptStoreError",

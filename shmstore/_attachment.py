@@ -39,6 +39,7 @@ from ._layout import (
     FLAG_REPLICA,
     FLAG_ROBUST_MUTEX,
     OFF_MUTEX,
+    W_CREATOR_PIDNS,
     W_GENERATION,
     W_HEAD,
     W_SCHEMA,
@@ -48,7 +49,15 @@ from ._registry import Registry
 from ._ring import Ring, RingMoved
 from ._segment import Segment
 from ._waiting import WaitGate
-from ._writelock import FlockLock, ReadOnlyLock, RobustMutexLock, WriteLock
+from ._writelock import (
+    FlockLock,
+    ForeignLock,
+    ReadOnlyLock,
+    RobustMutexLock,
+    WriteLock,
+    foreign_namespace_message,
+    pid_namespace,
+)
 from ._writer import WriterSide
 
 __all__ = ["Attachment"]
@@ -62,6 +71,7 @@ class Attachment:
     __slots__ = (
         "closed",
         "codec",
+        "foreign_namespace",
         "gate",
         "gid",
         "in_use",
@@ -104,11 +114,20 @@ class Attachment:
         self.gid = segment.group()  # grown rings get the store's mode and group
         self.words = self.ring.words
         self.lock: WriteLock
+        #: Set when this process may not write because it is in another PID namespace than
+        #: the creator of a robust-mutex store (see _writelock, "ForeignLock").
+        self.foreign_namespace = False
         if segment.readonly:  # a read-only mapping: the lock cannot be taken, only looked at
             mutex_at = OFF_MUTEX if info.flags & FLAG_ROBUST_MUTEX else None
             self.lock = ReadOnlyLock(segment.map, mutex_at, segment.fd, segment.name)
         elif info.flags & FLAG_ROBUST_MUTEX:
-            self.lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
+            creator, here = int(self.words[W_CREATOR_PIDNS]), pid_namespace()
+            if creator and here and creator != here:
+                self.foreign_namespace = True
+                self.writable = False
+                self.lock = ForeignLock(segment.map, OFF_MUTEX, segment.fd, segment.name)
+            else:
+                self.lock = RobustMutexLock(segment.map, OFF_MUTEX, segment.name)
         else:
             self.lock = FlockLock(segment.fd)
         self.writer = WriterSide(self.lock, self.words, segment.name)
@@ -145,6 +164,9 @@ class Attachment:
 
     def closed_error(self) -> StateStoreError:
         return StateStoreError(f"store {self.name!r} is closed")
+
+    def foreign_namespace_error(self) -> StorePermissionError:
+        return StorePermissionError(errno.EPERM, foreign_namespace_message(self.name))
 
     def readonly_error(self) -> StorePermissionError:
         return StorePermissionError(

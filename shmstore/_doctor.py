@@ -21,8 +21,9 @@ writer that *waits* for the lock is killed, the kernel walks its robust list and
 recorded owner equals the dying thread's id, marks the lock "owner died" -- though the owner is
 a live thread of another container with the same id. The next writer then takes the lock while
 that owner is still writing; and glibc lets a thread whose id equals the owner's unlock the
-mutex (``tests/test_containers.py`` shows both happen). The ``flock`` writer lock belongs to an
-open file description and has no such confusion.
+mutex. So a mutex store is written only from its creator's PID namespace: other namespaces read
+and wait, and their writes are refused with the reason (``_writelock``, "ForeignLock"). The
+``flock`` writer lock belongs to an open file description and has no such confusion.
 """
 
 from __future__ import annotations
@@ -184,10 +185,9 @@ def check_pid_namespace(shm: Path) -> Check:
     if mutexed:
         shown = ", ".join(repr(n) for n in mutexed[:5]) + (" ..." if len(mutexed) > 5 else "")
         detail += (
-            f". {len(mutexed)} store(s) serialize writers with the robust mutex ({shown}): with "
-            "writers in more than one container, a writer killed while waiting for the lock can "
-            "hand it to another while its holder still writes (thread ids repeat across PID "
-            "namespaces)"
+            f". {len(mutexed)} store(s) serialize writers with the robust mutex ({shown}): "
+            "only their creator's PID namespace may write to them (thread ids repeat across "
+            "PID namespaces)"
         )
     return Check(
         name,

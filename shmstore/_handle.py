@@ -25,6 +25,7 @@ from ._errors import CorruptStoreError, StateStoreError
 from ._layout import FLAG_CRC, W_HEAD, W_SCHEMA, Geometry
 from ._projection import Projection, check_projection
 from ._provision import Attached
+from ._registry import Waiter
 from ._replication import Replication, read_mirror_status
 from ._ring import DecodeFailed, Ring, RingMoved
 from ._stats import MirrorStatus, ReaderEntry, StoreStatistics
@@ -296,6 +297,19 @@ class Handle(Generic[T]):
         """:meth:`wait` for asyncio: never blocks the loop. This handle's coroutines and threads
         share its one registry entry; cancelling leaves nothing behind."""
         return await self._gate.wait_async(after_version, timeout)
+
+    def register_waiter(self, deadline: float | None, *, share: Waiter | None = None) -> Waiter:
+        """Claim a registry entry of this store for a waiter other than this handle's own
+        :meth:`wait` (``shmstore.WaitSet`` and ``wait_any``, which sleep on one semaphore for
+        several stores): see ``Registry.register`` for *deadline* and *share*. The caller owns
+        the entry and gives it back with ``Waiter.close()``; :meth:`close` gives it back first,
+        and kicks it. Raises :class:`StateStoreError` if the handle is closed or waits by
+        polling."""
+        with self._in_use:  # the registry writes the mapping: not under close()
+            self._check_open()
+            if self._gate.mode != "semaphore":
+                raise StateStoreError(f"store {self.name!r} waits by polling: it cannot register")
+            return self._registry.register(deadline, share=share)
 
     def subscribe(
         self, after_version: int | None = None, *, timeout: float | None = None

@@ -37,6 +37,8 @@ Header::
      80     8  schema generation (u64): evolutions of the value type, 0 at create; the recorded
                type is in segment "<name>.s<g>" (see _schemarecord); written only by an
                evolution, under the writer lock
+     88     8  PID namespace of the creator: the inode of its /proc/self/ns/pid (u64; 0 unknown).
+               With the robust mutex only processes of this namespace may write (_writelock)
     128     8  base version: HEAD when the store was created or restored; commits = HEAD - base
     136     8  version conflicts refused by set() (u64)
     144     8  generation of the ring that accepts commits: 0 = the slots in this segment,
@@ -103,6 +105,7 @@ __all__ = [
     "W_MIRROR_SYNC",
     "W_REG_HIGH",
     "W_SCHEMA",
+    "W_CREATOR_PIDNS",
     "Geometry",
     "HeaderInfo",
     "app_counter_word",
@@ -137,6 +140,7 @@ NAME_FIELD = 64
 OFF_HEAD = 64
 OFF_EXCLUSIVE = 72
 OFF_SCHEMA = 80
+OFF_CREATOR_PIDNS = 88
 OFF_BASE_VERSION = 128
 OFF_CONFLICTS = 136
 OFF_GENERATION = 144
@@ -149,6 +153,7 @@ APP_COUNTERS = 4
 W_HEAD = OFF_HEAD // 8
 W_EXCLUSIVE = OFF_EXCLUSIVE // 8
 W_SCHEMA = OFF_SCHEMA // 8
+W_CREATOR_PIDNS = OFF_CREATOR_PIDNS // 8
 W_BASE_VERSION = OFF_BASE_VERSION // 8
 W_CONFLICTS = OFF_CONFLICTS // 8
 W_GENERATION = OFF_GENERATION // 8

@@ -48,6 +48,7 @@ from ._layout import (
     MIRROR_BUCKET_FIELD,
     MIRROR_ORIGIN_FIELD,
     MIRROR_ROLE_REPLICA,
+    OFF_CREATOR_PIDNS,
     OFF_MIRROR_BUCKET,
     OFF_MIRROR_ORIGIN,
     OFF_MUTEX,
@@ -66,7 +67,7 @@ from ._names import semaphore_prefix, validate_name
 from ._registry import registered_semaphore_names, unlink_semaphore
 from ._ring import Ring
 from ._segment import Segment, UnsizedSegmentError, resolve_group, unlink_segment
-from ._writelock import RobustMutexLock, robust_mutex_supported
+from ._writelock import RobustMutexLock, pid_namespace, robust_mutex_supported
 
 __all__ = [
     "DEFAULT_MAX_READERS",
@@ -254,6 +255,8 @@ def _initialize(segment: Segment, plan: _Plan, *, unlink_on_error: bool) -> Atta
         )
         if flags & FLAG_ROBUST_MUTEX:
             RobustMutexLock.initialize(m, OFF_MUTEX)
+            # Only this PID namespace may take the mutex (see _writelock, "ForeignLock").
+            m[OFF_CREATOR_PIDNS : OFF_CREATOR_PIDNS + 8] = pid_namespace().to_bytes(8, "little")
         if restore is not None:
             ring = Ring(m, geometry, crc=bool(flags & FLAG_CRC))
             ring.restore(restore.version, restore.payload, time.time_ns())

@@ -47,6 +47,23 @@ these byte locks share one descriptor without interfering.
 Where OFD locks do not exist (macOS), liveness falls back to the PID plus ``kill(pid, 0)``; a
 reused PID can then keep a dead entry until that process exits.
 
+Shared semaphores (``shmstore.wait_any``). A thread that waits on several stores at once claims
+an entry in each store's registry, but all of those entries name *one* semaphore: the first
+entry's semaphore is created as usual, and every other entry's name is a hard link to the same
+file in ``/dev/shm`` (``register(share=first_entry)``; glibc's named semaphores are files there,
+and a writer that opens the link maps the same page; in the waiting process the other entries
+borrow the first entry's semaphore object, one mapping). Nothing else changes: writers post,
+reclaim and remove the entry by its own name exactly as for any reader, and removing one link
+leaves the semaphore of the others. The lost-wake-up argument above holds per store; why it
+holds for the shared semaphore is in ``_wait_any``. A link is made only where the semaphore
+already has the mode and group this store's semaphores get (:class:`NotShareable` otherwise,
+and on systems whose semaphores are not files).
+
+An entry's owner may be another part of the process than the handle's wait gate (``wait_any``
+holds entries of handles it does not own), so :meth:`Registry.close` gives back every entry
+still held through this handle and kicks its semaphore; the owner then finds the store closed,
+and :meth:`Waiter.close` closes its semaphore.
+
 A handle that maps the segment read-only never registers (that writes the entry; it polls, see
 ``_waiting``) and never sweeps. :meth:`Registry.entries` only *queries* the liveness locks
 (``F_OFD_GETLK``, which takes nothing and needs no write access), so any handle may call it.
@@ -83,13 +100,12 @@ import posix_ipc
 from ._errors import RegistryFullError, StateStoreError
 from ._layout import REG_CLAIMED, REG_GEN, REG_PID, REG_STATE, W_REG_HIGH, Geometry, entry_word
 from ._names import reader_semaphore_name
-from ._ofd import LIVENESS_BASE, OFD_SUPPORTED, REGISTRY_LOCK_BYTE
-from ._ofd import byte_lock as _byte_lock
-from ._ofd import byte_locked as _byte_locked
+from ._ofd import LIVENESS_BASE, OFD_SUPPORTED, REGISTRY_LOCK_BYTE, byte_lock, byte_locked
 from ._writelock import WriteLock
 
 __all__ = [
     "LIVENESS_BASE",
+    "NotShareable",
     "SWEEP_INTERVAL",
     "Registry",
     "Waiter",
@@ -164,16 +180,30 @@ def registered_semaphore_names(
     ]
 
 
+class NotShareable(Exception):
+    """``register(share=...)`` cannot link this store's entry to that semaphore: it has another
+    mode or group than this store's semaphores get, its name is gone, or semaphores are not
+    files on this system. Never leaves the package (the caller polls that store instead)."""
+
+
+def _sem_path(name: str) -> str:
+    return os.path.join(_SEM_DIR, "sem." + name.lstrip("/"))
+
+
 class Waiter:
     """One registry entry owned by this handle, and its semaphore."""
 
-    __slots__ = ("_registry", "index", "sem", "sem_name")
+    __slots__ = ("_closed", "_registry", "index", "sem", "sem_name")
 
-    def __init__(self, registry: Registry, index: int, sem: Any, sem_name: str) -> None:
+    def __init__(
+        self, registry: Registry, index: int, sem: Any, sem_name: str, *, owns_sem: bool = True
+    ) -> None:
         self._registry = registry
         self.index = index
         self.sem = sem
+        """The semaphore object; a shared entry's is the one of the entry it shares with."""
         self.sem_name = sem_name
+        self._closed = not owns_sem  # a borrowed semaphore is its owner's to close
 
     def sleep(self, timeout: float | None) -> bool:
         """Block until a post (``True``) or until *timeout* seconds pass (``False``)."""
@@ -192,7 +222,14 @@ class Waiter:
         self.sem.release()
 
     def close(self) -> None:
+        """Give the entry back (unless the handle's close did already) and close the
+        semaphore, unless borrowed. Only the owner calls this, once nobody sleeps on
+        :attr:`sem`, and closes the entries that share a semaphore before the one they
+        borrow it from."""
         self._registry.unregister(self)
+        if not self._closed:
+            self._closed = True
+            self.sem.close()
 
 
 class Registry:
@@ -226,7 +263,10 @@ class Registry:
         self._thread_lock = threading.Lock()  # OFD locks do not exclude the threads of one fd
         # Per entry, the writer's open semaphore of its current claim: (generation, semaphore).
         self._sems: list[tuple[int, Any] | None] = [None] * self._capacity
-        self._own: set[int] = set()
+        # Entries held through this handle, by index. Guarded by _own_lock where an entry is
+        # given back: its owner and close() may race (see the module essay).
+        self._own: dict[int, Waiter] = {}
+        self._own_lock = threading.Lock()
         self._last_sweep = 0.0
 
     def _word(self, index: int, field: int) -> int:
@@ -252,7 +292,7 @@ class Registry:
             raise TimeoutError("the reader registry is busy")
         try:
             pause = _LOCK_POLL_MIN
-            while not _byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_WRLCK):
+            while not byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_WRLCK):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("the reader registry is busy")
                 time.sleep(pause)
@@ -260,7 +300,7 @@ class Registry:
             try:
                 yield
             finally:
-                _byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_UNLCK)
+                byte_lock(self.fd, REGISTRY_LOCK_BYTE, fcntl.F_UNLCK)
         finally:
             self._thread_lock.release()
 
@@ -335,14 +375,14 @@ class Registry:
             unlink_semaphore(self._sem_name(index, q[entry_word(index, REG_GEN)]))
             q[entry_word(index, REG_STATE)] = _FREE
             if _OFD:
-                _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
+                byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
             removed += 1
         return removed
 
     def _owner_alive(self, index: int) -> bool:
         """Whether the entry's owner lives. With OFD locks, a successful probe takes the lock."""
         if _OFD:
-            return not _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
+            return not byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_WRLCK)
         return pid_alive(self._q[entry_word(index, REG_PID)])
 
     def _forget_sem(self, index: int) -> None:
@@ -353,12 +393,20 @@ class Registry:
 
     # ------------------------------------------------------------------ reader side
 
-    def register(self, deadline: float | None = None) -> Waiter:
+    def register(self, deadline: float | None = None, *, share: Waiter | None = None) -> Waiter:
         """Claim an entry and its semaphore.
 
-        Raises :class:`RegistryFullError` when no entry is free and ``TimeoutError`` if the
-        registry lock is not had by *deadline* (``time.monotonic()``; ``None``: no limit).
+        With *share* (an entry of this process, usually of another store), the new entry's
+        semaphore is *share*'s, hard-linked under the entry's own name: a post to either wakes
+        whoever sleeps on it (see the module essay). The new entry borrows *share*'s semaphore
+        object (no second mapping): close it before *share*.
+
+        Raises :class:`RegistryFullError` when no entry is free, ``TimeoutError`` if the
+        registry lock is not had by *deadline* (``time.monotonic()``; ``None``: no limit), and
+        :class:`NotShareable` when *share* cannot serve this store.
         """
+        if share is not None:
+            self._check_shareable(share.sem_name)
         removed = 0
         with self._serialized(deadline):
             q = self._q
@@ -368,7 +416,7 @@ class Registry:
                     continue
                 state = q[entry_word(candidate, REG_STATE)]
                 if _OFD:
-                    if not _byte_lock(self.fd, LIVENESS_BASE + candidate, fcntl.F_WRLCK):
+                    if not byte_lock(self.fd, LIVENESS_BASE + candidate, fcntl.F_WRLCK):
                         continue  # a live owner holds it
                 elif state == _IN_USE and pid_alive(q[entry_word(candidate, REG_PID)]):
                     continue
@@ -384,10 +432,15 @@ class Registry:
                     "live processes (raise max_readers when creating the store)"
                 )
             try:
-                gen, sem, sem_name = self._create_sem(index, q[entry_word(index, REG_GEN)])
+                previous = q[entry_word(index, REG_GEN)]
+                if share is None:
+                    gen, sem, sem_name = self._create_sem(index, previous)
+                else:
+                    gen, sem_name = self._link_sem(index, previous, share.sem_name)
+                    sem = share.sem
             except BaseException:
                 if _OFD:
-                    _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
+                    byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
                 raise
             q[entry_word(index, REG_PID)] = os.getpid()
             q[entry_word(index, REG_CLAIMED)] = time.time_ns()
@@ -395,13 +448,51 @@ class Registry:
             q[entry_word(index, REG_STATE)] = _IN_USE
             if q[W_REG_HIGH] <= index:
                 q[W_REG_HIGH] = index + 1
-            self._own.add(index)
+            waiter = Waiter(self, index, sem, sem_name, owns_sem=share is None)
+            with self._own_lock:
+                self._own[index] = waiter
             removed += self._sweep_locked()
-        # A full barrier between publishing the entry and the caller's next load of HEAD.
+        # A full barrier between publishing the entry and the caller's next load of HEAD. (On a
+        # shared semaphore it leaves the value as it was: a pending post stays pending.)
         sem.release()
         sem.acquire(0)
         self._log_reclaimed(removed)
-        return Waiter(self, index, sem, sem_name)
+        return waiter
+
+    def _check_shareable(self, share: str) -> None:
+        """Raise :class:`NotShareable` unless semaphore *share* is a file with the mode and
+        group this store gives its readers' semaphores (so linking changes nobody's access)."""
+        try:
+            st = os.stat(_sem_path(share))
+        except OSError as exc:
+            raise NotShareable(f"semaphore {share} is not a file here: {exc}") from exc
+        if (st.st_mode & 0o777) != self._mode or st.st_gid != self._gid:
+            raise NotShareable(
+                f"semaphore {share} has mode {st.st_mode & 0o777:#o} and group {st.st_gid}; "
+                f"store {self._name!r} gives {self._mode:#o} and group {self._gid}"
+            )
+
+    def _link_sem(self, index: int, previous_gen: int, share: str) -> tuple[int, str]:
+        """:meth:`_create_sem`, but the new name is a hard link to semaphore *share*:
+        ``(generation, name)``."""
+        source = _sem_path(share)
+        gen = previous_gen
+        for _ in range(_CLAIM_TRIES):
+            gen += 1
+            name = self._sem_name(index, gen)
+            try:
+                os.link(source, _sem_path(name))
+            except FileExistsError:
+                unlink_semaphore(name)  # a stale semaphore of a dead claimant
+                continue
+            except FileNotFoundError as exc:
+                raise NotShareable(f"semaphore {share} was removed") from exc
+            except OSError as exc:
+                raise StateStoreError(
+                    f"store {self._name!r}: cannot link semaphore {share} as {name}: {exc}"
+                ) from exc
+            return gen, name
+        raise StateStoreError(f"store {self._name!r}: cannot find a free semaphore name")
 
     def _create_sem(self, index: int, previous_gen: int) -> tuple[int, Any, str]:
         """A fresh semaphore for the next claim of entry *index*: ``(generation, sem, name)``.
@@ -434,7 +525,7 @@ class Registry:
     def _share_like_the_segment(self, name: str) -> None:
         """Give the semaphore the segment's mode and group: ``sem_open`` applies the umask, and
         a writer of another user that cannot open a reader's semaphore cannot wake it."""
-        path = os.path.join(_SEM_DIR, "sem." + name.lstrip("/"))
+        path = _sem_path(name)
         if not os.path.exists(path):
             return  # not Linux: semaphores are not files here
         try:
@@ -452,17 +543,20 @@ class Registry:
             ) from exc
 
     def unregister(self, waiter: Waiter) -> None:
-        """Give the entry back. No lock: while we hold its liveness byte nobody else touches it,
-        and we let go of that byte last."""
+        """Give the entry back (its semaphore stays open: :meth:`Waiter.close` closes it).
+        No registry lock: while we hold its liveness byte nobody else touches it, and we let
+        go of that byte last. ``_own_lock`` only orders this against :meth:`close`."""
+        with self._own_lock:
+            if self._own.get(waiter.index) is waiter:
+                del self._own[waiter.index]
+                self._release(waiter)
+
+    def _release(self, waiter: Waiter) -> None:
         index = waiter.index
-        if index not in self._own:
-            return
-        waiter.sem.close()
         unlink_semaphore(waiter.sem_name)
         self._q[entry_word(index, REG_STATE)] = _FREE
-        self._own.discard(index)
         if _OFD:
-            _byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
+            byte_lock(self.fd, LIVENESS_BASE + index, fcntl.F_UNLCK)
 
     # ------------------------------------------------------------------ tools and lifecycle
 
@@ -478,20 +572,28 @@ class Registry:
             if index in self._own:
                 alive = True
             elif _OFD:
-                alive = _byte_locked(self.fd, LIVENESS_BASE + index)
+                alive = byte_locked(self.fd, LIVENESS_BASE + index)
             else:
                 alive = pid_alive(pid)
             out.append((index, pid, alive))
         return out
 
     def close(self) -> None:
-        """Forget the writer's semaphore cache (this process only)."""
+        """Give back the entries still held through this handle (``wait_any``'s: the wait
+        gate gives its own back first), waking their owners, and forget the writer's
+        semaphore cache (this process only). Call before the mapping goes."""
+        with self._own_lock:
+            held, self._own = list(self._own.values()), {}
+            for waiter in held:
+                self._release(waiter)
+                waiter.kick()  # its owner wakes and finds the store closed
         for index in range(self._capacity):
             self._forget_sem(index)
 
     def after_fork_in_child(self, fd: int) -> None:
         """The parent's entries stay the parent's: forget them without touching them."""
         self.fd = fd
-        self._own.clear()
+        self._own = {}
+        self._own_lock = threading.Lock()
         self._sems = [None] * self._capacity
         self._thread_lock = threading.Lock()

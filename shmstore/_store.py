@@ -346,15 +346,7 @@ class Store(Handle[T]):
     def _commit(self, value: T, expected_version: int | None, *, count_conflict: bool) -> int:
         """The commit; returns the new version. ``StateVersionError`` on a conflict."""
         if not self._writable:  # read-only handles are never writable: one check on the hot path
-            self._check_open()
-            if self._segment.readonly:
-                raise self._att.readonly_error()
-            if self._att.replica:
-                raise replica_error(self._att)
-            raise StateStoreError(
-                f"store {self.name!r} holds {self._info.type_name}; open it with that type "
-                "to write (an untyped handle could publish values its readers cannot decode)"
-            )
+            raise self._write_refusal()
         # This is the hot path of set(): msgspec's own calls, no wrapper frames.
         try:
             data = self._raw_encode(value)
@@ -445,9 +437,24 @@ class Store(Handle[T]):
             if self._segment.readonly:
                 raise self._att.readonly_error()
             if not self._writable:
-                raise StateStoreError(f"store {self.name!r}: this handle may not write")
+                raise self._write_refusal()
             self._writer.keep()
         return self
+
+    def _write_refusal(self) -> StateStoreError:
+        """Why this handle may not write (closed, read-only, a replica, another container)."""
+        self._check_open()
+        att = self._att
+        if self._segment.readonly:
+            return att.readonly_error()
+        if att.replica:
+            return replica_error(att)
+        if att.foreign_namespace:
+            return att.foreign_namespace_error()
+        return StateStoreError(
+            f"store {self.name!r} holds {self._info.type_name}; open it with that type "
+            "to write (an untyped handle could publish values its readers cannot decode)"
+        )
 
     @property
     def keeps_writer_lock(self) -> bool:

@@ -42,6 +42,22 @@ the owner.)
     keeps the owner's thread id, or with a shared ``flock`` probe, which needs no write access
     and touches no byte of the segment.
 
+``ForeignLock`` (a mutex store opened from another PID namespace than its creator's)
+    Never taken either: it refuses with a message that says why, and only looks, as
+    ``ReadOnlyLock`` does. Why: a robust mutex names its owner by *thread id* -- glibc stores
+    the caller's tid in the lock word, and the kernel's robust-list cleanup of a dying thread
+    marks "owner died" every mutex whose word holds that thread's tid -- and thread ids are
+    numbers of the caller's PID namespace. Containers that share ``/dev/shm`` but not a PID
+    namespace reuse the same small tids (each one's first process is pid 1), so a writer in a
+    second container could (1) unlock the holder's mutex (glibc's unlock checks only the tid),
+    and (2) when killed while *waiting* for it, make the kernel mark the live holder's lock
+    "owner died", so that a third writer takes it while the holder still writes. Both were
+    reproduced (``tests/test_containers.py``). So the creator records its PID namespace in the
+    header (the inode of ``/proc/self/ns/pid``, unique system-wide), and a handle of another
+    namespace gets this lock and no write access: reading, waiting and subscribing never take
+    the writer lock and work from anywhere. Stores written from several containers are created
+    with ``writer_lock="flock"``: a ``flock`` belongs to an open file description, not a tid.
+
 Caveat of the mutex: its layout is the C library's. Processes sharing one store must use the same
 C library (not a musl container against a glibc host on a shared ``/dev/shm``).
 """
@@ -55,6 +71,7 @@ import fcntl
 import functools
 import logging
 import mmap
+import os
 import sys
 import threading
 import time
@@ -67,9 +84,12 @@ from ._errors import CorruptStoreError, StorePermissionError
 __all__ = [
     "MUTEX_SIZE",
     "FlockLock",
+    "ForeignLock",
     "ReadOnlyLock",
     "RobustMutexLock",
     "WriteLock",
+    "foreign_namespace_message",
+    "pid_namespace",
     "robust_mutex_supported",
 ]
 
@@ -155,6 +175,15 @@ _libc = _load_libc()
 
 def robust_mutex_supported() -> bool:
     return _libc is not None
+
+
+def pid_namespace() -> int:
+    """This process's PID namespace as a number unique on the machine (the inode of
+    ``/proc/self/ns/pid``); 0 where it cannot be told (no ``/proc``, not Linux)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _check(rc: int) -> None:
@@ -421,3 +450,22 @@ class ReadOnlyLock(_Blocking):
 
     def close(self) -> None:
         self._buf = None
+
+
+class ForeignLock(ReadOnlyLock):
+    """The writer lock, seen from a PID namespace other than the creator's of a robust-mutex
+    store: never taken, only looked at. See the module essay."""
+
+    __slots__ = ()
+
+    def acquire(self) -> int:
+        raise StorePermissionError(errno.EPERM, foreign_namespace_message(self._name))
+
+
+def foreign_namespace_message(name: str) -> str:
+    return (
+        f"store {name!r} serializes its writers with a robust mutex and was created in another "
+        "PID namespace (another container): a mutex names its owner by thread id, which repeats "
+        "across namespaces, so this process may read and wait but not write; create the store "
+        "with writer_lock='flock' to write to it from several containers"
+    )

@@ -137,6 +137,27 @@ def keep(name: str) -> None:
         hold_until_stdin_closes()
 
 
+def try_writes(name: str) -> None:
+    """Every way to write to a store, from this namespace; report what each said, and what a
+    read and a look at the writer lock saw."""
+    with Store.open(name, int) as st:
+        outcome: dict[str, Any] = {"writable": st.writable}
+        attempts = {
+            "set": lambda: st.set(5),
+            "keep_writer_lock": st.keep_writer_lock,
+            "app_counter": lambda: st.app_counters.increment(0),
+        }
+        for way, attempt in attempts.items():
+            try:
+                attempt()
+                outcome[way] = "done"
+            except StateStoreError as exc:
+                outcome[way] = str(exc)
+        outcome["read"] = list(st.get_with_version())
+        outcome["lock_held_seen"] = st.statistics().writer_lock_held
+        report(**outcome)
+
+
 def set_from_tid(name: str, tid: str) -> None:
     """Call ``set()`` from a thread whose id is *tid* (thread ids of a fresh PID namespace count
     up from 1: start threads until one has it); report what ``set()`` said."""
@@ -164,6 +185,7 @@ def set_from_tid(name: str, tid: str) -> None:
 VERBS = {
     "keep": keep,
     "set_from_tid": set_from_tid,
+    "try_writes": try_writes,
     "idle": idle,
     "wait": wait,
     "commit": commit,

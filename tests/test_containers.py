@@ -33,6 +33,7 @@ from test_waiting import wait_for_registrations
 
 import shmstore
 from shmstore import Store
+from shmstore._writelock import robust_mutex_supported
 
 TESTS = str(Path(__file__).parent)
 WAIT = 60.0  # seconds: bounds a hang, never a duration
@@ -189,8 +190,16 @@ _SYS_FUTEX, _SYS_FLOCK = "202", "73"  # x86-64 system call numbers
 # ---------------------------------------------------------------------------- the store itself
 
 
+# Writers in several namespaces need the flock writer lock (a robust mutex names its owner by
+# thread id: see test_a_mutex_store_is_written_only_from_its_creators_namespace).
+CROSS = "flock"
+
+
 def test_a_reader_in_another_namespace_is_woken_by_a_writer_in_a_third(store_name: str) -> None:
-    with Store.create(store_name, int) as st, contained("wait", store_name, "0") as reader:
+    with (
+        Store.create(store_name, int, writer_lock=CROSS) as st,
+        contained("wait", store_name, "0") as reader,
+    ):
         assert reader.line() == "ready"
         wait_for_registrations(st, 1)  # asleep in wait(), on its semaphore
         assert run_contained("commit", store_name, "42").stdout.strip() == '{"version": 1}'
@@ -206,7 +215,7 @@ def test_a_reader_in_another_namespace_is_woken_by_a_writer_in_a_third(store_nam
 
 
 def test_compare_and_set_between_namespaces(store_name: str) -> None:
-    with Store.create(store_name, int) as st:
+    with Store.create(store_name, int, writer_lock=CROSS) as st:
         st.set(0)
         first = json.loads(run_contained("commit", store_name, "1", "1").stdout)
         assert first == {"version": 2}
@@ -220,7 +229,7 @@ def test_a_subscriber_in_another_namespace_gets_every_version_or_its_exact_lag(
     store_name: str,
 ) -> None:
     with (
-        Store.create(store_name, int, slots=4) as st,
+        Store.create(store_name, int, slots=4, writer_lock=CROSS) as st,
         contained("subscribe", store_name, "10", "11") as sub,
     ):
         assert sub.line() == "ready"
@@ -236,9 +245,9 @@ def test_a_subscriber_in_another_namespace_gets_every_version_or_its_exact_lag(
 
 
 def test_a_writer_killed_inside_the_lock_in_one_namespace_does_not_stop_another(
-    store_name: str, writer_lock: str
+    store_name: str,
 ) -> None:
-    with Store.create(store_name, int, writer_lock=writer_lock) as st:
+    with Store.create(store_name, int, writer_lock=CROSS) as st:
         st.set(1)
         with contained("die_inside_commit", store_name, "2") as victim:
             assert victim.line() == "frozen"
@@ -250,27 +259,13 @@ def test_a_writer_killed_inside_the_lock_in_one_namespace_does_not_stop_another(
         assert not st.statistics().writer_lock_held
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            "mutex",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a robust mutex names its owner by thread id, and thread ids repeat "
-                "across PID namespaces: the kernel's robust-list cleanup of a killed waiter "
-                "marks the live holder's lock 'owner died' (docs/deployment.md: use flock)",
-            ),
-        ),
-        "flock",
-    ],
-)
 def test_a_waiting_writer_killed_in_another_namespace_leaves_the_holder_its_lock(
-    store_name: str, kind: str
+    store_name: str,
 ) -> None:
     """Two containers' writers, both pid 1: one holds the writer lock, the other waits for it
-    and is killed. The lock must still be held -- nobody else may take it."""
-    with Store.create(store_name, int, writer_lock=kind) as st:
+    and is killed. The lock must still be held -- nobody else may take it. (flock: a mutex store
+    never lets the second container near its lock, see the next test.)"""
+    with Store.create(store_name, int, writer_lock=CROSS) as st:
         with contained("hold_lock", store_name) as holder:
             assert holder.line() == "held rc 0 tid 1"
             with contained("wait_for_lock", store_name) as waiter:
@@ -283,25 +278,10 @@ def test_a_waiting_writer_killed_in_another_namespace_leaves_the_holder_its_lock
             assert errno.errorcode.get(rc, rc) == "EBUSY"
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            "mutex",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="glibc's unlock of a robust mutex checks only the thread id: a refused "
-                "set() in another namespace whose thread id equals the exclusive writer's "
-                "keeper unlocks the keeper's mutex (and crashes on its robust list)",
-            ),
-        ),
-        "flock",
-    ],
-)
 def test_a_refused_writer_in_another_namespace_leaves_the_exclusive_writer_its_lock(
-    store_name: str, kind: str
+    store_name: str,
 ) -> None:
-    with Store.create(store_name, int, writer_lock=kind) as st:
+    with Store.create(store_name, int, writer_lock=CROSS) as st:
         with contained("keep", store_name) as keeper:
             tid = keeper.line().removeprefix("keeper tid ")
             refused = run_contained("set_from_tid", store_name, tid)
@@ -311,6 +291,36 @@ def test_a_refused_writer_in_another_namespace_leaves_the_exclusive_writer_its_l
             if rc in (0, errno.EOWNERDEAD):
                 st._lock.release()
             assert errno.errorcode.get(rc, rc) == "EBUSY"
+
+
+def test_a_mutex_store_is_written_only_from_its_creators_namespace(store_name: str) -> None:
+    """A robust mutex names its owner by thread id, and thread ids repeat across PID namespaces:
+    a writer in a second container could unlock the holder's mutex, or, killed while waiting
+    for it, make the kernel mark the live holder's lock "owner died" (both reproduced with the
+    mutex before this rule). So a process of another namespace never touches a mutex store's
+    lock: every way to write says why, it reads and is woken as anyone, and the creator's
+    namespace keeps its lock and its value."""
+    if not robust_mutex_supported():
+        pytest.skip("this platform has no robust mutexes")
+    with Store.create(store_name, int, writer_lock="mutex") as st:
+        st.set(1)
+        with st._lock:  # held by this namespace while the other one tries
+            tried = run_contained("try_writes", store_name)
+            assert tried.returncode == 0, tried.stderr
+        outcome = json.loads(tried.stdout)
+        for way in ("set", "keep_writer_lock", "app_counter"):
+            assert "another PID namespace" in outcome[way], (way, outcome[way])
+            assert "writer_lock='flock'" in outcome[way]
+        assert outcome["writable"] is False
+        assert outcome["read"] == [1, 1]
+        assert outcome["lock_held_seen"] is True  # it looks at the lock word, never takes it
+        # Nothing changed here, and this namespace still writes; a reader there is woken.
+        assert st.get_with_version() == (1, 1)
+        with contained("wait", store_name, "1") as reader:
+            assert reader.line() == "ready"
+            wait_for_registrations(st, 1)
+            st.set(42)
+            assert reader.result()["value"] == 42
 
 
 # ---------------------------------------------------------------------------- liveness
