@@ -1,6 +1,7 @@
-"""Print the README's "Against the alternatives" tables from one harness run's JSON.
+"""Print the "Against the alternatives" tables of docs/performance.md from one harness run's JSON.
 
-The README's performance figures are regenerated from one full run, not edited by hand:
+Those figures (the tables moved from README.md to docs/performance.md; the script keeps its
+name) are regenerated from one full run, not edited by hand:
 
     python benchmarks/harness.py --json benchmarks/results/harness.json --plots benchmarks/results
     python benchmarks/readme_tables.py benchmarks/results/harness.json

@@ -129,8 +129,13 @@ class Handle(Generic[T]):
 
     @property
     def writable(self) -> bool:
-        """Whether this handle may write: ``False`` for an untyped handle of a typed store (it
-        could publish values the store's readers cannot decode)."""
+        """Whether this handle may write: ``False`` for a read-only handle, a replica (its one
+        writer is the replication backend), a handle in another PID namespace than the creator
+        of a robust-mutex store (see ``_writelock``), a forked child of a handle whose store was
+        removed before the fork, and an untyped handle of a typed store whose type could not be
+        recorded (nothing to check its values against: a type with a ``dec_hook``,
+        ``msgspec.Raw``). An untyped handle of any other typed store writes, checked against
+        the recorded type (see docs/evolution.md)."""
         return self._writable
 
     @property

@@ -147,7 +147,7 @@ class Store(Handle[T]):
         at the saved version, and the next commit is that version + 1. *group* (a gid or group
         name) is the segment's group, set before anyone can open the store; by default the
         creator's. With ``mode=0o640`` the group's members may read (read-only), with ``0o660``
-        also wait and write; see README "Permissions".
+        also wait and write; see docs/permissions.md.
 
         Raises :class:`StoreExistsError` if the name is taken, ``ValueError`` for a bad name or
         geometry, :class:`StateStoreError` if shared memory cannot hold the store,
