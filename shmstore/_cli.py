@@ -51,6 +51,7 @@ from ._errors import (
     StateStoreError,
     StateVersionError,
     StoreNotFoundError,
+    StorePermissionError,
     SubscriberLaggedError,
 )
 from ._names import validate_name
@@ -130,13 +131,19 @@ def cmd_set(args: argparse.Namespace) -> int:
     type_ = type_for(args.type) if args.type is not None else None
     with opened(args.name, type_, inspect=False) as st:
         value = _decode_value(text, st.value_type, args.type or "the store")
-        if st.mirror_status.role == "replica":
-            st.set(value, args.expect)  # refused, with the message that names the origin
-        if type_ is None and not st.writable:
-            raise CliError(
-                f"store {args.name!r} holds {st.type_name}; pass --type {st.type_name!r} "
-                "so that the value is checked against that type before it is written"
-            )
+        if not st.writable:  # the store says why (read-only, a replica, another container)
+            try:
+                st.set(value, args.expect)
+            except StorePermissionError:
+                raise
+            except StateStoreError as exc:
+                if type_ is None and st.mirror_status.role != "replica":
+                    raise CliError(
+                        f"store {args.name!r} holds {st.type_name}; pass --type "
+                        f"{st.type_name!r} so that the value is checked against that type "
+                        "before it is written"
+                    ) from exc
+                raise
         try:
             version = st.set(value, args.expect)
         except StateVersionError as exc:

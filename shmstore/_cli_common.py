@@ -70,8 +70,8 @@ def opened(name: str, type_: Any = None, *, inspect: bool = True) -> Iterator[St
 
 def type_for(spec: str) -> Any:
     """The one place the CLI turns ``--type`` text into a type (``_typeexpr``: ``module:Name``
-    or any expression ``ls`` prints, parsed, never evaluated). A type rebuilt from a store's
-    recorded schema, for when ``--type`` is absent, belongs here too."""
+    or any expression ``ls`` prints, parsed, never evaluated). Without ``--type`` a handle
+    checks values against the store's recorded type itself."""
     try:
         return resolve_type(spec)
     except TypeExpressionError as exc:

@@ -28,8 +28,8 @@ Errors: :class:`TypeExpressionError` (a :class:`StateStoreError` and ``ValueErro
 ``syntax`` flag tells a malformed expression (a usage error) from one that names something that
 cannot be imported or is not a type a store can hold.
 
-This module is the one place the CLI turns text into a type; a later resolver (a type rebuilt
-from a store's recorded schema when ``--type`` is absent) hooks in next to :func:`resolve_type`.
+This module is the one place the CLI turns text into a type. Without ``--type`` the CLI needs
+none: an untyped handle checks what it writes against the store's recorded type (``_evolve``).
 """
 
 from __future__ import annotations

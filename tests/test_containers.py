@@ -323,6 +323,20 @@ def test_a_mutex_store_is_written_only_from_its_creators_namespace(store_name: s
             assert reader.result()["value"] == 42
 
 
+def test_the_cli_says_why_a_mutex_store_refuses_a_write_from_another_namespace(
+    store_name: str,
+) -> None:
+    if not robust_mutex_supported():
+        pytest.skip("this platform has no robust mutexes")
+    with Store.create(store_name, int, writer_lock="mutex") as st:
+        st.set(1)
+        refused = run_contained("shmstore", "set", store_name, "5")
+        assert refused.returncode == 1
+        (line,) = refused.stderr.strip().splitlines()
+        assert "another PID namespace" in line, line
+        assert st.get_with_version() == (1, 1)
+
+
 # ---------------------------------------------------------------------------- liveness
 
 
