@@ -129,7 +129,12 @@ def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> No
             origin.set(four)
             wait_version(replica, 2)
             assert replica.get() == four
-            assert bucket_record([server.url], bucket).chunks == 65
+            # The bucket trails the live copy (DURABLE_DELAY, then 65 puts): wait for it.
+            record = wait_until(
+                lambda: (r := bucket_record([server.url], bucket)) and r.version == 2 and r,
+                "version 2 in the bucket",
+            )
+            assert record.chunks == 65
             # A follower stopped while a 20 MiB record goes out catches up from the bucket.
             assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
             twenty = big(3, 20 << 20)
