@@ -32,9 +32,14 @@ connection (``_live``; in parts when the record is above ``max_payload``), then 
 loop, which makes the **durable** put into the bucket as above. Only an active publisher that
 knows the bucket's revision sends live copies, so a standby never does, and a version goes out
 on the live path at most once per publisher (``_sent_live``). When the live copy is out, the
-durable put waits ``DURABLE_DELAY`` (5 ms) and then carries the newest version: a fast writer
+durable put waits ``DURABLE_DELAY`` (50 ms) and then carries the newest version: a fast writer
 costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
-live copies of the next commits. The bucket therefore trails a replica by up to that window; it
+live copies of the next commits. Why 50 ms: a put costs the publisher's loop, the server's
+JetStream and every follower's watch a few hundred microseconds of CPU, and a live copy that
+meets one waits for it. Measured on 2 vCPUs with a paced writer (one commit every ~150 us,
+``benchmarks/mirror.py --pin 0,1``): at 5 ms one commit in ~30 met a put, and the live path's
+p95/p99 were 1.3-1.7x Redis's; at 50 ms 0.6-0.9x (p50 alike either way); 1 s gained little
+more. The bucket therefore trails a replica by up to that window; it
 never goes back and never gets another origin's version. A publisher killed inside the window
 leaves the bucket at an older version until it (or a successor of the same origin) restarts and
 puts the newest.
@@ -96,7 +101,7 @@ log = logging.getLogger("shmstore.mirror")
 STANDBY_CHECK: Final = 1.0
 LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
 RETRY_WAIT: Final = 0.25
-DURABLE_DELAY: Final = 0.005  # how long the durable put may trail a live copy already sent
+DURABLE_DELAY: Final = 0.05  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
 
