@@ -26,7 +26,7 @@ version is put (latest value, not a log: the versions in between are skipped).
 
 Two paths
 ---------
-A thread blocks in ``Store.wait()`` on the local store (:class:`_Commits`). Woken by a commit,
+A thread blocks in ``Store.wait()`` on the local store (``_commits``). Woken by a commit,
 it sends the newest version on the **live** subject itself, through a plain blocking NATS
 connection (``_live``; in parts when the record is above ``max_payload``), then wakes the event
 loop, which makes the **durable** put into the bucket as above. Only an active publisher that
@@ -63,14 +63,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 
 from .. import StateStoreError, StateVersionError, Store, __version__
+from ._commits import LOCAL_WAIT, Commits
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
@@ -99,7 +98,6 @@ __all__ = ["Publisher"]
 log = logging.getLogger("shmstore.mirror")
 
 STANDBY_CHECK: Final = 1.0
-LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
 RETRY_WAIT: Final = 0.25
 DURABLE_DELAY: Final = 0.05  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
@@ -248,7 +246,7 @@ class Publisher:
         if self.live:
             self._live_conn = await asyncio.to_thread(open_live, self.options)
         try:
-            with _Commits(store, self._send_live) as commits:
+            with Commits(store, self._send_live) as commits:
                 await self._serve(nc, kv, store, commits)
             # A clean stop leaves the bucket at the newest version, as the live copies did
             # the replicas (the durable put may have been waiting out DURABLE_DELAY).
@@ -260,7 +258,7 @@ class Publisher:
             if live is not None:
                 await asyncio.to_thread(live.close)
 
-    async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: _Commits) -> None:
+    async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: Commits) -> None:
         last_heartbeat = last_live = 0.0
         requests = None  # the remote-write subscription: held only while active
         self._serving = False
@@ -540,81 +538,3 @@ class Publisher:
     @staticmethod
     def _set(store: Store[Any], value: Any, expect: int | None) -> int:
         return store.set(value, expect)
-
-
-class _Commits:
-    """Hears the local store's commits for the event loop: a thread blocks in ``Store.wait()``
-    (the store's semaphore, its registration kept for the thread's life) and wakes the loop.
-
-    Measured on loopback (2 vCPUs): ``Store.wait_async`` from commit to the publisher's loop
-    took 300-1200 us, because its server thread exists only while a coroutine waits and is
-    started, registered and ended around every commit of a paced writer; this thread lives as
-    long as the publisher, woken ~30 us after a commit. It sends the live copy itself
-    (*on_commit*, see ``_live``), then wakes the loop for the durable put -- only while the
-    loop waits for a commit (:meth:`wait_after`). The loop spends most of a busy writer's time
-    elsewhere (its put, then ``DURABLE_DELAY``), and a wake-up there would only run an empty
-    loop iteration on the CPU the commit's next hops need.
-
-    No wake-up is lost: the thread loads ``_waiting`` after the commit it was woken by, and
-    the loop stores ``_waiting`` before it loads the store's version; so either the thread sees
-    the loop waiting and wakes it, or the loop's load comes after the commit and it does not
-    wait. (Python's threads see each other's stores in one order, under the GIL or free-
-    threaded with these plain attribute stores being sequentially consistent in CPython; each
-    wait is bounded by ``LOCAL_WAIT`` in any case.)
-    """
-
-    def __init__(self, store: Store[Any], on_commit: Callable[[], None]) -> None:
-        self._store = store
-        self._on_commit = on_commit
-        self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
-        self._waiting = False  # the loop is in wait_after: a commit must wake it
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"shmstore-publish-{store.name}", daemon=True
-        )
-
-    def __enter__(self) -> _Commits:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()  # within LOCAL_WAIT: each wait is bounded
-
-    def _run(self) -> None:
-        store = self._store
-        seen = store.version
-        while not self._stop.is_set():
-            try:
-                seen = store.wait(seen, LOCAL_WAIT, spin=False)
-            except TimeoutError:
-                continue
-            except StateStoreError as exc:  # closed under us, or no reader entry left
-                if not self._stop.is_set() and not store.closed:
-                    log.warning(
-                        "cannot wait for commits of %r (%s): putting every %.1f s instead",
-                        store.name,
-                        exc,
-                        LOCAL_WAIT,
-                    )
-                return
-            self._on_commit()
-            if not self._waiting:
-                continue  # the loop looks at the store's version before it next waits
-            try:
-                self._loop.call_soon_threadsafe(self._changed.set)
-            except RuntimeError:  # the loop closed
-                return
-
-    async def wait_after(self, version: int, timeout: float) -> None:
-        """Until the store is past *version*, or *timeout* seconds."""
-        self._changed.clear()
-        self._waiting = True  # before the load of the version: see the class
-        try:
-            if self._store.version > version:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
-        finally:
-            self._waiting = False
