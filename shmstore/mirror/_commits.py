@@ -33,8 +33,8 @@ class Commits:
     long as the publisher, woken ~30 us after a commit. It sends the live copy itself
     (*on_commit*, see ``_live``), then wakes the loop for the durable put -- only while the
     loop waits for a commit (:meth:`wait_after`). The loop spends most of a busy writer's time
-    elsewhere (its put, then the publisher's ``DURABLE_DELAY``), and a wake-up there would only run an empty
-    loop iteration on the CPU the commit's next hops need.
+    elsewhere (its put, then the publisher's ``DURABLE_DELAY``), and a wake-up there would only
+    run an empty loop iteration on the CPU the commit's next hops need.
 
     No wake-up is lost: the thread loads ``_waiting`` after the commit it was woken by, and
     the loop stores ``_waiting`` before it loads the store's version; so either the thread sees

@@ -36,13 +36,13 @@ durable put waits ``DURABLE_DELAY`` (50 ms) and then carries the newest version:
 costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
 live copies of the next commits. Why 50 ms: a put costs the publisher's loop, the server's
 JetStream and every follower's watch a few hundred microseconds of CPU, and a live copy that
-meets one waits for it. Measured on 2 vCPUs with a paced writer (one commit every ~150 us,
-``benchmarks/mirror.py --pin 0,1``): at 5 ms one commit in ~30 met a put, and the live path's
-p95/p99 were 1.3-1.7x Redis's; at 50 ms 0.6-0.9x (p50 alike either way); 1 s gained little
-more. The bucket therefore trails a replica by up to that window; it
-never goes back and never gets another origin's version. A publisher killed inside the window
-leaves the bucket at an older version until it (or a successor of the same origin) restarts and
-puts the newest.
+meets one waits for it. Measured on 2 vCPUs with a paced writer (a commit every ~150 us,
+``benchmarks/mirror.py --pin 0,1``, two runs each): at 5 ms the live path's p99 was 1.6-1.7x
+Redis's at 100 B, at 50 ms 0.6-0.7x (at the FSM size 0.9-1.3x either way, in the machine's
+noise; p50 alike); 1 s gained little more. The bucket therefore trails a replica by up to that
+window; it never goes back and never gets another origin's version. A publisher killed inside
+the window leaves the bucket at an older version until it (or a successor of the same origin)
+restarts and puts the newest.
 
 Chunks
 ------
