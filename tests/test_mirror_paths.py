@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,7 +32,9 @@ from mirror_helpers import (
     wait_version,
 )
 
-from shmstore import Store, SubscriberLaggedError
+import shmstore
+from shmstore import CorruptStoreError, Store, SubscriberLaggedError
+from shmstore._names import segment_name
 from shmstore.mirror import default_bucket
 from shmstore.mirror._wire import (
     KEY,
@@ -102,7 +105,12 @@ def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> No
             origin.set(four)
             wait_version(replica, 2)
             assert replica.get() == four
-            assert bucket_record([server.url], bucket).chunks == 65
+            # The bucket trails the live copy (DURABLE_DELAY, then 65 puts): wait for it.
+            record = wait_until(
+                lambda: (r := bucket_record([server.url], bucket)) and r.version == 2 and r,
+                "version 2 in the bucket",
+            )
+            assert record.chunks == 65
             # A follower stopped while a 20 MiB record goes out catches up from the bucket.
             assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
             twenty = big(3, 20 << 20)
@@ -328,3 +336,56 @@ def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(
             origin.set("v2")
             wait_version(replica, 2)  # put by the publisher's periodic look
             assert replica.get() == "v2"
+
+
+def test_the_follower_trusts_only_the_replicas_own_schema(names: tuple[str, str]) -> None:
+    """A record under the replica's fingerprint is committed without a second decode (the
+    origin's set() checked it): a publisher that lies costs its readers a CorruptStoreError on
+    that version, never a torn value, and the next record replaces it. A record of any other
+    fingerprint is never committed unchecked, and ``--validate`` checks every value."""
+    origin_name, replica_name = names
+    checked_name = f"{replica_name}-v"
+    bucket = default_bucket(origin_name)
+    try:
+        with (
+            nats_servers() as (server,),
+            mirror_processes() as start,
+            Store.create(origin_name) as origin,
+        ):
+            urls = [server.url]
+            origin.set("v1")
+            publisher = start("publish", origin_name, "--server", server.url)
+            trusting = start("follow", origin_name, "--server", server.url, "--as", replica_name)
+            checking = start(
+                "follow", origin_name, "--server", server.url, "--as", checked_name, "--validate"
+            )
+            with open_replica(replica_name) as replica, open_replica(checked_name) as checked:
+                assert publisher.signal(signal.SIGTERM) == 0
+                base = bucket_record(urls, bucket)
+                undecodable = msgspec.structs.replace(base, version=2, value=b"\xc1")
+                kv_put(urls, bucket, [(KEY, encode_record(undecodable))])
+                wait_version(replica, 2)
+                with pytest.raises(CorruptStoreError, match="version 2 does not decode"):
+                    replica.get()
+                wait_until(lambda: "refused version 2" in checking.log(), "the check's refusal")
+                assert checked.version == 1
+                assert checked.get() == "v1"
+
+                kv_put(urls, bucket, [(KEY, forged(base, 3, "v3"))])
+                wait_version(replica, 3)
+                wait_version(checked, 3)
+                assert replica.get() == checked.get() == "v3"
+
+                foreign = msgspec.structs.replace(
+                    base, version=4, value=b"\xc1", fingerprint=b"f" * 16, schema=b""
+                )
+                kv_put(urls, bucket, [(KEY, encode_record(foreign))])
+                for follower in (trusting, checking):
+                    wait_until(
+                        lambda f=follower: "refused version 4" in f.log(), "the schema refusal"
+                    )
+                assert replica.version == checked.version == 3
+                assert replica.get() == "v3"
+    finally:
+        shmstore.remove(checked_name)
+        assert not Path("/dev/shm" + segment_name(checked_name)).exists()

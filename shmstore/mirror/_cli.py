@@ -113,6 +113,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         local_name=args.local,
         max_readers=args.max_readers,
         live=args.live,
+        validate=args.validate,
     )
     return _run_until_signalled(follower)
 
@@ -241,6 +242,12 @@ def add_mirror_parser(subparsers: Any) -> None:
         dest="live",
         action="store_false",
         help="take records from the bucket only, not from the publisher's live subject",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="decode every value again before committing it (for publishers you do not trust; "
+        "by default a value the origin validated under the replica's schema is not re-checked)",
     )
 
     text = "commit a JSON value on the origin store NAME through its publisher"

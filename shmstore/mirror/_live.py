@@ -105,11 +105,12 @@ class LiveConnection:
                 if line.startswith(b"MSG "):
                     fields = line.split()
                     size = int(fields[-1])
-                    payload = reader.read(size + 2)
-                    if len(payload) != size + 2:
+                    # The payload and its CRLF apart: no copy of the payload to cut it off.
+                    payload = reader.read(size)
+                    if len(payload) != size or reader.read(2) != _CRLF:
                         break
                     if self._on_message is not None:
-                        self._on_message(fields[1].decode(), payload[:size])
+                        self._on_message(fields[1].decode(), payload)
                 elif line.startswith(b"PING"):
                     self._send(b"PONG\r\n")
                 elif line.startswith(b"-ERR"):

@@ -26,18 +26,23 @@ version is put (latest value, not a log: the versions in between are skipped).
 
 Two paths
 ---------
-A thread blocks in ``Store.wait()`` on the local store (:class:`_Commits`). Woken by a commit,
+A thread blocks in ``Store.wait()`` on the local store (``_commits``). Woken by a commit,
 it sends the newest version on the **live** subject itself, through a plain blocking NATS
 connection (``_live``; in parts when the record is above ``max_payload``), then wakes the event
 loop, which makes the **durable** put into the bucket as above. Only an active publisher that
 knows the bucket's revision sends live copies, so a standby never does, and a version goes out
 on the live path at most once per publisher (``_sent_live``). When the live copy is out, the
-durable put waits ``DURABLE_DELAY`` (5 ms) and then carries the newest version: a fast writer
+durable put waits ``DURABLE_DELAY`` (50 ms) and then carries the newest version: a fast writer
 costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
-live copies of the next commits. The bucket therefore trails a replica by up to that window; it
-never goes back and never gets another origin's version. A publisher killed inside the window
-leaves the bucket at an older version until it (or a successor of the same origin) restarts and
-puts the newest.
+live copies of the next commits. Why 50 ms: a put costs the publisher's loop, the server's
+JetStream and every follower's watch a few hundred microseconds of CPU, and a live copy that
+meets one waits for it. Measured on 2 vCPUs with a paced writer (a commit every ~150 us,
+``benchmarks/mirror.py --pin 0,1``, two runs each): at 5 ms the live path's p99 was 1.6-1.7x
+Redis's at 100 B, at 50 ms 0.6-0.7x (at the FSM size 0.9-1.3x either way, in the machine's
+noise; p50 alike); 1 s gained little more. The bucket therefore trails a replica by up to that
+window; it never goes back and never gets another origin's version. A publisher killed inside
+the window leaves the bucket at an older version until it (or a successor of the same origin)
+restarts and puts the newest.
 
 Chunks
 ------
@@ -58,14 +63,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 
 from .. import StateStoreError, StateVersionError, Store, __version__
+from ._commits import LOCAL_WAIT, Commits
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
@@ -94,9 +98,8 @@ __all__ = ["Publisher"]
 log = logging.getLogger("shmstore.mirror")
 
 STANDBY_CHECK: Final = 1.0
-LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
 RETRY_WAIT: Final = 0.25
-DURABLE_DELAY: Final = 0.005  # how long the durable put may trail a live copy already sent
+DURABLE_DELAY: Final = 0.05  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
 
@@ -243,7 +246,7 @@ class Publisher:
         if self.live:
             self._live_conn = await asyncio.to_thread(open_live, self.options)
         try:
-            with _Commits(store, self._send_live) as commits:
+            with Commits(store, self._send_live) as commits:
                 await self._serve(nc, kv, store, commits)
             # A clean stop leaves the bucket at the newest version, as the live copies did
             # the replicas (the durable put may have been waiting out DURABLE_DELAY).
@@ -255,7 +258,7 @@ class Publisher:
             if live is not None:
                 await asyncio.to_thread(live.close)
 
-    async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: _Commits) -> None:
+    async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: Commits) -> None:
         last_heartbeat = last_live = 0.0
         requests = None  # the remote-write subscription: held only while active
         self._serving = False
@@ -535,64 +538,3 @@ class Publisher:
     @staticmethod
     def _set(store: Store[Any], value: Any, expect: int | None) -> int:
         return store.set(value, expect)
-
-
-class _Commits:
-    """Hears the local store's commits for the event loop: a thread blocks in ``Store.wait()``
-    (the store's semaphore, its registration kept for the thread's life) and wakes the loop.
-
-    Measured on loopback (2 vCPUs): ``Store.wait_async`` from commit to the publisher's loop
-    took 300-1200 us, because its server thread exists only while a coroutine waits and is
-    started, registered and ended around every commit of a paced writer; this thread lives as
-    long as the publisher, woken ~30 us after a commit. It sends the live copy itself
-    (*on_commit*, see ``_live``), then wakes the loop for the durable put.
-    """
-
-    def __init__(self, store: Store[Any], on_commit: Callable[[], None]) -> None:
-        self._store = store
-        self._on_commit = on_commit
-        self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"shmstore-publish-{store.name}", daemon=True
-        )
-
-    def __enter__(self) -> _Commits:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()  # within LOCAL_WAIT: each wait is bounded
-
-    def _run(self) -> None:
-        store = self._store
-        seen = store.version
-        while not self._stop.is_set():
-            try:
-                seen = store.wait(seen, LOCAL_WAIT, spin=False)
-            except TimeoutError:
-                continue
-            except StateStoreError as exc:  # closed under us, or no reader entry left
-                if not self._stop.is_set() and not store.closed:
-                    log.warning(
-                        "cannot wait for commits of %r (%s): putting every %.1f s instead",
-                        store.name,
-                        exc,
-                        LOCAL_WAIT,
-                    )
-                return
-            self._on_commit()
-            try:
-                self._loop.call_soon_threadsafe(self._changed.set)
-            except RuntimeError:  # the loop closed
-                return
-
-    async def wait_after(self, version: int, timeout: float) -> None:
-        """Until the store is past *version*, or *timeout* seconds."""
-        self._changed.clear()
-        if self._store.version > version:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
