@@ -359,7 +359,10 @@ def test_the_follower_trusts_only_the_replicas_own_schema(names: tuple[str, str]
             checking = start(
                 "follow", origin_name, "--server", server.url, "--as", checked_name, "--validate"
             )
-            with open_replica(replica_name) as replica, open_replica(checked_name) as checked:
+            with (
+                open_replica(replica_name, None) as replica,
+                open_replica(checked_name, None) as checked,
+            ):
                 assert publisher.signal(signal.SIGTERM) == 0
                 base = bucket_record(urls, bucket)
                 undecodable = msgspec.structs.replace(base, version=2, value=b"\xc1")
