@@ -31,6 +31,7 @@ import datetime
 import decimal
 import enum
 import itertools
+import math
 import re
 import sys
 import types
@@ -111,9 +112,24 @@ def _constraints(info: Any) -> dict[str, Any]:
 
 def _builtin(value: Any) -> Any:
     try:
-        return msgspec.to_builtins(value)
+        plain = msgspec.to_builtins(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"cannot describe the default {value!r}: {exc}") from None
+    if not _finite(plain):
+        # The description is stored as JSON, which has no inf or nan (msgspec writes null):
+        # a type whose default holds one is recorded without a structure, never wrongly.
+        raise TypeError(f"cannot describe the default {value!r}: JSON has no inf or nan")
+    return plain
+
+
+def _finite(plain: Any) -> bool:
+    if isinstance(plain, float):
+        return math.isfinite(plain)
+    if isinstance(plain, list):
+        return all(map(_finite, plain))
+    if isinstance(plain, dict):
+        return all(map(_finite, plain.values()))
+    return True
 
 
 def _node(info: Any, defs: dict[str, dict[str, Any]], names: dict[int, str]) -> dict[str, Any]:

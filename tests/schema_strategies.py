@@ -33,7 +33,7 @@ LEAVES: list[Pair] = [
     (int, st.integers(-(2**63), 2**63 - 1)),
     (str, st.text(max_size=4)),
     (bool, st.booleans()),
-    (float, st.floats(allow_nan=False)),
+    (float, st.floats(allow_nan=False, allow_infinity=False)),
     (bytes, st.binary(max_size=4)),
     (datetime.datetime, st.datetimes()),
     (datetime.date, st.dates()),

@@ -133,3 +133,21 @@ def test_types_without_structure_are_refused() -> None:
         describe(msgspec.Raw)
     with pytest.raises(ValueError, match="format"):
         rebuild({"format": 99})
+
+
+class InfiniteDefault(msgspec.Struct):
+    limit: float = float("inf")
+
+
+def test_a_default_json_cannot_hold_is_not_described_rather_than_described_wrong() -> None:
+    """The description is stored as JSON, where inf and nan do not exist (msgspec writes null):
+    a rebuilt type would have a default of None. Such a type has no description (like a custom
+    type), so its store records no structure and cannot evolve; it is never recorded wrong."""
+    with pytest.raises(TypeError, match="JSON has no inf or nan"):
+        describe(InfiniteDefault)
+
+    class InfiniteInAList(msgspec.Struct):
+        steps: list[float] = msgspec.field(default_factory=lambda: [1.0, float("-inf")])
+
+    with pytest.raises(TypeError, match="JSON has no inf or nan"):
+        describe(InfiniteInAList)
