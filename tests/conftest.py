@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,14 @@ import shmstore
 from shmstore._layout import HEADER_SIZE, MAGIC, NAME_FIELD, OFF_STORE_NAME
 from shmstore._names import OS_PREFIX, segment_name
 from shmstore._writelock import robust_mutex_supported
+
+# Tests send Ctrl-C (SIGINT) to the processes they start and expect KeyboardInterrupt there. A
+# suite started as a background job of a non-interactive shell inherits SIGINT *ignored*, Python
+# then installs no handler, and children exec'd from it inherit the ignoring: their Ctrl-C does
+# nothing (seen: `watch` ran on until its store went away; an interrupt never landed in set()).
+# Restore the default so that every child starts with Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHM = Path("/dev/shm")
 # Unique per run (pid + random): two copies of the suite never share a store name.
