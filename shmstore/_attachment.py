@@ -276,6 +276,11 @@ class Attachment:
         the current one. Returns the record in force."""
         with self.in_use:
             self.check_open()
+            if self.segment.removed():  # records are named after the store: not ours now
+                raise StateStoreError(
+                    f"store {self.name!r} was removed: this handle's store is orphaned, and "
+                    "cannot record a new type under its old name"
+                )
             with self.writer.locked():
                 current = _schemarecord.load(self.words, self.name, self.info)
                 record = successor(current)
@@ -286,7 +291,7 @@ class Attachment:
                         self.name, self.info.created_ns, record, mode=self.mode, group=self.gid
                     )
                     self.words[W_SCHEMA] = record.generation  # published: now it is current
-                    _schemarecord.retire(self.name, current.generation)
+                    _schemarecord.retire(self.name, self.info.created_ns, current.generation)
                 self.record = record
                 return record
 

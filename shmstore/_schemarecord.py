@@ -52,6 +52,7 @@ import msgspec
 
 from ._errors import (
     CorruptStoreError,
+    StateStoreError,
     StoreExistsError,
     StoreNotFoundError,
     StorePermissionError,
@@ -143,8 +144,11 @@ def publish(
     try:
         segment = Segment.create(name, size, mode, group, os_name=os_name)
     except StoreExistsError:
-        # An evolution to this generation died before publishing it (or an older incarnation
-        # of the name left it): nobody reads it, replace it.
+        # An evolution to this generation died before publishing it, or an older incarnation
+        # of the name left it: nobody reads it, replace it. A record of another incarnation
+        # (the name's new store, seen from an orphaned handle) is never touched.
+        if not _ours_or_unwritten(name, os_name, created_ns):
+            raise _not_ours(name) from None
         unlink_segment(name, os_name=os_name)
         segment = Segment.create(name, size, mode, group, os_name=os_name)
     try:
@@ -220,10 +224,39 @@ def load(words: memoryview, name: str, info: HeaderInfo) -> SchemaRecord:
     )
 
 
-def retire(name: str, generation: int) -> None:
-    """Remove record ``s<generation>`` of store *name* once a newer one is current."""
-    with contextlib.suppress(StoreNotFoundError):
-        unlink_segment(name, os_name=record_segment_name(name, generation))
+def retire(name: str, created_ns: int, generation: int) -> None:
+    """Remove record ``s<generation>`` of the incarnation of store *name* created at
+    *created_ns*, once a newer one is current; another incarnation's is left alone."""
+    os_name = record_segment_name(name, generation)
+    if _ours_or_unwritten(name, os_name, created_ns):
+        with contextlib.suppress(StoreNotFoundError):
+            unlink_segment(name, os_name=os_name)
+
+
+def _ours_or_unwritten(name: str, os_name: str, created_ns: int) -> bool:
+    """Whether segment *os_name* is a record of the incarnation created at *created_ns*, or one
+    whose header was never written (a publisher that died). As in ``_growth``: POSIX has no
+    "unlink if still this file", so a caller removes only what this says, right before."""
+    try:
+        segment = Segment.open(name, readonly=True, os_name=os_name)
+    except (StoreNotFoundError, UnsizedSegmentError):
+        return True
+    except StorePermissionError:
+        return False
+    try:
+        if segment.size < _HEADER_SIZE:
+            return True
+        magic, created, _gen, _length = _HEADER.unpack_from(segment.map, 0)
+        return bool(magic != MAGIC or created == created_ns)
+    finally:
+        segment.close()
+
+
+def _not_ours(name: str) -> StateStoreError:
+    return StateStoreError(
+        f"store {name!r} was removed and its name now belongs to a new store: this handle's "
+        "store is orphaned, and cannot record a new type under that name"
+    )
 
 
 def remove_records(name: str, generation: int) -> None:

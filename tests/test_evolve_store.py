@@ -21,12 +21,14 @@ from shmstore import (
     CheckpointError,
     InvalidSnapshotError,
     SchemaMismatchError,
+    StateStoreError,
     Store,
     remove,
 )
 from shmstore.metrics import prometheus_text
 from shmstore.mirror._follower import Follower
 from shmstore.mirror._wire import Record, decode_record, encode_record
+from shmstore.replication import create_replica
 
 
 class Retyped(msgspec.Struct):
@@ -308,4 +310,45 @@ def test_a_replica_follows_its_origins_evolution(store_name: str) -> None:
     finally:
         if follower._replica is not None:
             follower._replica.close()
+        remove(replica_name)
+
+
+def test_an_orphaned_replica_never_touches_the_type_records_of_its_names_new_store(
+    store_name: str,
+) -> None:
+    """Type records are named after the store (``.s<g>``), as rings are: a handle whose store was
+    removed, and whose name now belongs to a new store, must not record a type under it -- before
+    this, an orphaned replica that followed an evolution removed the new store's record ``s0``
+    (its ``schema`` became ``None``) and left a stray ``s1`` of its own."""
+    replica_name = store_name + "-r"
+    with Store.create(store_name, V1) as origin:
+        fingerprint, types = origin.replication.fingerprint, origin.replication.schema_record
+        with Store.open(store_name, V2, evolve=True) as evolved:
+            evolved_types = evolved.replication.schema_record
+
+    def replica() -> Store[Any]:
+        return create_replica(
+            replica_name,
+            fingerprint=fingerprint,
+            type_name="evolve_workers:V1",
+            origin=store_name,
+            bucket="b",
+            schema_record=types,
+        )
+
+    orphan = replica()
+    try:
+        remove(replica_name)
+        with replica() as fresh:
+            described = fresh.schema
+            assert described is not None
+            with pytest.raises(StateStoreError, match="orphaned"):
+                orphan.replication.follow_schema(evolved_types)
+            assert fresh.schema == described  # its record s0 is still there
+            assert fresh.schema_generation == 0
+            assert not any(n.endswith(".s1") for n in objects_of(replica_name))
+            with Store.open(replica_name, V1) as reader:
+                assert reader.schema == described
+    finally:
+        orphan.close()
         remove(replica_name)
