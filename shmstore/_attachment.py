@@ -77,6 +77,7 @@ class Attachment:
         "in_use",
         "info",
         "lock",
+        "mirror_claimed",
         "mode",
         "move_lock",
         "name",
@@ -147,6 +148,8 @@ class Attachment:
         )
         self.closed = False
         self.in_use = threading.Lock()
+        #: Whether this handle holds the mirror's liveness lock (``_replication``'s claim).
+        self.mirror_claimed = False
         self.record: _schemarecord.SchemaRecord | None = attached.record
 
     # ---------------------------------------------------------------- state and errors
@@ -324,6 +327,7 @@ class Attachment:
         may have held, the descriptors the kernel's locks hang on, the keeper thread."""
         self.writer.after_fork_in_child()
         self.in_use = threading.Lock()
+        self.mirror_claimed = False  # the lock stays with the parent's open file description
         try:
             self.segment.reopen()
             self.lock.after_fork_in_child(self.segment.fd)

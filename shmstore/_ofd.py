@@ -13,7 +13,9 @@ Byte map (offsets from the start of a store's segment file):
 * ``LIVENESS_BASE + i`` -- write lock of the handle that owns registry entry *i* (``_registry``);
 * ``REGISTRY_LOCK_BYTE = LIVENESS_BASE - 1`` -- the registry lock (``_registry``);
 * ``ATTACHED_BYTE = LIVENESS_BASE - 2`` -- a read lock of every handle that has the store
-  open (``_segment``): "somebody, in some namespace, has it open".
+  open (``_segment``): "somebody, in some namespace, has it open";
+* ``MIRROR_BYTE = LIVENESS_BASE - 3`` -- a write lock of the mirroring process's handle, from
+  its claim until it closes (``_replication``): "the mirror's process is alive".
 
 Where OFD locks do not exist (macOS), :data:`OFD_SUPPORTED` is false and callers fall back.
 """
@@ -29,6 +31,7 @@ from typing import Final
 __all__ = [
     "ATTACHED_BYTE",
     "LIVENESS_BASE",
+    "MIRROR_BYTE",
     "OFD_SUPPORTED",
     "REGISTRY_LOCK_BYTE",
     "byte_lock",
@@ -39,6 +42,7 @@ OFD_SUPPORTED: Final = hasattr(fcntl, "F_OFD_SETLK")
 LIVENESS_BASE: Final = 1 << 40  # far past the data: the locks are advisory and touch no bytes
 REGISTRY_LOCK_BYTE: Final = LIVENESS_BASE - 1
 ATTACHED_BYTE: Final = LIVENESS_BASE - 2
+MIRROR_BYTE: Final = LIVENESS_BASE - 3
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
 _FLOCK = struct.Struct("hhqqi4x")

@@ -47,6 +47,7 @@ trust its publishers passes ``validated=False`` (``Follower(validate=True)``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Final
 
@@ -72,6 +73,7 @@ from ._layout import (
     read_text_field,
     text_field,
 )
+from ._ofd import MIRROR_BYTE, OFD_SUPPORTED, byte_lock, byte_locked
 from ._registry import pid_alive
 from ._stats import MirrorStatus
 
@@ -218,6 +220,12 @@ class Replication:
                     att.name, MIRROR_ORIGIN_FIELD
                 )
             att.words[W_MIRROR_PID] = os.getpid()
+            # Liveness that holds across PID namespaces: the pid above is a number of this
+            # process's namespace, meaningless in another container (see _ofd). Held until
+            # this handle closes; if another live mirroring process holds it, status relies on
+            # that one's.
+            if OFD_SUPPORTED and not att.mirror_claimed:
+                att.mirror_claimed = byte_lock(att.segment.fd, MIRROR_BYTE, fcntl.F_WRLCK)
         self.set_status(connected=False)
 
     def set_status(
@@ -253,13 +261,21 @@ def read_mirror_status(att: Attachment) -> MirrorStatus:
     m = att.segment.map
     return MirrorStatus(
         role=role,
-        connected=bool(state & MIRROR_CONNECTED) and pid != 0 and pid_alive(pid),
+        connected=bool(state & MIRROR_CONNECTED) and pid != 0 and _mirror_alive(att, pid),
         pid=pid,
         last_sync_ns=int(words[W_MIRROR_SYNC]),
         behind=int(words[W_MIRROR_BEHIND]),
         bucket=read_text_field(m, OFF_MIRROR_BUCKET, MIRROR_BUCKET_FIELD) if role else "",
         origin=read_text_field(m, OFF_MIRROR_ORIGIN, MIRROR_ORIGIN_FIELD) if role else "",
     )
+
+
+def _mirror_alive(att: Attachment, pid: int) -> bool:
+    """Whether the process that claimed the mirror block is alive: its liveness lock (any PID
+    namespace), or, where OFD locks do not exist, its pid."""
+    if not OFD_SUPPORTED:
+        return pid_alive(pid)
+    return att.mirror_claimed or byte_locked(att.segment.fd, MIRROR_BYTE)
 
 
 def replica_error(att: Attachment) -> StateStoreError:

@@ -137,6 +137,16 @@ def keep(name: str) -> None:
         hold_until_stdin_closes()
 
 
+def claim_mirror(name: str) -> None:
+    """Claim the store's mirror block as a mirroring process does, say it is connected, and
+    stay until told to go (or killed)."""
+    with Store.open(name, int) as st:
+        st.replication.claim("bucket")
+        st.replication.set_status(connected=True)
+        say("claimed")
+        hold_until_stdin_closes()
+
+
 def try_writes(name: str) -> None:
     """Every way to write to a store, from this namespace; report what each said, and what a
     read and a look at the writer lock saw."""
@@ -186,6 +196,7 @@ VERBS = {
     "keep": keep,
     "set_from_tid": set_from_tid,
     "try_writes": try_writes,
+    "claim_mirror": claim_mirror,
     "idle": idle,
     "wait": wait,
     "commit": commit,

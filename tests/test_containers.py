@@ -340,6 +340,26 @@ def test_the_cli_says_why_a_mutex_store_refuses_a_write_from_another_namespace(
 # ---------------------------------------------------------------------------- liveness
 
 
+def test_the_mirror_status_trusts_no_pid_from_another_namespace(store_name: str) -> None:
+    """The mirroring process records its pid, a number of *its* namespace (1 in a container).
+    Whether it is connected comes from its liveness lock: killed, it is disconnected here,
+    though pid 1 here is alive."""
+    with Store.create(store_name, int, writer_lock=CROSS) as st:
+        with contained("claim_mirror", store_name) as mirror:
+            assert mirror.line() == "claimed"
+            status = st.mirror_status
+            assert (status.role, status.pid, status.connected) == ("origin", 1, True)
+            mirror.kill()
+        # The kill reaps `unshare`; its child, the namespace's pid 1, is SIGKILLed on the way
+        # and drops its locks as it exits: no event to wait on, so look until it has.
+        deadline = time.monotonic() + WAIT
+        while st.mirror_status.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status = st.mirror_status
+        assert (status.pid, status.connected) == (1, False)
+        assert st.statistics().mirror_connected is False
+
+
 def test_reader_liveness_and_reclaim_across_namespaces_never_trust_a_pid(store_name: str) -> None:
     with Store.create(store_name, int) as st:
         with contained("wait", store_name, "0") as reader:
