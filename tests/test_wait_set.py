@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from test_multiprocess import JOIN
 from test_multiprocess import collect as collect_from
+from test_wait_any import collect
 from test_waiting import semaphores_of, wait_for_registrations
 from wait_any_workers import (
     block_in_wait_set,
@@ -36,13 +37,6 @@ def uncapped_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sleep up to 30 s at a time, not 1 s: a wake-up that never comes must fail a test, not be
     covered by the next look-up."""
     monkeypatch.setattr(_wait_any, "_MAX_SLEEP", 30.0)
-
-
-def collect(results: Any, procs: list[Any], n: int) -> list[Any]:
-    started = time.monotonic()
-    got = collect_from(results, procs, n)
-    assert time.monotonic() - started < 20, "a wake-up came late (only the 30 s sleep ended)"
-    return got
 
 
 @pytest.fixture

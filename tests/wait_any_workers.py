@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import shmstore
@@ -78,18 +79,26 @@ def follow_until(names: list[str], last: int, results: Any) -> None:
     _wait_any._MAX_SLEEP = 30.0  # type: ignore[misc]
     stores = [Store.open(name, int) for name in names]
     try:
-        seen = {st: st.version for st in stores}
-        calls, longest = 0, 0.0
-        while min(seen.values()) < last:
-            pending = {st: v for st, v in seen.items() if v < last}
-            started = time.monotonic()
-            seen.update(shmstore.wait_any(pending, timeout=60))
-            longest = max(longest, time.monotonic() - started)
-            calls += 1
-        results.put((calls, longest))
+        results.put(_follow(stores, shmstore.wait_any, last))
     finally:
         for st in stores:
             st.close()
+
+
+def _follow(
+    stores: list[Store[int]], wait: Callable[..., dict[Any, int]], last: int
+) -> tuple[int, float]:
+    """Calls of ``wait(pending, timeout=60)`` until every store reached *last*: how many, and
+    the longest."""
+    seen = {st: st.version for st in stores}
+    calls, longest = 0, 0.0
+    while min(seen.values()) < last:
+        pending = {st: v for st, v in seen.items() if v < last}
+        started = time.monotonic()
+        seen.update(wait(pending, timeout=60))
+        longest = max(longest, time.monotonic() - started)
+        calls += 1
+    return calls, longest
 
 
 def commit_many(name: str, count: int) -> None:
@@ -154,15 +163,8 @@ def follow_until_with_wait_set(names: list[str], last: int, results: Any) -> Non
     stores = [Store.open(name, int) for name in names]
     try:
         with shmstore.WaitSet(stores) as waiting:
-            seen = {st: st.version for st in stores}
-            calls, longest = 0, 0.0
-            while min(seen.values()) < last:
-                pending = {st: v for st, v in seen.items() if v < last}
-                started = time.monotonic()
-                seen.update(waiting.wait(pending, timeout=60))
-                longest = max(longest, time.monotonic() - started)
-                calls += 1
-        results.put((calls, longest))
+            outcome = _follow(stores, waiting.wait, last)
+        results.put(outcome)
     finally:
         for st in stores:
             st.close()
