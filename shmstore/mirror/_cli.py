@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ import msgspec
 
 from .. import StateVersionError
 from .._typeexpr import TypeExpressionError, resolve_type
+from ._commits import DURABLE_MOST, DURABLE_QUIET
 from ._connect import ConnectOptions
 
 __all__ = ["add_mirror_parser"]
@@ -99,6 +101,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         value_type=_import_type(args.type),
         replicas=args.replicas,
         live=args.live,
+        durable_quiet=args.durable_quiet,
+        durable_most=args.durable_most,
     )
     return _run_until_signalled(publisher)
 
@@ -171,8 +175,8 @@ def _readers(text: str) -> int:
 
 def _positive(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -223,6 +227,22 @@ def add_mirror_parser(subparsers: Any) -> None:
         dest="live",
         action="store_false",
         help="put records into the bucket only, not also on the live subject",
+    )
+    p.add_argument(
+        "--durable-quiet",
+        type=_positive,
+        default=DURABLE_QUIET,
+        metavar="SECONDS",
+        help="once a commit's live copy is out, put it into the bucket when the writer has "
+        f"paused this long ({DURABLE_QUIET:g})",
+    )
+    p.add_argument(
+        "--durable-most",
+        type=_positive,
+        default=DURABLE_MOST,
+        metavar="SECONDS",
+        help="... or this long after the first commit the bucket lacks, for a writer that "
+        f"never pauses ({DURABLE_MOST:g})",
     )
 
     text = "keep a local replica of store NAME from NATS, until SIGINT/SIGTERM"

@@ -1,8 +1,24 @@
-"""Hearing a local store's commits from an event loop: a thread blocked in ``Store.wait()``.
+"""Hearing a local store's commits, and timing the durable put: a thread blocked in
+``Store.wait()`` sends each live copy and tells the event loop when a put is due.
 
 The publisher's live copy leaves from this thread, right after the commit wakes it (see
-``_publisher`` and ``_live``); the event loop, woken from here only while it waits for a commit,
-makes the durable put.
+``_publisher`` and ``_live``). The event loop makes the durable put, and is woken from here only
+when one is due:
+
+* at once, when a commit's live copy could not go out (no live connection, a standby, a
+  version the live path refused): the put is that version's only way out;
+* when the writer **pauses** -- ``quiet`` seconds without a commit -- so that the put lands
+  between commits, not on the CPUs that the live copy of the next commit needs;
+* at the latest ``most`` seconds after the first commit the bucket does not have, for a writer
+  that never pauses (the loop's own timer).
+
+Why the thread decides, and not a timer in the loop: a put costs the publisher's loop, the
+server's JetStream and every follower's watch a few hundred microseconds of CPU, and so does,
+in the publisher, every wake-up of its loop (an event loop iteration with a timer and a task).
+A loop that woke every ``quiet`` seconds to look whether the writer had paused met a live copy
+on ~2% of a paced writer's commits (the p95-p99 of ``benchmarks/mirror.py``); the thread is
+awake for every commit anyway, and its wait for the next one simply times out after ``quiet``.
+A writer that never pauses thus costs the loop one wake-up and one put per ``most`` seconds.
 """
 
 from __future__ import annotations
@@ -11,45 +27,57 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from .. import StateStoreError, Store
 
-__all__ = ["LOCAL_WAIT", "Commits"]
+__all__ = ["DURABLE_MOST", "DURABLE_QUIET", "LOCAL_WAIT", "Commits"]
 
 log = logging.getLogger("shmstore.mirror")
 
 LOCAL_WAIT: Final = 0.5  # bounds each wait for a local commit, so that stop is prompt
+# The publisher's defaults (``--durable-quiet``, ``--durable-most``): see the module, and
+# ``_publisher`` for what they were chosen by.
+DURABLE_QUIET: Final = 0.02
+DURABLE_MOST: Final = 0.25
 
 
 class Commits:
     """Hears the local store's commits for the event loop: a thread blocks in ``Store.wait()``
-    (the store's semaphore, its registration kept for the thread's life) and wakes the loop.
+    (the store's semaphore, its registration kept for the thread's life), calls *on_commit*
+    after each commit (it sends the live copy, and returns whether the newest version is out
+    on the live path), and wakes the loop when a durable put is due (see the module).
 
     Measured on loopback (2 vCPUs): ``Store.wait_async`` from commit to the publisher's loop
     took 300-1200 us, because its server thread exists only while a coroutine waits and is
     started, registered and ended around every commit of a paced writer; this thread lives as
-    long as the publisher, woken ~30 us after a commit. It sends the live copy itself
-    (*on_commit*, see ``_live``), then wakes the loop for the durable put -- only while the
-    loop waits for a commit (:meth:`wait_after`). The loop spends most of a busy writer's time
-    elsewhere (its put, then the publisher's ``DURABLE_DELAY``), and a wake-up there would only
-    run an empty loop iteration on the CPU the commit's next hops need.
+    long as the publisher, woken ~30 us after a commit.
 
-    No wake-up is lost: the thread loads ``_waiting`` after the commit it was woken by, and
-    the loop stores ``_waiting`` before it loads the store's version; so either the thread sees
-    the loop waiting and wakes it, or the loop's load comes after the commit and it does not
-    wait. (Python's threads see each other's stores in one order, under the GIL or free-
-    threaded with these plain attribute stores being sequentially consistent in CPython; each
-    wait is bounded by ``LOCAL_WAIT`` in any case.)
+    No wake-up is lost: the thread stores what it learnt (``_unsent``, ``_paused``, ``_since``)
+    and then loads ``_waiting``; the loop stores ``_waiting`` and then loads what the thread
+    stored. So either the thread sees the loop waiting and wakes it, or the loop sees the
+    thread's news and does not wait. (Python's threads see each other's stores in one order,
+    under the GIL or free-threaded with these plain attribute stores being sequentially
+    consistent in CPython; each wait is bounded by ``LOCAL_WAIT`` in any case.)
     """
 
-    def __init__(self, store: Store[Any], on_commit: Callable[[], None]) -> None:
+    def __init__(
+        self, store: Store[Any], on_commit: Callable[[], bool], quiet: float, most: float
+    ) -> None:
         self._store = store
         self._on_commit = on_commit
+        self.quiet = quiet
+        self.most = most
         self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
-        self._waiting = False  # the loop is in wait_after: a commit must wake it
+        self._due = asyncio.Event()
+        self._waiting = False  # the loop is in wait_due: news must wake it
+        self._unsent = False  # the newest commit's live copy did not go out
+        self._paused = False  # no commit for `quiet` seconds since the last one
+        self._since: float | None = None  # when the first commit not yet put was heard
+        self._put = -1  # the bucket's version at the loop's last wait_due
+        self._deaf = False  # this thread stopped hearing commits
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"shmstore-publish-{store.name}", daemon=True
@@ -66,10 +94,18 @@ class Commits:
     def _run(self) -> None:
         store = self._store
         seen = store.version
+        heard: float | None = None  # when the last commit was heard, unless a pause was said
         while not self._stop.is_set():
+            timeout = LOCAL_WAIT  # bounded: stop is prompt
+            if heard is not None:
+                timeout = min(timeout, max(0.0, heard + self.quiet - time.monotonic()))
             try:
-                seen = store.wait(seen, LOCAL_WAIT, spin=False)
+                seen = store.wait(seen, timeout, spin=False)
             except TimeoutError:
+                if heard is not None and time.monotonic() - heard >= self.quiet:
+                    heard = None  # the writer paused
+                    self._paused = True
+                    self._wake()
                 continue
             except StateStoreError as exc:  # closed under us, or no reader entry left
                 if not self._stop.is_set() and not store.closed:
@@ -79,23 +115,58 @@ class Commits:
                         exc,
                         LOCAL_WAIT,
                     )
+                self._deaf = True  # the loop puts whenever it finds a newer version
+                self._wake()
                 return
-            self._on_commit()
-            if not self._waiting:
-                continue  # the loop looks at the store's version before it next waits
-            try:
-                self._loop.call_soon_threadsafe(self._changed.set)
-            except RuntimeError:  # the loop closed
-                return
+            out = self._on_commit()
+            now = heard = time.monotonic()
+            self._paused = False
+            self._unsent = not out
+            if self._since is None:
+                self._since = now
+            if not out or now - self._since >= self.most:
+                self._wake()
 
-    async def wait_after(self, version: int, timeout: float) -> None:
-        """Until the store is past *version*, or *timeout* seconds."""
-        self._changed.clear()
-        self._waiting = True  # before the load of the version: see the class
-        try:
-            if self._store.version > version:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
-        finally:
-            self._waiting = False
+    def _wake(self) -> None:
+        if not self._waiting:
+            return  # the loop looks at the news before it next waits
+        with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+            self._loop.call_soon_threadsafe(self._due.set)
+
+    def _is_due(self, version: int) -> bool:
+        if self._store.version <= version:
+            return False
+        if self._deaf:
+            return True
+        since = self._since
+        if since is None:  # a commit the thread has not heard yet: it will say
+            return False
+        return self._unsent or self._paused or time.monotonic() - since >= self.most
+
+    async def wait_due(self, version: int, timeout: float) -> bool:
+        """Until a put of a version past *version* (the bucket's) is due -- ``True`` -- or
+        *timeout* seconds -- ``False``. See the module for when a put is due."""
+        if version != self._put:  # a put since the last call: `most` counts afresh
+            self._put = version
+            # Commits the thread heard before this put are in it: a pause it signalled is old
+            # news, and a commit since then arms its wait for the next pause.
+            self._paused = False
+            self._since = time.monotonic() if self._store.version > version else None
+        deadline = time.monotonic() + timeout
+        while True:
+            self._due.clear()
+            self._waiting = True  # before the loads of the news: see the class
+            try:
+                if self._is_due(version):
+                    return True
+                now = time.monotonic()
+                until = deadline
+                since = self._since
+                if since is not None:
+                    until = min(until, since + self.most)
+                if now >= until:
+                    return self._is_due(version)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._due.wait(), until - now)
+            finally:
+                self._waiting = False

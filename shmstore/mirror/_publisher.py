@@ -28,21 +28,25 @@ Two paths
 ---------
 A thread blocks in ``Store.wait()`` on the local store (``_commits``). Woken by a commit,
 it sends the newest version on the **live** subject itself, through a plain blocking NATS
-connection (``_live``; in parts when the record is above ``max_payload``), then wakes the event
-loop, which makes the **durable** put into the bucket as above. Only an active publisher that
-knows the bucket's revision sends live copies, so a standby never does, and a version goes out
-on the live path at most once per publisher (``_sent_live``). When the live copy is out, the
-durable put waits ``DURABLE_DELAY`` (50 ms) and then carries the newest version: a fast writer
-costs one put per window, not one per commit, and the puts do not compete for the CPUs with the
-live copies of the next commits. Why 50 ms: a put costs the publisher's loop, the server's
+connection (``_live``; in parts when the record is above ``max_payload``). The event loop makes
+the **durable** put into the bucket as above. Only an active publisher that knows the bucket's
+revision sends live copies, so a standby never does, and a version goes out on the live path at
+most once per publisher (``_sent_live``).
+
+When the durable put happens is ``_commits``'s business: at once if a commit's live copy could
+not go out; otherwise once the writer **pauses** for ``durable_quiet`` (20 ms), and for a writer
+that never pauses at most ``durable_most`` (250 ms) after the first commit the bucket lacks. The
+put carries the newest version (latest value): a fast writer costs one put per pause, or per
+``durable_most``, not one per commit. Why: a put costs the publisher's loop, the server's
 JetStream and every follower's watch a few hundred microseconds of CPU, and a live copy that
 meets one waits for it. Measured on 2 vCPUs with a paced writer (a commit every ~150 us,
-``benchmarks/mirror.py --pin 0,1``, two runs each): at 5 ms the live path's p99 was 1.6-1.7x
-Redis's at 100 B, at 50 ms 0.6-0.7x (at the FSM size 0.9-1.3x either way, in the machine's
-noise; p50 alike); 1 s gained little more. The bucket therefore trails a replica by up to that
-window; it never goes back and never gets another origin's version. A publisher killed inside
-the window leaves the bucket at an older version until it (or a successor of the same origin)
-restarts and puts the newest.
+FSM-size values, ``--pin 0,1``, interleaved in one run, three runs): a put every 50 ms (this
+publisher's rule until then) made the live path's p99 1.3-1.7x Redis's; no put at all during
+the run 0.84-1.01x; puts at pauses and every 250 ms 0.85-1.07x, the same as every 1 s or 9 s
+within the machine's noise. The bucket therefore trails a replica by ``durable_quiet`` after a
+writer pauses, and by up to ``durable_most`` while it writes without pause; it never goes back
+and never gets another origin's version. A publisher killed inside that window leaves the bucket
+at an older version until it (or a successor of the same origin) restarts and puts the newest.
 
 Chunks
 ------
@@ -62,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from typing import Any, Final
@@ -69,7 +74,7 @@ from typing import Any, Final
 import msgspec
 
 from .. import StateStoreError, StateVersionError, Store, __version__
-from ._commits import LOCAL_WAIT, Commits
+from ._commits import DURABLE_MOST, DURABLE_QUIET, LOCAL_WAIT, Commits
 from ._connect import ConnectOptions, connect, describe_error
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
@@ -99,7 +104,6 @@ log = logging.getLogger("shmstore.mirror")
 
 STANDBY_CHECK: Final = 1.0
 RETRY_WAIT: Final = 0.25
-DURABLE_DELAY: Final = 0.05  # how long the durable put may trail a live copy already sent
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
 QUEUE_GROUP: Final = "shmstore-publishers"
 
@@ -126,6 +130,8 @@ class Publisher:
         value_type: Any = None,
         replicas: int = 1,
         live: bool = True,
+        durable_quiet: float = DURABLE_QUIET,
+        durable_most: float = DURABLE_MOST,
     ) -> None:
         self.name = name
         self.bucket = validate_bucket(bucket) if bucket else default_bucket(name)
@@ -134,6 +140,11 @@ class Publisher:
         if not 1 <= replicas <= 5:
             raise ValueError(f"replicas must be between 1 and 5, got {replicas}")
         self.replicas = replicas
+        for what, seconds in (("durable_quiet", durable_quiet), ("durable_most", durable_most)):
+            if not 0 < seconds < math.inf:
+                raise ValueError(f"{what} must be a positive number of seconds, got {seconds}")
+        self.durable_quiet = durable_quiet
+        self.durable_most = durable_most
         self.live = live
         """Also send each record on the live subject (False: the bucket only)."""
         self.active = False
@@ -246,10 +257,10 @@ class Publisher:
         if self.live:
             self._live_conn = await asyncio.to_thread(open_live, self.options)
         try:
-            with Commits(store, self._send_live) as commits:
+            with Commits(store, self._send_live, self.durable_quiet, self.durable_most) as commits:
                 await self._serve(nc, kv, store, commits)
             # A clean stop leaves the bucket at the newest version, as the live copies did
-            # the replicas (the durable put may have been waiting out DURABLE_DELAY).
+            # the replicas (the durable put may have been waiting for the writer to pause).
             if self.active and self._connected and store.version > self._done():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._publish_newest(kv, store, final=True), 10.0)
@@ -262,9 +273,10 @@ class Publisher:
         last_heartbeat = last_live = 0.0
         requests = None  # the remote-write subscription: held only while active
         self._serving = False
+        due = True  # a put of the newest version, unless the bucket has it
         while not self._stop.is_set():
             head = store.version
-            if head > self._done() or not self.active:
+            if (due and head > self._done()) or not self.active:
                 try:
                     await self._publish_newest(kv, store)
                     if self.active and requests is None:
@@ -312,13 +324,7 @@ class Publisher:
                         last_sync_ns=time.time_ns(),
                         behind=store.version - self.published,
                     )
-            await commits.wait_after(self._done(), LOCAL_WAIT)
-            live = self._live_conn
-            if live is not None and live.alive and self._sent_live >= store.version:
-                # The live copy is out: the durable put may trail it a little, and then carries
-                # the newest of the commits made meanwhile (latest value), instead of competing
-                # for the CPUs with the live path of every commit.
-                await self._pause(DURABLE_DELAY)
+            due = await commits.wait_due(self._done(), LOCAL_WAIT)
 
     async def _publish_newest(self, kv: Any, store: Store[Any], *, final: bool = False) -> None:
         """Put the store's newest version unless the bucket already has it (or a newer one, or
@@ -417,19 +423,19 @@ class Publisher:
             schema=store.replication.schema_record if with_schema else b"",
         )
 
-    def _send_live(self) -> None:
+    def _send_live(self) -> bool:
         """In the commit thread, right after a local commit: send the newest version on the
-        live path, if this publisher owns the bucket and the record fits one message. The event
-        loop's durable put follows (and sends it itself when this cannot)."""
+        live path, if this publisher owns the bucket. ``True`` if that version is out (now or
+        before); else the event loop's durable put sends it, at once (see ``_commits``)."""
         live, store = self._live_conn, self._store
         if live is None or store is None or not self.active or self._revision is None:
-            return
+            return False
         try:
             value, version, commit_ns = store.replication.read_encoded()
         except StateStoreError:  # closing
-            return
+            return False
         if version <= max(self._sent_live, self.published):
-            return
+            return True
         data = encode_record(self._record(store, value, version, commit_ns))
         if len(data) + HEADROOM <= live.max_payload:
             sent = live.publish(live_subject(self.bucket), data)
@@ -441,6 +447,7 @@ class Publisher:
             )
         if sent:
             self._sent_live = max(self._sent_live, version)
+        return sent
 
     async def _put_chunks(self, kv: Any, record: Record, data: bytes, limit: int) -> Record:
         """Put *data* (the encoded *record*) as chunks; the manifest to put into ``state``."""
