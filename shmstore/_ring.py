@@ -507,7 +507,7 @@ class Ring:
 
     # ------------------------------------------------------------ replicas (shmstore.mirror)
 
-    def commit_at(self, version: int, payload: bytes, ts_ns: int) -> int:
+    def commit_at(self, version: int, payload: bytes | memoryview, ts_ns: int) -> int:
         """Write *payload* as message *version* (> HEAD) and publish it: a replica taking the
         origin's version. The caller holds the writer lock and has checked the length.
 

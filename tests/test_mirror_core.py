@@ -164,6 +164,15 @@ def test_a_validated_commit_skips_only_the_decode(store_name: str) -> None:
             reader.get()
         rep.replication.commit_at(_encode(Point(3, 3)), 3, 1, validated=True)
         assert reader.get_with_version() == (Point(3, 3), 3)
+        # A view (the follower's live path): written from its own memory, as bytes would be;
+        # unvalidated, it is copied and checked like any payload.
+        message = bytearray(b"--" + _encode(Point(4, 4)) + b"--")
+        rep.replication.commit_at(memoryview(message)[2:-2], 4, 1, validated=True)
+        assert reader.get_with_version() == (Point(4, 4), 4)
+        with pytest.raises(InvalidSnapshotError):
+            rep.replication.commit_at(memoryview(message)[1:-2], 5, 1)
+        rep.replication.commit_at(memoryview(message)[2:-2], 5, 1)
+        assert reader.get_with_version() == (Point(4, 4), 5)
 
 
 class Blob(msgspec.Struct):
@@ -298,6 +307,13 @@ def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
     assert decode_record(encode_record(record)) == record
     with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
         decode_record(b"hello")
+    # The live thread's view: the same record, its value in the message's own memory.
+    data = bytearray(encode_record(record))
+    view = decode_record(data, view=True)
+    assert isinstance(view.value, memoryview) and view.value.obj is data
+    assert bytes(view.value) == record.value and view.version == 7
+    with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
+        decode_record(b"hello", view=True)
 
 
 def test_secrets_never_show() -> None:
@@ -437,3 +453,30 @@ def test_live_parts_reassemble_only_whole_and_matching() -> None:
     assert [torn.add(p) for p in damaged] == [None, None, None, None]
     with pytest.raises(StateStoreError):
         Reassembly().add(b"\x01short")
+
+
+def test_live_parts_in_order_are_joined_as_they_arrive() -> None:
+    from shmstore.mirror._wire import Reassembly, live_parts  # noqa: PLC0415
+
+    data = os.urandom(50_000)
+    parts = [header + bytes(piece) for header, piece in live_parts(data, 9, 16_384)]
+    assert len(parts) == 4
+    # Only the last part carries the CRC of the whole: the sender computes it as it sends.
+    assert [int.from_bytes(p[24:28], "big") for p in parts[:3]] == [0, 0, 0]
+    joined = Reassembly()
+    assert [joined.add(p) for p in parts] == [None, None, None, data]
+    # A second send of the same version adds nothing; a part ahead of its turn waits.
+    assert all(joined.add(p) is None for p in parts)
+    shuffled = Reassembly()
+    order = [2, 0, 3, 1]
+    assert [shuffled.add(parts[i]) for i in order] == [None, None, None, data]
+    # Parts of one version whose sends disagree about the record's size: never joined.
+    other = [h + bytes(piece) for h, piece in live_parts(os.urandom(40_000), 9, 16_384)]
+    disagreeing = Reassembly()
+    assert [disagreeing.add(p) for p in [parts[0], other[1], parts[1], parts[2], parts[3]]] == [
+        None
+    ] * 5
+    # A newer version starts afresh, whatever was left of the older one.
+    newer = [h + bytes(piece) for h, piece in live_parts(data[::-1], 10, 16_384)]
+    assert disagreeing.add(newer[0]) is None
+    assert [disagreeing.add(p) for p in newer[1:]] == [None, None, data[::-1]]

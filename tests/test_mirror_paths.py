@@ -105,7 +105,7 @@ def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> No
             origin.set(four)
             wait_version(replica, 2)
             assert replica.get() == four
-            # The bucket trails the live copy (DURABLE_DELAY, then 65 puts): wait for it.
+            # The bucket trails the live copy (a pause of the writer, then 65 puts): wait for it.
             record = wait_until(
                 lambda: (r := bucket_record([server.url], bucket)) and r.version == 2 and r,
                 "version 2 in the bucket",

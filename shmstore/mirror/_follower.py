@@ -259,10 +259,10 @@ class Follower:
                 whole = self._reassembly.add(message)
                 if whole is None:
                     return
-                data = whole
+                data: bytes | bytearray = whole
             else:
                 data = message
-            record = decode_record(data)
+            record = decode_record(data, view=True)  # its value is committed from data itself
         except StateStoreError:
             return  # said by the durable path, when this record arrives there
         if replica is not None and not record.chunked:
@@ -290,7 +290,7 @@ class Follower:
             with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
                 loop.call_soon_threadsafe(self._spawn, data)
 
-    def _spawn(self, data: bytes) -> None:
+    def _spawn(self, data: bytes | bytearray) -> None:
         task = asyncio.ensure_future(self._receive(data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -301,7 +301,7 @@ class Follower:
         except Exception as exc:  # the bucket's copy of this version follows; say it once
             log.debug("live record not applied: %s", describe_error(exc, self.options))
 
-    async def _receive(self, data: bytes) -> None:
+    async def _receive(self, data: bytes | bytearray) -> None:
         """Apply the record in *data* (from either path) unless the replica has its version."""
         try:
             record = decode_record(data)

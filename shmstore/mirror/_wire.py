@@ -37,6 +37,7 @@ import hashlib
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Final
 
 import msgspec
@@ -108,6 +109,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     schema: bytes = b""
 
 
+class RecordView(Record, frozen=True, kw_only=True):
+    """A :class:`Record` decoded without copying its value: *value* is a view of the message's
+    bytes (a 4 MB value is one copy less on a follower's live path)."""
+
+    value: memoryview  # type: ignore[assignment]  # the same msgpack bytes, not copied out
+
+
 class SetRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A remote ``set(value, expected_version=expect)``; *value* is JSON."""
 
@@ -126,6 +134,7 @@ class SetReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 _record_decoder = msgspec.msgpack.Decoder(Record)
+_record_view_decoder = msgspec.msgpack.Decoder(RecordView)
 _record_encoder = msgspec.msgpack.Encoder()
 
 
@@ -133,10 +142,11 @@ def encode_record(record: Record) -> bytes:
     return _record_encoder.encode(record)
 
 
-def decode_record(data: bytes) -> Record:
-    """Raise :class:`StateStoreError` for bytes that are not a record of a known format."""
+def decode_record(data: bytes | bytearray, *, view: bool = False) -> Record:
+    """Raise :class:`StateStoreError` for bytes that are not a record of a known format.
+    *view*: a :class:`RecordView`, whose value shares *data*'s memory."""
     try:
-        record = _record_decoder.decode(data)
+        record = (_record_view_decoder if view else _record_decoder).decode(data)
     except msgspec.DecodeError as exc:
         raise StateStoreError(f"bucket entry is not a shmstore mirror record: {exc}") from None
     if record.format not in (RECORD_FORMAT, CHUNKED_FORMAT):
@@ -221,31 +231,41 @@ def default_bucket(name: str) -> str:
 
 
 # A live part: this header, then its slice of the record's bytes. The record's bytes are the
-# slices of parts 0..count-1 in order, *size* bytes with CRC-32 *crc*.
+# slices of parts 0..count-1 in order, *size* bytes with CRC-32 *crc*, which only the last part
+# carries (the others carry 0): the publisher computes it part by part as it sends them, while
+# the server relays the parts before, and the follower part by part as they arrive in order.
 _PART = struct.Struct(">QIIQI")  # version, index, count, size, crc
 
 
-def live_parts(data: bytes, version: int, max_payload: int) -> list[tuple[bytes, memoryview]]:
+def live_parts(data: bytes, version: int, max_payload: int) -> Iterator[tuple[bytes, memoryview]]:
     """The encoded record *data* of *version* as live parts (header, slice), each of which
     fits one message: sent as they are, without copying the slices."""
     size = max(1024, max_payload - HEADROOM - _PART.size)
     view = memoryview(data)
     count = (len(data) + size - 1) // size
-    crc = zlib.crc32(data)
-    return [
-        (_PART.pack(version, i, count, len(data), crc), view[i * size : (i + 1) * size])
-        for i in range(count)
-    ]
+    crc = 0
+    for i in range(count):
+        piece = view[i * size : (i + 1) * size]
+        crc = zlib.crc32(piece, crc)
+        yield _PART.pack(version, i, count, len(data), crc if i == count - 1 else 0), piece
 
 
 class Reassembly:
-    """The live parts of the newest version being received (older ones are dropped)."""
+    """The live parts of the newest version being received (older ones are dropped), joined as
+    they arrive: a part that comes in order is appended and checked at once, so the record is
+    ready when its last part is (the parts of one publisher come in order; others wait)."""
 
     def __init__(self) -> None:
         self._version = 0
-        self._parts: dict[int, memoryview] = {}
+        self._shape = (0, 0)  # the version's part count and size, as its first part said
+        self._crc = 0  # the last part's: the whole record's
+        self._parts: dict[int, memoryview] = {}  # arrived ahead of their turn
+        self._next = 0  # parts before this one are in _data
+        self._data = bytearray()
+        self._running = 0  # CRC-32 of _data
+        self._broken = False  # this version's parts disagree: wait for the next one
 
-    def add(self, message: bytes) -> bytes | None:
+    def add(self, message: bytes) -> bytearray | None:
         """Take one part; the record's bytes once every part of its version is here and they
         match the size and CRC, else ``None``. :class:`StateStoreError` for a foreign message."""
         if len(message) < _PART.size:
@@ -254,14 +274,32 @@ class Reassembly:
         if version < self._version or index >= count:
             return None
         if version > self._version:
-            self._version, self._parts = version, {}
-        self._parts[index] = memoryview(message)[_PART.size :]
-        if len(self._parts) < count:
+            self._version, self._shape, self._crc = version, (count, size), 0
+            self._parts, self._next, self._data, self._running = {}, 0, bytearray(), 0
+            self._broken = False
+        if self._broken or index < self._next or index in self._parts:
+            return None  # a second send of a part: the first one stands
+        if (count, size) != self._shape:
+            self._broken = True  # parts of two different sends of one version
             return None
-        parts, self._parts = self._parts, {}
-        data = b"".join(parts[i] for i in range(count))
-        if len(data) != size or zlib.crc32(data) != crc:
+        if index == count - 1:
+            self._crc = crc
+        self._parts[index] = memoryview(message)[_PART.size :]
+        data = self._data
+        while self._next in self._parts:
+            piece = self._parts.pop(self._next)
+            if len(data) + len(piece) > size:
+                self._broken = True
+                return None
+            data += piece
+            self._running = zlib.crc32(piece, self._running)
+            self._next += 1
+        if self._next < count:
+            return None
+        self._broken = True  # done with this version: any later part of it is a duplicate
+        if len(data) != size or self._running != self._crc:
             return None  # parts of two sends of one version mixed, or damaged: the bucket's copy
+        self._data = bytearray()
         return data
 
 
