@@ -5,7 +5,8 @@ What it measures:
 * **commit -> visible on the other side**, p50/p99/p99.9, one commit at a time (each waits for
   the previous one to arrive, so this is latency, not throughput), at 100 B, the FSM snapshot
   (~10.5 KB), 64 KB and 4 MB, in **interleaved blocks** (mirror, Redis, Redis, mirror, ...) so
-  that the machine's load hits both alike:
+  that the machine's load hits both alike; each block starts once the last one's background
+  work is done (the mirror's durable put, made when the writer pauses):
   - ``shmstore.mirror``: ``origin.set(v)`` -> publisher process (``shmstore mirror publish``)
     -> ``nats-server`` -> follower process (``shmstore mirror follow``) -> replica store -> this
     process's ``replica.wait()`` + ``replica.get()`` returns ``v``. Each record takes the live
@@ -213,6 +214,15 @@ class MirrorRig:
         self.replica = stack.enter_context(_open_when_ready(self.replica_name))
         stack.callback(shmstore.remove, self.replica_name)
 
+    def settle(self) -> None:
+        """Until the durable put of this rig's last commit is done (the publisher makes it
+        once the writer pauses), and a little longer for the followers' watch to hear it: so
+        that it lands in no other system's block."""
+        deadline = time.monotonic() + HANG
+        while self.origin.mirror_status.behind and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.01)
+
     def sample(self, value: Any) -> int:
         t0 = time.monotonic_ns()
         version = self.origin.set(value)
@@ -306,6 +316,9 @@ class RedisRig:
         self.sub.join(HANG)
         if self.sub.is_alive():
             self.sub.kill()
+
+    def settle(self) -> None:
+        """Nothing of Redis's goes on between commits."""
 
     def sample(self, value: Any) -> int:
         self.version += 1
@@ -406,6 +419,8 @@ def run(blocks: int, per_block: int, alternatives: bool, sizes: list[str]) -> di
                     # Interleaved, and the order turned each block: neither always goes first.
                     for system in order if block % 2 == 0 else order[::-1]:
                         rig = rigs[system]
+                        for other in rigs.values():  # the last block's background work is done
+                            other.settle()
                         for _ in range(count):
                             i += 1
                             runs[system].append(rig.sample(make(i)))
@@ -424,9 +439,9 @@ def run(blocks: int, per_block: int, alternatives: bool, sizes: list[str]) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=6, help="interleaved blocks per size (6)")
+    parser.add_argument("--blocks", type=int, default=10, help="interleaved blocks per size (10)")
     parser.add_argument(
-        "--per-block", type=int, default=60, help="paced commits per system and block (60)"
+        "--per-block", type=int, default=300, help="paced commits per system and block (300)"
     )
     parser.add_argument(
         "--alternatives", action="store_true", help="also the KV-watch-only variants, at 100 B"
