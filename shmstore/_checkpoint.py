@@ -22,6 +22,15 @@ the previous checkpoint or the new one, never a mix. Temporary files of killed w
 by the next write. One process should own a checkpoint path: two processes writing the same path
 at once each leave a valid file, but the older version may be the one that stays.
 
+Whose temporary file is whose: a writer holds an exclusive ``flock`` on its temporary file from
+just after creating it until after the rename, and the next write removes only temporary files
+whose lock it can take. The kernel drops the lock when its holder dies, and the answer holds
+across PID namespaces -- a checkpoint directory shared by containers -- where the PID in the
+file's name may name nobody, or somebody else (it stays in the name, for people). A cleaner can
+take the lock in the instant between a writer's create and its lock; it then removes the file
+while holding the lock, and the writer, whose lock waits for the cleaner's, finds its file
+unlinked (no links left) and starts again under a new name.
+
 Reading checks magic, format, length and CRC before anything else, so a truncated or damaged file
 is a clear :class:`CheckpointError`.
 """
@@ -29,6 +38,8 @@ is a clear :class:`CheckpointError`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import struct
 import time
@@ -80,23 +91,21 @@ def write_checkpoint(
     ) + _SCHEMA_LENGTH.pack(len(schema_record))
     crc = zlib.crc32(schema_record, zlib.crc32(payload, zlib.crc32(body[_CRC_FROM:])))
     header = body[:12] + crc.to_bytes(4, "little") + body[_CRC_FROM:]
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    fd, tmp = _create_locked(target)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, header)
-            for part in (payload, schema_record):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        os.write(fd, header)
+        for part in (payload, schema_record):
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.replace(tmp, target)  # still locked: never taken for a dead writer's file
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -105,19 +114,40 @@ def write_checkpoint(
     _remove_dead_writers_files(target)
 
 
-def _remove_dead_writers_files(target: Path) -> None:
-    """Temporary files of checkpoint writers that were killed before their rename."""
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        pid_text = stale.name[len(target.name) + 2 : -len(".tmp")].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
+def _create_locked(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside *target*, open for writing and locked (see the module)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a cleaner that took it first
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+        except BaseException:
+            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        except PermissionError:
-            pass  # alive, someone else's
+                tmp.unlink()
+            raise
+        os.close(fd)  # a cleaner removed it before our lock: a new name
+
+
+def _remove_dead_writers_files(target: Path) -> None:
+    """Temporary files of checkpoint writers that died before their rename: those whose lock
+    can be taken (a live writer holds its file's lock until after its rename)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        try:
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone already, or not ours to open
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # under the lock: a writer racing for it starts again
+        finally:
+            os.close(fd)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

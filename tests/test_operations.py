@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from shmstore import (
     Store,
     StoreNotFoundError,
 )
-from shmstore._checkpoint import read_checkpoint
+from shmstore._checkpoint import read_checkpoint, write_checkpoint
 from shmstore.metrics import prometheus_text
 
 ctx = mp.get_context("spawn")
@@ -85,6 +88,53 @@ def test_checkpoint_and_restore_continue_the_version(store_name: str, tmp_path: 
         assert restored.get_with_version() == ({"i": 4}, 5)
         assert restored.set({"i": 5}) == 6
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoint_cleanup_asks_the_writers_lock_not_its_pid(tmp_path: Path) -> None:
+    """Temporary files of dead checkpoint writers are removed by the next write, and a live
+    writer's never is -- decided by the lock a writer holds on its file, not the PID in its name,
+    which in a directory shared by containers names nobody here, or somebody else."""
+    path = tmp_path / "state.ckpt"
+
+    def write(version: int) -> None:
+        write_checkpoint(path, fingerprint=b"f" * 16, type_name="t", version=version, payload=b"")
+
+    write(1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    # A live writer in another PID namespace: its PID names nobody here; it holds its lock.
+    live = tmp_path / f".state.ckpt.{dead.stdout.strip()}-00000000.tmp"
+    live.write_bytes(b"half a checkpoint")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(live)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        # A dead writer whose PID names a live process here (this one): nobody holds its lock.
+        orphan = tmp_path / f".state.ckpt.{os.getpid()}-11111111.tmp"
+        orphan.write_bytes(b"half a checkpoint")
+        write(2)
+        assert live.exists()
+        assert not orphan.exists()
+    finally:
+        holder.communicate("", timeout=60)  # its writer "dies": the kernel drops the lock
+    write(3)
+    assert not live.exists()
+    assert read_checkpoint(path).version == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.ckpt"]
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_empty_store_has_nothing_to_checkpoint(store_name: str, tmp_path: Path) -> None:
