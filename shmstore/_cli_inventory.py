@@ -148,12 +148,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
         )
     doing = "removing" if args.yes else "would remove"
     prefix = args.prefix or ""
-    # A stray semaphore's name carries only a hash: with --prefix, nothing says whose it was.
-    # Nor is one garbage when /proc may not show a process that still has it open.
-    strays = [] if prefix or not visibility.complete else list(orphans.stray_semaphores)
-    if orphans.stray_semaphores and not visibility.complete:
+    # A stray semaphore's or segment's name carries only a hash: with --prefix, nothing says
+    # whose it was. Nor is one garbage when /proc may not show a process that still has it open.
+    leftovers = [("semaphore", sem) for sem in orphans.stray_semaphores] + [
+        ("segment", seg) for seg in orphans.stray_segments
+    ]
+    strays = [] if prefix or not visibility.complete else leftovers
+    if leftovers and not visibility.complete:
         out(
-            f"keeping {len(orphans.stray_semaphores)} semaphore(s) of removed stores: a process "
+            f"keeping {len(leftovers)} semaphore(s) and segment(s) of removed stores: a process "
             "this one cannot see may still have them open"
         )
     doomed: list[str] = []
@@ -196,8 +199,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             reason = verdict.reason
         out(f"{doing} store {name!r}: {reason}")
         doomed.append(name)
-    for sem in strays:
-        out(f"{doing} semaphore {sem}: its store is gone")
+    for kind, file in strays:
+        out(f"{doing} {kind} {file}: its store is gone")
     reclaimed = failed = 0
     if args.yes:
         for name in list(doomed):
@@ -207,14 +210,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 print(f"shmstore: {exc}", file=sys.stderr)
                 doomed.remove(name)
                 failed += 1
-        for sem in list(strays):
+        for kind, file in list(strays):
             try:
-                (SHM_DIR / sem).unlink()
+                (SHM_DIR / file).unlink()
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                print(f"shmstore: cannot remove semaphore {sem}: {exc.strerror}", file=sys.stderr)
-                strays.remove(sem)
+                print(f"shmstore: cannot remove {kind} {file}: {exc.strerror}", file=sys.stderr)
+                strays.remove((kind, file))
                 failed += 1
         from ._inventory import list_store_names  # noqa: PLC0415
 

@@ -53,7 +53,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._layout import HEADER_SIZE, MAGIC, NAME_FIELD, OFF_STORE_NAME
@@ -111,6 +111,10 @@ class Orphans:
     unused_stores: list[str]  # no live process maps their segment
     stray_semaphores: list[str]  # semaphores whose segment is gone and that nobody has open
     unreadable_processes: int  # processes whose mappings we could not inspect
+    # Rings a store grew into (``.g<tag>``) and its type records (``.s<generation>``) whose
+    # store's segment is gone and that no process maps: left by a process killed while it
+    # removed its store, or a removed store's handle that grew after the removal and was killed.
+    stray_segments: list[str] = field(default_factory=list)
 
 
 def _mapped_objects() -> tuple[set[str], set[int], int]:
@@ -163,9 +167,18 @@ def find_orphans() -> Orphans:
         and p.name not in mapped
         and _inode(p) not in inodes
     )
+    # A store's other segments (rings, type records) are garbage on the same terms.
+    parts = sorted(
+        name
+        for name in segments
+        if "." in name[len(OS_PREFIX) :]
+        and name.rsplit(".", 1)[0] not in segments
+        and name not in mapped
+        and _inode(SHM_DIR / name) not in inodes
+    )
     if os.geteuid() == 0:
         unreadable = 0  # root reads every process's maps; failures are exits mid-scan
-    return Orphans(unused, stray, unreadable)
+    return Orphans(unused, stray, unreadable, parts)
 
 
 def unattributed_readers(name: str, readers: list[ReaderEntry]) -> list[ReaderEntry]:

@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,6 +379,65 @@ def test_a_stray_semaphore_is_garbage_only_when_nobody_has_it_open(store_name: s
     finally:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_semaphore(stray.name)
+
+
+LEFTOVERS = """
+import mmap, os, subprocess, sys
+import posix_ipc
+from shmstore import Store
+from shmstore._names import segment_name
+
+def segment(name):
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096)
+    mapped = mmap.mmap(shm.fd, 4096)
+    shm.close_fd()
+    return mapped
+
+# A store removed by a process killed halfway: its grown ring and its type record are left.
+segment(segment_name("gone") + ".gabcdef").close()
+segment(segment_name("gone") + ".s0").close()
+# Another removed store's ring that a live handle still maps: not garbage.
+held = segment(segment_name("gone-but-held") + ".gzzzzzz")
+with Store.create("live", int) as st:
+    st.set(1)
+    segment(segment_name("live") + ".s7").close()  # its store is here: not stray
+    for args in (["gc"], ["gc", "--yes"]):
+        done = subprocess.run([sys.argv[1], *args], capture_output=True, text=True)
+        print(done.returncode, done.stdout, done.stderr, sep="\\n")
+    print(sorted(os.listdir("/dev/shm")))
+    st.unlink()  # and its type records, .s7 too
+held.close()
+posix_ipc.unlink_shared_memory(segment_name("gone-but-held") + ".gzzzzzz")
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare"
+)
+def test_gc_removes_the_rings_and_type_records_of_removed_stores() -> None:
+    """In a private ``/dev/shm`` (a mount namespace with a tmpfs), so that ``gc --yes`` touches
+    nothing of this machine's; the process namespace is the host's, so gc sees every process."""
+    from shmstore._names import segment_name  # noqa: PLC0415
+
+    mount = "mount -t tmpfs -o size=8m tmpfs /dev/shm"
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f'{mount} && exec "$@"', "sh",
+         sys.executable, "-c", LEFTOVERS, str(Path(sys.executable).parent / "shmstore")],
+        capture_output=True, text=True, timeout=HANG, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    gone = segment_name("gone").lstrip("/")
+    for leftover in (f"{gone}.gabcdef", f"{gone}.s0"):
+        assert f"would remove segment {leftover}: its store is gone" in result.stdout
+        assert f"removing segment {leftover}: its store is gone" in result.stdout
+    held = segment_name("gone-but-held").lstrip("/") + ".gzzzzzz"
+    live = segment_name("live").lstrip("/")
+    assert held not in result.stdout.split("[")[0]  # not offered: a process maps it
+    assert f"{live}.s7" not in result.stdout.split("[")[0]
+    listing = result.stdout[result.stdout.rindex("[") :]
+    assert f"{gone}." not in listing
+    assert held in listing
+    assert f"{live}.s7" in listing
 
 
 def test_bench_runs_the_benchmark_programs() -> None:

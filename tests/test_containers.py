@@ -472,7 +472,7 @@ def test_gc_in_a_container_leaves_semaphores_of_removed_stores_alone(store_name:
         there = gc_in_a_container()
         assert there.returncode == 0, there.stderr
         assert f"would remove semaphore {held}" not in there.stdout
-        assert "semaphore(s) of removed stores" in there.stdout
+        assert "semaphore(s) and segment(s) of removed stores" in there.stdout
 
 
 def test_gc_keeps_the_semaphore_its_creator_still_maps(store_name: str) -> None:
