@@ -4,9 +4,11 @@ What it measures:
 
 * **commit -> visible on the other side**, p50/p99/p99.9, one commit at a time (each waits for
   the previous one to arrive, so this is latency, not throughput), at 100 B, the FSM snapshot
-  (~10.5 KB), 64 KB and 4 MB, in **interleaved blocks** (mirror, Redis, Redis, mirror, ...) so
-  that the machine's load hits both alike; each block starts once the last one's background
-  work is done (the mirror's durable put, made when the writer pauses):
+  (~10.5 KB: the FSM layer's ``FsmSnapshotDTO`` in a store of that type, and decoded as that
+  type after Redis's ``GET``), 64 KB and 4 MB (untyped), in **interleaved blocks** (mirror,
+  Redis, Redis, mirror, ...) so that the machine's load hits both alike; each block starts
+  once the last one's background work is done (the mirror's durable put, made when the writer
+  pauses):
   - ``shmstore.mirror``: ``origin.set(v)`` -> publisher process (``shmstore mirror publish``)
     -> ``nats-server`` -> follower process (``shmstore mirror follow``) -> replica store -> this
     process's ``replica.wait()`` + ``replica.get()`` returns ``v``. Each record takes the live
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -90,8 +93,9 @@ def _small(i: int) -> Any:
 
 
 def _fsm(i: int) -> Any:
-    # Builtins as they come back from msgpack (tuples become lists): ~10.5 KB encoded.
-    return msgspec.msgpack.decode(msgspec.msgpack.encode(fsm100(i)))
+    # The FSM layer's own snapshot type, in a store of that type, as the FSM worker keeps it:
+    # ~10.5 KB encoded.
+    return fsm100(i)
 
 
 def _blob(size: int) -> Callable[[int], Any]:
@@ -101,13 +105,22 @@ def _blob(size: int) -> Callable[[int], Any]:
     return make
 
 
-# name -> (value factory, share of --per-block: the big values take longer per commit)
-SIZES: dict[str, tuple[Callable[[int], Any], float]] = {
-    "100B": (_small, 1.0),
-    "fsm": (_fsm, 1.0),
-    "64KB": (_blob(64_000), 0.5),
-    "4MB": (_blob(4_000_000), 0.1),
+# name -> (value factory, the stores' type and the readers' ("module:Name", None: untyped),
+# share of --per-block: the big values take longer per commit)
+SIZES: dict[str, tuple[Callable[[int], Any], str | None, float]] = {
+    "100B": (_small, None, 1.0),
+    "fsm": (_fsm, "shmstore.fsm:FsmSnapshotDTO", 1.0),
+    "64KB": (_blob(64_000), None, 0.5),
+    "4MB": (_blob(4_000_000), None, 0.1),
 }
+
+
+def _type(spec: str | None) -> Any:
+    """The type *spec* names; ``Any`` (an untyped store's) for ``None``."""
+    if spec is None:
+        return Any
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _quantiles(samples: list[int]) -> dict[str, float]:
@@ -165,11 +178,11 @@ def _process(args: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]
             proc.wait(HANG)
 
 
-def _open_when_ready(name: str) -> Store[Any]:
+def _open_when_ready(name: str, value_type: Any) -> Store[Any]:
     deadline = time.monotonic() + HANG
     while True:
         try:
-            st = Store.open(name)
+            st = Store.open(name, value_type)
         except StoreNotFoundError:
             st = None
         if st is not None and st.version:
@@ -193,12 +206,14 @@ class MirrorRig:
     """An origin store of its own with its publisher and follower processes (one variant of
     the path): the commits of one rig wake no other rig's processes."""
 
-    def __init__(self, name: str, url: str, variant: str, stack: Any) -> None:
-        origin = self.origin = stack.enter_context(Store.create(f"{name}-{variant}", slots=16))
+    def __init__(
+        self, name: str, url: str, variant: str, stack: Any, *, make: Callable[[int], Any], tp: Any
+    ) -> None:
+        origin = self.origin = stack.enter_context(Store.create(f"{name}-{variant}", tp, slots=16))
         stack.callback(shmstore.remove, origin.name)
-        origin.set(_small(0))
+        origin.set(make(0))
         self.variant = variant
-        bucket = f"{shmstore.mirror.default_bucket(origin.name)[:24]}_{variant.replace('-', '')}"
+        bucket = f"shmstore_bench_{uuid.uuid4().hex[:8]}_{variant.replace('-', '')}"
         self.replica_name = f"{origin.name}-r"
         cli = [sys.executable, "-m", "shmstore", "mirror"]
         if variant == "kv-mem":
@@ -211,7 +226,7 @@ class MirrorRig:
             follow.append("--no-live")
         stack.enter_context(_process(_pinned(publish, 0)))
         stack.enter_context(_process(_pinned(follow, 1)))
-        self.replica = stack.enter_context(_open_when_ready(self.replica_name))
+        self.replica = stack.enter_context(_open_when_ready(self.replica_name, tp))
         stack.callback(shmstore.remove, self.replica_name)
 
     def settle(self) -> None:
@@ -255,14 +270,17 @@ def _create_memory_bucket(url: str, bucket: str) -> None:
 # ----------------------------------------------------------------------------- redis
 
 
-def _redis_subscriber(port: int, conn: Any, decode: bool, cpu: int | None) -> None:
+def _redis_subscriber(
+    port: int, conn: Any, decode: bool, cpu: int | None, spec: str | None
+) -> None:
     import redis  # noqa: PLC0415
 
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
 
     client = redis.Redis(port=port)
-    decoder = msgspec.msgpack.Decoder()
+    tp = _type(spec)
+    decoder = msgspec.msgpack.Decoder(tp)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("chan")
     conn.send("ready")
@@ -286,7 +304,7 @@ class RedisRig:
     and decode after GET, timed, as ``set()`` and ``get()`` do); else pre-encoded bytes in and
     bytes out (SET + PUBLISH + GET alone)."""
 
-    def __init__(self, stack: Any, values: bool) -> None:
+    def __init__(self, stack: Any, values: bool, spec: str | None) -> None:
         self.values = values
         import redis  # noqa: PLC0415
 
@@ -301,7 +319,7 @@ class RedisRig:
         stack.callback(self.client.close)
         self.conn, theirs = ctx.Pipe()
         self.sub = ctx.Process(
-            target=_redis_subscriber, args=(port, theirs, values, PIN and PIN[1])
+            target=_redis_subscriber, args=(port, theirs, values, PIN and PIN[1], spec)
         )
         self.sub.start()
         stack.callback(self._stop)
@@ -397,37 +415,45 @@ def run(blocks: int, per_block: int, alternatives: bool, sizes: list[str]) -> di
                 )
             )
             _wait_port(port, server)
-            rigs: dict[str, Any] = {"shmstore.mirror": MirrorRig(name, url, "live", stack)}
-            if have_redis:
-                rigs["redis"] = RedisRig(stack, values=True)
-                rigs["redis (bytes)"] = RedisRig(stack, values=False)
-            if alternatives:
-                rigs["kv watch (file)"] = MirrorRig(name, url, "kv", stack)
-                rigs["kv watch (memory)"] = MirrorRig(name, url, "kv-mem", stack)
             i = 0
-            for size, (make, share) in SIZES.items():
+            for size, (make, spec, share) in SIZES.items():
                 if size not in sizes:
                     continue
-                order = ["shmstore.mirror"]
-                if have_redis:
-                    order += ["redis", "redis (bytes)"]
-                if alternatives and size == "100B":
-                    order += ["kv watch (file)", "kv watch (memory)"]
-                runs = samples[size] = {system: [] for system in order}
-                count = max(3, int(per_block * share))
-                for block in range(blocks):
-                    # Interleaved, and the order turned each block: neither always goes first.
-                    for system in order if block % 2 == 0 else order[::-1]:
-                        rig = rigs[system]
-                        for other in rigs.values():  # the last block's background work is done
-                            other.settle()
-                        for _ in range(count):
-                            i += 1
-                            runs[system].append(rig.sample(make(i)))
+                # Rigs of their own per size: the stores' type is the value's, and only one
+                # size's processes are alive at a time.
+                with contextlib.ExitStack() as rigs_stack:
+                    tp = _type(spec)
+                    here = f"{name}-{size.lower()}"
+                    rigs: dict[str, Any] = {
+                        "shmstore.mirror": MirrorRig(
+                            here, url, "live", rigs_stack, make=make, tp=tp
+                        )
+                    }
+                    if have_redis:
+                        rigs["redis"] = RedisRig(rigs_stack, values=True, spec=spec)
+                        rigs["redis (bytes)"] = RedisRig(rigs_stack, values=False, spec=spec)
+                    if alternatives and size == "100B":
+                        for label, variant in (("file", "kv"), ("memory", "kv-mem")):
+                            rigs[f"kv watch ({label})"] = MirrorRig(
+                                here, url, variant, rigs_stack, make=make, tp=tp
+                            )
+                    order = list(rigs)
+                    runs = samples[size] = {system: [] for system in order}
+                    count = max(3, int(per_block * share))
+                    for block in range(blocks):
+                        # Interleaved, and the order turned each block: neither always first.
+                        for system in order if block % 2 == 0 else order[::-1]:
+                            rig = rigs[system]
+                            for other in rigs.values():  # the last block's background work
+                                other.settle()  # is done
+                            for _ in range(count):
+                                i += 1
+                                runs[system].append(rig.sample(make(i)))
+                    if "local_get_ns" not in result:
+                        client = rigs["redis"].client if have_redis else None
+                        live = rigs["shmstore.mirror"]
+                        result["local_get_ns"] = _local_reads(live.replica, live.origin, client)
                 print(f"  {size}: done", file=sys.stderr)
-            client = rigs["redis"].client if have_redis else None
-            live = rigs["shmstore.mirror"]
-            result["local_get_ns"] = _local_reads(live.replica, live.origin, client)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     result["visible"] = {
