@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -392,3 +394,20 @@ def test_the_follower_trusts_only_the_replicas_own_schema(names: tuple[str, str]
     finally:
         shmstore.remove(checked_name)
         assert not Path("/dev/shm" + segment_name(checked_name)).exists()
+
+
+def test_the_mirror_benchmark_runs(tmp_path: Path) -> None:
+    """Keeps ``benchmarks/mirror.py`` from rotting: a tiny run, structure only, never timings
+    (with Redis rows when this machine has ``redis-server`` and the ``redis`` package)."""
+    out = tmp_path / "mirror.json"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "mirror.py"),
+         "--blocks", "2", "--per-block", "3", "--sizes", "100B", "fsm", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    visible = json.loads(out.read_text())["visible"]
+    assert set(visible) == {"100B", "fsm"}
+    for rows in visible.values():
+        assert rows["shmstore.mirror"]["n"] == 6
+    assert "replica get()" in result.stdout
