@@ -297,9 +297,9 @@ class Reassembly:
         if self._next < count:
             return None
         self._broken = True  # done with this version: any later part of it is a duplicate
+        self._data = bytearray()
         if len(data) != size or self._running != self._crc:
             return None  # parts of two sends of one version mixed, or damaged: the bucket's copy
-        self._data = bytearray()
         return data
 
 
