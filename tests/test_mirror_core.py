@@ -310,8 +310,10 @@ def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
     # The live thread's view: the same record, its value in the message's own memory.
     data = bytearray(encode_record(record))
     view = decode_record(data, view=True)
-    assert isinstance(view.value, memoryview) and view.value.obj is data
-    assert bytes(view.value) == record.value and view.version == 7
+    assert isinstance(view.value, memoryview)
+    assert view.value.obj is data
+    assert bytes(view.value) == record.value
+    assert view.version == 7
     with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
         decode_record(b"hello", view=True)
 
