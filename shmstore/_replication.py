@@ -147,9 +147,9 @@ class Replication:
         with the exact number skipped, as for a lap of the ring, because the slots of skipped
         versions never held them. Raises :class:`StateStoreError` if the store is not a
         replica, :class:`StateVersionError` (nothing written) if *version* is not newer,
-        ``ValueError`` for an impossible version, :class:`SnapshotTooLargeError` if the payload
-        is larger than the store's ``max_value_size`` and :class:`InvalidSnapshotError` if it
-        does not decode.
+        ``ValueError`` for an impossible version or commit time,
+        :class:`SnapshotTooLargeError` if the payload is larger than the store's
+        ``max_value_size`` and :class:`InvalidSnapshotError` if it does not decode.
 
         *validated*: the caller vouches that *payload* decodes as the replica's current type
         (the origin's ``set()`` validated it, and the origin's fingerprint equals this
@@ -166,6 +166,10 @@ class Replication:
             raise StateStoreError(f"store {att.name!r} is not a replica")
         if not 0 < version < MAX_VERSION:
             raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
+        if not 0 <= commit_ns < 1 << 64:
+            # Checked before anything is written: the slot's time is a u64, and a failure
+            # half-way through the slot would leave its seq odd (readers retrying forever).
+            raise ValueError(f"a replicated commit time is a u64 of nanoseconds, got {commit_ns}")
         limit = att.info.max_value_size
         if len(payload) > limit:
             raise SnapshotTooLargeError(

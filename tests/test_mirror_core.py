@@ -142,6 +142,23 @@ def test_commit_replicated_never_goes_back(store_name: str) -> None:
         assert rep.version == 5
 
 
+def test_an_impossible_commit_time_is_refused_before_anything_is_written(
+    store_name: str,
+) -> None:
+    """A record's commit time that is no u64 (a hostile or broken publisher) is refused up
+    front: written half-way, it would leave the slot's seq odd and its readers retrying."""
+    with _replica(store_name) as rep, Store.open(store_name, Point) as reader:
+        rep.replication.commit_at(_encode(Point(1, 1)), 5, 1)
+        for when in (-1, 1 << 64):
+            for validated in (False, True):
+                with pytest.raises(ValueError, match="commit time"):
+                    rep.replication.commit_at(_encode(Point(9, 9)), 6, when, validated=validated)
+        assert reader.get_with_version() == (Point(1, 1), 5)
+        for version in (6, 7):  # the slots of the refused version and the next are sound
+            rep.replication.commit_at(_encode(Point(version, 0)), version, (1 << 64) - 1)
+            assert reader.get_with_version() == (Point(version, 0), version)
+
+
 def test_a_validated_commit_skips_only_the_decode(store_name: str) -> None:
     """``validated=True``: the caller vouches for the bytes, and the decode is skipped; the
     default still refuses what does not decode, and the other checks hold either way. A false
@@ -314,8 +331,12 @@ def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
     assert view.value.obj is data
     assert bytes(view.value) == record.value
     assert view.version == 7
-    with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
-        decode_record(b"hello", view=True)
+    # A field no record has, nested deeper than the decoder goes (a hostile publisher).
+    deep = b"\x81\xa1z" + b"\x91" * 100_000 + b"\xc0"
+    for data in (b"hello", deep):
+        for as_view in (False, True):
+            with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
+                decode_record(data, view=as_view)
 
 
 def test_secrets_never_show() -> None:

@@ -149,6 +149,10 @@ def decode_record(data: bytes | bytearray, *, view: bool = False) -> Record:
         record = (_record_view_decoder if view else _record_decoder).decode(data)
     except msgspec.DecodeError as exc:
         raise StateStoreError(f"bucket entry is not a shmstore mirror record: {exc}") from None
+    except RecursionError:  # an unknown field nested deeper than msgspec's decoder goes
+        raise StateStoreError(
+            "bucket entry is not a shmstore mirror record: nested too deeply"
+        ) from None
     if record.format not in (RECORD_FORMAT, CHUNKED_FORMAT):
         raise StateStoreError(
             f"mirror record format {record.format} is not supported (this shmstore reads "
