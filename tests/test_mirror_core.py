@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import struct
+import tracemalloc
 from typing import Any
 
 import msgspec
@@ -454,52 +456,86 @@ def test_mirror_set_of_bad_standard_input_is_one_clear_line(stdin: bytes, messag
     assert result.stderr.decode().strip().splitlines() == [message]
 
 
-def test_live_parts_reassemble_only_whole_and_matching() -> None:
-    from shmstore.mirror._wire import Reassembly, live_parts  # noqa: PLC0415
+def _parts(data: bytes, version: int) -> list[bytes]:
+    from shmstore.mirror._wire import live_parts  # noqa: PLC0415
 
-    def messages(data: bytes, version: int) -> list[bytes]:
-        return [header + bytes(piece) for header, piece in live_parts(data, version, 16_384)]
+    return [header + bytes(piece) for header, piece in live_parts(data, version, 16_384)]
+
+
+LIMIT = 1 << 20  # the largest record a follower takes parts of, in these tests
+
+
+def test_live_parts_reassemble_only_whole_and_matching() -> None:
+    from shmstore.mirror._wire import Reassembly  # noqa: PLC0415
 
     data = os.urandom(50_000)
-    parts = messages(data, 7)
+    parts = _parts(data, 7)
     assert len(parts) == 4
     whole = Reassembly()
-    assert [whole.add(p) for p in reversed(parts)] == [None, None, None, data]  # any order
-    # Parts of an older version are dropped once a newer one is under way.
-    newer = messages(os.urandom(50_000), 8)
-    mixed = Reassembly()
-    assert mixed.add(newer[0]) is None
-    assert all(mixed.add(p) is None for p in parts)
+    assert [whole.add(p, limit=LIMIT) for p in reversed(parts)] == [None, None, None, data]
+    # The versions the replica has are dropped unread.
+    known = Reassembly()
+    assert [known.add(p, newer_than=7, limit=LIMIT) for p in parts] == [None] * 4
+    assert [known.add(p, newer_than=6, limit=LIMIT) for p in parts] == [None, None, None, data]
     # A damaged part: the digest refuses the whole, nothing torn comes out.
-    damaged = [*parts[:3], messages(bytes(50_000), 7)[3]]
+    damaged = [*parts[:3], _parts(bytes(50_000), 7)[3]]
     torn = Reassembly()
-    assert [torn.add(p) for p in damaged] == [None, None, None, None]
+    assert [torn.add(p, limit=LIMIT) for p in damaged] == [None, None, None, None]
     with pytest.raises(StateStoreError):
-        Reassembly().add(b"\x01short")
+        Reassembly().add(b"\x01short", limit=LIMIT)
 
 
 def test_live_parts_in_order_are_joined_as_they_arrive() -> None:
-    from shmstore.mirror._wire import Reassembly, live_parts  # noqa: PLC0415
+    from shmstore.mirror._wire import Reassembly  # noqa: PLC0415
 
     data = os.urandom(50_000)
-    parts = [header + bytes(piece) for header, piece in live_parts(data, 9, 16_384)]
+    parts = _parts(data, 9)
     assert len(parts) == 4
     # Only the last part carries the CRC of the whole: the sender computes it as it sends.
     assert [int.from_bytes(p[24:28], "big") for p in parts[:3]] == [0, 0, 0]
     joined = Reassembly()
-    assert [joined.add(p) for p in parts] == [None, None, None, data]
+    assert [joined.add(p, limit=LIMIT) for p in parts] == [None, None, None, data]
     # A second send of the same version adds nothing; a part ahead of its turn waits.
-    assert all(joined.add(p) is None for p in parts)
+    assert all(joined.add(p, limit=LIMIT) is None for p in parts)
     shuffled = Reassembly()
     order = [2, 0, 3, 1]
-    assert [shuffled.add(parts[i]) for i in order] == [None, None, None, data]
+    assert [shuffled.add(parts[i], limit=LIMIT) for i in order] == [None, None, None, data]
     # Parts of one version whose sends disagree about the record's size: never joined.
-    other = [h + bytes(piece) for h, piece in live_parts(os.urandom(40_000), 9, 16_384)]
+    other = _parts(os.urandom(40_000), 9)
     disagreeing = Reassembly()
-    assert [disagreeing.add(p) for p in [parts[0], other[1], parts[1], parts[2], parts[3]]] == [
-        None
-    ] * 5
-    # A newer version starts afresh, whatever was left of the older one.
-    newer = [h + bytes(piece) for h, piece in live_parts(data[::-1], 10, 16_384)]
-    assert disagreeing.add(newer[0]) is None
-    assert [disagreeing.add(p) for p in newer[1:]] == [None, None, data[::-1]]
+    mixed = [parts[0], other[1], parts[1], parts[2], parts[3]]
+    assert [disagreeing.add(p, limit=LIMIT) for p in mixed] == [None] * 5
+    # Another version starts afresh, whatever was left of this one, newer or older.
+    for version in (10, 8):
+        fresh = _parts(data[::-1], version)
+        assert disagreeing.add(fresh[0], limit=LIMIT) is None
+        assert [disagreeing.add(p, limit=LIMIT) for p in fresh[1:]] == [None, None, data[::-1]]
+
+
+def test_live_parts_hold_at_most_one_record() -> None:
+    """Parts never make a follower hold more than one record of at most *limit* bytes, and a
+    stale or bogus part of a huge version never blocks the versions after it."""
+    from shmstore.mirror._wire import Reassembly  # noqa: PLC0415
+
+    data = os.urandom(50_000)
+    parts = _parts(data, 9)
+    small = Reassembly()
+    assert [small.add(p, limit=49_999) for p in parts] == [None] * 4  # above the limit
+    assert [small.add(p, limit=50_000) for p in parts] == [None, None, None, data]
+    # Parts ahead of their turn that claim a 50 KB record in 10,000 parts, 16 KB each: what
+    # the follower holds stays within the 50 KB they claim.
+    flood = Reassembly()
+    tracemalloc.start()
+    try:
+        for index in range(1, 200):
+            head = struct.pack(">QIIQI", 11, index, 10_000, 50_000, 0)
+            assert flood.add(head + os.urandom(16_000), limit=LIMIT) is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 200_000
+    # One part of a version far ahead (stale, or bogus) is followed by a real record.
+    bogus = Reassembly()
+    head = struct.pack(">QIIQI", 1 << 62, 0, 3, 30_000, 0)
+    assert bogus.add(head + b"x" * 100, limit=LIMIT) is None
+    assert [bogus.add(p, limit=LIMIT) for p in parts] == [None, None, None, data]

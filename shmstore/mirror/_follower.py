@@ -31,8 +31,9 @@ Two paths, one replica
 ----------------------
 Besides the watch, the follower subscribes to the publisher's live subject (``_live``: a
 blocking connection read by its own thread, or ``nats-py`` when the options need TLS or
-credentials files). That thread commits a record the replica can take directly; the first
-record (which creates the replica), a manifest, or a record to refuse goes to the event loop.
+credentials files). That thread commits a record the replica can take directly; a manifest, or
+a record to refuse, goes to the event loop. The replica is created from the bucket's first
+record, never from a live copy: only the durable copy carries the origin's schema record.
 Both paths end in ``Replication.commit_at``, which compares the version with the replica's HEAD
 under the writer lock: whichever copy of a version comes first is applied, the other is
 refused there as not newer, and versions only grow. So the guarantees of the watch alone hold
@@ -64,6 +65,7 @@ from ._connect import ConnectOptions, connect, describe_error
 from ._live import open_live
 from ._wire import (
     KEY,
+    RECORD_OVERHEAD,
     Reassembly,
     Record,
     assemble,
@@ -252,11 +254,17 @@ class Follower:
 
     def _on_live_thread(self, subject: str, message: bytes) -> None:
         """The live connection's reading thread: commit a record the replica can take at once;
-        anything else (the first record, a manifest, a refusal to say) goes to the event loop."""
+        anything else (a manifest, a refusal to say) goes to the event loop."""
         replica = self._replica
-        try:
+        if replica is None:
+            return  # the bucket's first record creates it: that copy carries the schema
+        try:  # (StateStoreError also if the replica was closed under us: we are stopping)
             if subject.endswith(".part"):  # see _wire.live_parts_subject
-                whole = self._reassembly.add(message)
+                whole = self._reassembly.add(
+                    message,
+                    newer_than=replica.version,
+                    limit=replica.max_value_size + RECORD_OVERHEAD,
+                )
                 if whole is None:
                     return
                 data: bytes | bytearray = whole
@@ -265,7 +273,7 @@ class Follower:
             record = decode_record(data, view=True)  # its value is committed from data itself
         except StateStoreError:
             return  # said by the durable path, when this record arrives there
-        if replica is not None and not record.chunked:
+        if not record.chunked:
             hooks = replica.replication
             try:
                 if record.version <= replica.version:
@@ -296,6 +304,8 @@ class Follower:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_live(self, msg: Any) -> None:
+        if self._replica is None:
+            return  # the bucket's first record creates it: that copy carries the schema
         try:
             await self._receive(msg.data)
         except Exception as exc:  # the bucket's copy of this version follows; say it once

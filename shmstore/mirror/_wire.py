@@ -50,6 +50,7 @@ __all__ = [
     "HEADROOM",
     "KEY",
     "RECORD_FORMAT",
+    "RECORD_OVERHEAD",
     "Record",
     "SetReply",
     "SetRequest",
@@ -73,6 +74,8 @@ KEY: Final = "state"
 RECORD_FORMAT: Final = 1
 CHUNKED_FORMAT: Final = 2  # a manifest: the record's bytes are in chunk keys
 HEADROOM: Final = 512  # a message's subject and headers travel with its payload
+# A live record's bytes beyond its value: names and numbers (a live copy carries no schema).
+RECORD_OVERHEAD: Final = 64 * 1024
 MAX_BUCKET: Final = 32  # the header's bucket field (see _layout's mirror block)
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -255,46 +258,59 @@ def live_parts(data: bytes, version: int, max_payload: int) -> Iterator[tuple[by
 
 
 class Reassembly:
-    """The live parts of the newest version being received (older ones are dropped), joined as
-    they arrive: a part that comes in order is appended and checked at once, so the record is
-    ready when its last part is (the parts of one publisher come in order; others wait)."""
+    """The live parts of one version at a time, joined as they arrive: a part that comes in
+    order is appended and checked at once, so the record is ready when its last part is (the
+    parts of one publisher come in order; a part ahead of its turn waits for the ones before).
+
+    A part of another version starts afresh, whether that version is newer or older: one
+    publisher sends a record's parts before the next record's, so the version in progress will
+    not complete. (Keeping the highest version instead let one stale or bogus part of a huge
+    version block every later record.) Which record is *applied* is not decided here:
+    ``Replication.commit_at`` takes only versions newer than the replica's.
+
+    Memory is bounded by one record: parts claiming more than *limit* bytes in all are dropped
+    unread, and a version's parts never hold more than the size they claim."""
 
     def __init__(self) -> None:
-        self._version = 0
-        self._shape = (0, 0)  # the version's part count and size, as its first part said
+        self._start(0, (0, 0))
+
+    def _start(self, version: int, shape: tuple[int, int]) -> None:
+        self._version = version
+        self._shape = shape  # the version's part count and size, as its first part said
         self._crc = 0  # the last part's: the whole record's
         self._parts: dict[int, memoryview] = {}  # arrived ahead of their turn
+        self._held = 0  # bytes in _data and _parts
         self._next = 0  # parts before this one are in _data
         self._data = bytearray()
         self._running = 0  # CRC-32 of _data
-        self._broken = False  # this version's parts disagree: wait for the next one
+        self._broken = False  # this version's parts disagree, or it is done
 
-    def add(self, message: bytes) -> bytearray | None:
+    def add(self, message: bytes, *, newer_than: int = 0, limit: int) -> bytearray | None:
         """Take one part; the record's bytes once every part of its version is here and they
-        match the size and CRC, else ``None``. :class:`StateStoreError` for a foreign message."""
+        match the size and CRC, else ``None``. Parts of versions up to *newer_than* (the
+        replica has them) and of records above *limit* bytes are dropped.
+        :class:`StateStoreError` for a message too short to be a part."""
         if len(message) < _PART.size:
             raise StateStoreError("not a live part: too short")
         version, index, count, size, crc = _PART.unpack_from(message)
-        if version < self._version or index >= count:
+        if version <= newer_than or index >= count or size > limit:
             return None
-        if version > self._version:
-            self._version, self._shape, self._crc = version, (count, size), 0
-            self._parts, self._next, self._data, self._running = {}, 0, bytearray(), 0
-            self._broken = False
+        if version != self._version:
+            self._start(version, (count, size))
         if self._broken or index < self._next or index in self._parts:
             return None  # a second send of a part: the first one stands
-        if (count, size) != self._shape:
-            self._broken = True  # parts of two different sends of one version
+        piece = memoryview(message)[_PART.size :]
+        if (count, size) != self._shape or self._held + len(piece) > size:
+            self._broken = True  # parts of two different sends of one version, or damaged
+            self._parts, self._data = {}, bytearray()
             return None
         if index == count - 1:
             self._crc = crc
-        self._parts[index] = memoryview(message)[_PART.size :]
+        self._parts[index] = piece
+        self._held += len(piece)
         data = self._data
         while self._next in self._parts:
             piece = self._parts.pop(self._next)
-            if len(data) + len(piece) > size:
-                self._broken = True
-                return None
             data += piece
             self._running = zlib.crc32(piece, self._running)
             self._next += 1
