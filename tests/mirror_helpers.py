@@ -215,6 +215,74 @@ def bucket_record(urls: list[str], bucket: str) -> Any:
     return asyncio.run(read())
 
 
+class Relay:
+    """A TCP relay on loopback in front of one server port, for cutting one client's connection
+    while the others stay: it keeps the first bytes each client sent (NATS's CONNECT line, with
+    the connection's name), and :meth:`cut` shuts the connections whose first bytes hold a
+    marker."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._links: list[tuple[bytearray, socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._target))
+            except OSError:
+                return  # closed
+            first = bytearray()
+            with self._lock:
+                self._links.append((first, client, server))
+            threading.Thread(target=self._pump, args=(client, server, first), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, first: bytearray | None) -> None:
+        try:
+            while data := source.recv(65536):
+                if first is not None and len(first) < 4096:
+                    first += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def opened(self, marker: bytes) -> int:
+        """How many connections whose first bytes hold *marker* were opened so far."""
+        with self._lock:
+            return sum(marker in first for first, _, _ in self._links)
+
+    def cut(self, marker: bytes) -> int:
+        """Shut every connection whose first bytes hold *marker*; how many."""
+        with self._lock:
+            links = [link for link in self._links if marker in link[0]]
+        for _, client, server in links:
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        return len(links)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            links, self._links = self._links, []
+        for _, client, server in links:
+            client.close()
+            server.close()
+
+
 class MirrorProcess:
     """``shmstore mirror publish|follow ...`` as a child process in its own session."""
 

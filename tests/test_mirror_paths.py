@@ -10,11 +10,13 @@ bound a hang.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from mirror_helpers import (
     HANG,
     NATS_SERVER,
     Reading,
+    Relay,
     bucket_record,
     mirror_processes,
     nats_call,
@@ -267,6 +270,43 @@ def test_the_live_path_carries_each_record_before_the_bucket(names: tuple[str, s
             kv_put(urls, bucket, [(KEY, three)])
             wait_until(lambda: replica.statistics().mirror_last_sync_ns > 0, "a sync")
             assert replica.commits == commits + 1
+
+
+def test_a_follower_reopens_a_broken_live_path_while_its_watch_is_busy(
+    names: tuple[str, str],
+) -> None:
+    """A writer that commits without pause keeps the follower's watch busy; a live connection
+    that breaks then is opened again all the same (it used to be looked at only when the
+    watch went quiet, and the live path stayed down while the writer wrote)."""
+    origin_name, replica_name = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, Reading) as origin,
+        contextlib.closing(Relay(server.port)) as relay,
+    ):
+        origin.set(Reading.make(1))
+        start("publish", origin_name, "--server", server.url)
+        start("follow", origin_name, "--server", relay.url, "--as", replica_name)
+        live = b'-live"'  # the name of a live connection, in its CONNECT line
+        stop = threading.Event()
+
+        def write() -> None:  # a commit every 10 ms: the bucket gets a put every 250 ms
+            while not stop.wait(0.01):
+                origin.set(Reading.make(origin.version + 1))
+
+        writer = threading.Thread(target=write)
+        with open_replica(replica_name, Reading) as replica:
+            wait_until(lambda: relay.opened(live) == 1, "the follower's live connection")
+            writer.start()
+            try:
+                wait_version(replica, origin.version)
+                assert relay.cut(live) == 1
+                wait_until(lambda: relay.opened(live) == 2, "a new live connection")
+                wait_version(replica, origin.version)
+            finally:
+                stop.set()
+                writer.join()
 
 
 # ---------------------------------------------------------------------------- hardening

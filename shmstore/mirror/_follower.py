@@ -222,14 +222,17 @@ class Follower:
             raw = await asyncio.to_thread(open_live, self.options, subjects, self._on_live_thread)
             if raw is None:  # the options need nats-py (TLS, creds): the same records, slower
                 live = await nc.subscribe(live_subject(self.bucket), cb=self._on_live)
+        opened = time.monotonic()
         watcher = await kv.watch(KEY)
         try:
             while not self._stop.is_set() and not self._reconnected.is_set():
+                if raw is not None and not raw.alive and time.monotonic() - opened >= RESYNC:
+                    # Looked at on every update, not only when the watch is quiet: a busy
+                    # watch would otherwise keep a broken live path broken for good.
+                    return  # the next watch opens a new connection (once a RESYNC at most)
                 try:
                     entry = await watcher.updates(timeout=RESYNC)
                 except NatsTimeout:
-                    if raw is not None and not raw.alive:  # reopened on the next watch
-                        return
                     # Quiet: confirm with a direct read (a watch can stall silently when the
                     # server restarts under it).
                     try:
