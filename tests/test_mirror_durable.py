@@ -128,6 +128,24 @@ def test_durable_times_must_be_positive_seconds(option: str, value: str) -> None
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("publish", "x", "--replicas", "three"), "expected a whole number, got 'three'"),
+        (("publish", "x", "--replicas", "9"), "must be between 1 and 5, got 9"),
+        (("follow", "x", "--max-readers", "1e3"), "expected a whole number, got '1e3'"),
+        (("set", "x", "1", "--expect", "soon"), "expected a version number, got 'soon'"),
+        (("set", "x", "1", "--timeout", "a while"), "expected a number of seconds"),
+    ],
+)
+def test_mirror_usage_errors_talk_about_the_value(args: tuple[str, ...], message: str) -> None:
+    result = cli("mirror", *args, "--server", "nats://127.0.0.1:9")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "invalid" not in result.stderr  # argparse's "invalid <helper> value"
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("keyword", ["durable_quiet", "durable_most"])
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
 def test_publisher_refuses_durable_times_that_are_not_positive(keyword: str, value: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from .. import StateVersionError
+from .._cli_args import number, version
 from .._typeexpr import TypeExpressionError, resolve_type
 from ._commits import DURABLE_MOST, DURABLE_QUIET
 from ._connect import ConnectOptions
@@ -152,31 +153,25 @@ def cmd_set(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _version(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a version is >= 0, got {value}")
+def _within(text: str, low: int, high: int) -> int:
+    value: int = number(text, int, "a whole number")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
     return value
 
 
 def _replicas(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 5, got {value}")
-    return value
+    return _within(text, 1, 5)
 
 
 def _readers(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 4096, got {value}")
-    return value
+    return _within(text, 1, 4096)
 
 
 def _positive(text: str) -> float:
-    value = float(text)
+    value: float = number(text, float, "a number of seconds")
     if not 0 < value < math.inf:  # nan fails too
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
 
@@ -276,5 +271,5 @@ def add_mirror_parser(subparsers: Any) -> None:
     p.add_argument("name")
     p.add_argument("value", help="the value as JSON, or - for standard input")
     _connection_arguments(p)
-    p.add_argument("--expect", type=_version, metavar="VERSION", help="commit only at this version")
+    p.add_argument("--expect", type=version, metavar="VERSION", help="commit only at this version")
     p.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait (10)")
