@@ -10,6 +10,7 @@ real processes on loopback; timeouts only bound a hang.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
@@ -29,6 +30,7 @@ from mirror_helpers import (
 
 from shmstore import Store
 from shmstore.mirror import Publisher, default_bucket
+from shmstore.mirror._commits import Commits
 
 pytestmark = [
     pytest.mark.skipif(NATS_SERVER is None, reason="nats-server not installed (shmstore[mirror])"),
@@ -75,6 +77,25 @@ def test_a_pause_of_the_writer_puts_its_newest_version(names: tuple[str, str]) -
         # The writer pauses here: the put of version 6 follows within --durable-quiet.
         wait_until(lambda: rig.bucket_version() == 6, "version 6 in the bucket")
         assert rig.origin.mirror_status.behind == 0
+
+
+def test_a_pause_heard_during_a_slow_put_still_puts(store_name: str) -> None:
+    """The writer commits and pauses while the loop's put of an older version is under way:
+    the pause is news after that put too (it once was forgotten, and the newest version
+    waited for ``most``). Driven on ``Commits`` itself, the put played by the test."""
+
+    async def scenario(origin: Store[Any]) -> tuple[bool, bool]:
+        with Commits(origin, lambda: True, quiet=0.02, most=3600) as commits:
+            origin.set({"n": 1})
+            first = await commits.wait_due(1, 60)  # the pause after version 2
+            # The put of version 2 takes 25 times `quiet`; the writer commits and pauses.
+            origin.set({"n": 2})
+            await asyncio.sleep(0.5)
+            return first, await commits.wait_due(2, 30)
+
+    with Store.create(store_name) as origin:
+        origin.set({"n": 0})
+        assert asyncio.run(scenario(origin)) == (True, True)
 
 
 def test_a_writer_that_never_pauses_is_put_at_least_every_durable_most(

@@ -56,12 +56,14 @@ class Commits:
     started, registered and ended around every commit of a paced writer; this thread lives as
     long as the publisher, woken ~30 us after a commit.
 
-    No wake-up is lost: the thread stores what it learnt (``_unsent``, ``_paused``, ``_since``)
-    and then loads ``_waiting``; the loop stores ``_waiting`` and then loads what the thread
-    stored. So either the thread sees the loop waiting and wakes it, or the loop sees the
-    thread's news and does not wait. (Python's threads see each other's stores in one order,
-    under the GIL or free-threaded with these plain attribute stores being sequentially
-    consistent in CPython; each wait is bounded by ``LOCAL_WAIT`` in any case.)
+    What the thread learns it records as versions, under a lock shared with the loop: the
+    newest version whose live copy could not go out (``_unsent_at``), the version the writer
+    paused at (``_paused_at``), and when the first commit the bucket lacks was heard
+    (``_since``). A version outlives the put that was running when it was recorded: a pause
+    heard while a slow put of an older version was under way is still a pause after it (a
+    flag, cleared when the put returned, made the bucket wait for ``most``). The loop says
+    under the same lock that it waits (``_waiting``), so the thread wakes it exactly when it
+    waits for news, and no wake-up is lost.
     """
 
     def __init__(
@@ -73,9 +75,10 @@ class Commits:
         self.most = most
         self._loop = asyncio.get_running_loop()
         self._due = asyncio.Event()
+        self._lock = threading.Lock()  # the news below, between the thread and the loop
         self._waiting = False  # the loop is in wait_due: news must wake it
-        self._unsent = False  # the newest commit's live copy did not go out
-        self._paused = False  # no commit for `quiet` seconds since the last one
+        self._unsent_at = 0  # the newest version whose live copy did not go out
+        self._paused_at = 0  # the writer's newest version when it paused
         self._since: float | None = None  # when the first commit not yet put was heard
         self._put = -1  # the bucket's version at the loop's last wait_due
         self._deaf = False  # this thread stopped hearing commits
@@ -105,69 +108,80 @@ class Commits:
             except TimeoutError:
                 if heard is not None and time.monotonic() - heard >= self.quiet:
                     heard = None  # the writer paused
-                    self._paused = True
-                    self._wake()
+                    with self._lock:
+                        self._paused_at = seen
+                        wake = self._waiting
+                    if wake:
+                        self._wake()
                 continue
             except StateStoreError as exc:  # closed under us, or no reader entry left
                 if not self._stop.is_set() and not store.closed:
                     log.warning(
-                        "cannot wait for commits of %r (%s): putting every %.1f s instead",
+                        "cannot wait for commits of %r (%s): looking for new versions every "
+                        "%.1f s instead",
                         store.name,
                         exc,
                         LOCAL_WAIT,
                     )
-                self._deaf = True  # the loop puts whenever it finds a newer version
-                self._wake()
+                with self._lock:
+                    self._deaf = True  # the loop puts whenever it finds a newer version
+                    wake = self._waiting
+                if wake:
+                    self._wake()
                 return
             out = self._on_commit()
             now = heard = time.monotonic()
-            self._paused = False
-            self._unsent = not out
-            if self._since is None:
-                self._since = now
-            if not out or now - self._since >= self.most:
+            with self._lock:
+                if not out:
+                    self._unsent_at = seen
+                if self._since is None:
+                    self._since = now
+                wake = self._waiting and (not out or now - self._since >= self.most)
+            if wake:
                 self._wake()
 
     def _wake(self) -> None:
-        if not self._waiting:
-            return  # the loop looks at the news before it next waits
         with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
             self._loop.call_soon_threadsafe(self._due.set)
 
     def _is_due(self, version: int) -> bool:
-        if self._store.version <= version:
+        """Whether a put past *version* is due (under the lock)."""
+        newest = self._store.version
+        if newest <= version:
             return False
-        if self._deaf:
+        if self._deaf or self._unsent_at > version:
+            return True
+        if version < self._paused_at >= newest:  # paused, and no commit since
             return True
         since = self._since
         if since is None:  # a commit the thread has not heard yet: it will say
             return False
-        return self._unsent or self._paused or time.monotonic() - since >= self.most
+        return time.monotonic() - since >= self.most
 
     async def wait_due(self, version: int, timeout: float) -> bool:
         """Until a put of a version past *version* (the bucket's) is due -- ``True`` -- or
         *timeout* seconds -- ``False``. See the module for when a put is due."""
         if version != self._put:  # a put since the last call: `most` counts afresh
             self._put = version
-            # Commits the thread heard before this put are in it: a pause it signalled is old
-            # news, and a commit since then arms its wait for the next pause.
-            self._paused = False
-            self._since = time.monotonic() if self._store.version > version else None
+            with self._lock:
+                self._since = time.monotonic() if self._store.version > version else None
         deadline = time.monotonic() + timeout
         while True:
             self._due.clear()
-            self._waiting = True  # before the loads of the news: see the class
-            try:
+            with self._lock:
                 if self._is_due(version):
                     return True
-                now = time.monotonic()
                 until = deadline
-                since = self._since
-                if since is not None:
-                    until = min(until, since + self.most)
+                if self._since is not None:
+                    until = min(until, self._since + self.most)
+                self._waiting = True
+            try:
+                now = time.monotonic()
                 if now >= until:
-                    return self._is_due(version)
+                    with self._lock:
+                        return self._is_due(version)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._due.wait(), until - now)
             finally:
-                self._waiting = False
+                with self._lock:
+                    self._waiting = False
