@@ -309,6 +309,43 @@ def test_a_follower_reopens_a_broken_live_path_while_its_watch_is_busy(
                 writer.join()
 
 
+def unsent_bytes_to(port: int) -> int:
+    """The bytes that loopback TCP connections to *port* hold unsent (``/proc/net/tcp``)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":  # established
+            total += int(fields[4].split(":")[0], 16)
+    return total
+
+
+def test_a_publisher_stops_while_a_stalled_server_holds_its_live_copy(
+    names: tuple[str, str],
+) -> None:
+    """A server that takes nothing (stopped, or its host gone) fills the live connection's
+    buffers, and the commit thread's send waits: the publisher still stops on SIGTERM (the
+    send gives up after a second without progress, and stop closes the connection first)."""
+    origin_name, _ = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name) as origin,
+    ):
+        assert server.proc is not None
+        origin.set(b"small")
+        publisher = start("publish", origin_name, "--server", server.url)
+        wait_until(lambda: origin.mirror_status.connected, "the publisher")
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(8):  # 32 MB: more than loopback's buffers take
+                origin.set(bytes([i]) * (4 << 20))
+            wait_until(lambda: unsent_bytes_to(server.port) > 1 << 20, "a stalled live copy")
+            assert publisher.signal(signal.SIGTERM) == 0
+        finally:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        assert origin.get() == bytes([7]) * (4 << 20)
+
+
 # ---------------------------------------------------------------------------- hardening
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import MirrorError
 
-__all__ = ["ConnectOptions", "connect", "describe_error", "redact", "require_nats"]
+__all__ = ["ConnectOptions", "connect", "describe_error", "disconnect", "redact", "require_nats"]
 
 log = logging.getLogger("shmstore.mirror")
 
@@ -209,8 +209,7 @@ async def connect(
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connecting
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), options.connect_timeout)
+        await disconnect(nc, options)
         if stop is not None and not stop.is_set():
             # The long-running caller waits for NATS as long as it takes.
             with contextlib.suppress(TimeoutError):
@@ -225,3 +224,11 @@ async def connect(
         ) from None
     notify(True)
     return nc
+
+
+async def disconnect(nc: Any, options: ConnectOptions) -> None:
+    """Close *nc*, waiting at most ``connect_timeout`` for it: closing flushes what is
+    pending, and a server that takes nothing (stopped, or its host gone) would hold it for
+    good."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), options.connect_timeout)

@@ -61,7 +61,7 @@ from typing import Any, Final
 
 from .. import StateStoreError, StateVersionError, Store, StoreExistsError, StoreNotFoundError
 from ..replication import create_replica
-from ._connect import ConnectOptions, connect, describe_error
+from ._connect import ConnectOptions, connect, describe_error, disconnect
 from ._live import open_live
 from ._wire import (
     KEY,
@@ -164,8 +164,7 @@ class Follower:
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
             if nc is not None:
-                with contextlib.suppress(Exception):
-                    await nc.close()
+                await disconnect(nc, self.options)
             if self._replica is not None:
                 with contextlib.suppress(StateStoreError):
                     self._replica.replication.set_status(connected=False)

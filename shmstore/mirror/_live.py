@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Final
@@ -43,6 +44,7 @@ log = logging.getLogger("shmstore.mirror")
 
 _CRLF: Final = b"\r\n"
 MAX_LINE: Final = 64 * 1024  # INFO lines carry cluster URLs; nothing legitimate is longer
+SEND_TIMEOUT: Final = 1  # seconds a send may make no progress before the connection is given up
 
 
 class LiveConnection:
@@ -79,8 +81,8 @@ class LiveConnection:
                     self._sock.sendall(head)
                     self._sock.sendall(data)
                     self._sock.sendall(_CRLF)
-        except OSError:
-            self.alive = False
+        except OSError:  # broken, or no progress for SEND_TIMEOUT (a stalled server)
+            self._abandon()  # part of a message may be out: nothing more can follow it
             return False
         return True
 
@@ -93,7 +95,14 @@ class LiveConnection:
             with self._lock:
                 self._sock.sendall(data)
         except OSError:
-            self.alive = False
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop using the connection: the server drops it, the reading thread ends, and any
+        send under way fails at once."""
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _read(self) -> None:
         reader = self._reader
@@ -126,12 +135,11 @@ class LiveConnection:
         if self._closed:
             return
         self._closed = True
-        self.alive = False
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        self._abandon()
         self._thread.join()
-        self._reader.close()
-        self._sock.close()
+        with self._lock:  # a sender of another thread is out (its send failed at once)
+            self._reader.close()
+            self._sock.close()
 
 
 def open_live(
@@ -199,6 +207,10 @@ def _open(
             if not line or line.startswith(b"-ERR"):
                 raise ValueError(line.decode(errors="replace").strip()[:200] or "closed")
         sock.settimeout(None)
+        # Blocking sends, but none waits for a server that takes nothing for SEND_TIMEOUT
+        # seconds (stopped, or its host gone): the send fails, the connection is abandoned,
+        # and the record goes by the bucket.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
     except BaseException:
         sock.close()
         raise

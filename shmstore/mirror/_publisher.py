@@ -30,8 +30,9 @@ A thread blocks in ``Store.wait()`` on the local store (``_commits``). Woken by 
 it sends the newest version on the **live** subject itself, through a plain blocking NATS
 connection (``_live``; in parts when the record is above ``max_payload``). The event loop makes
 the **durable** put into the bucket as above. Only an active publisher that knows the bucket's
-revision sends live copies, so a standby never does, and a version goes out on the live path at
-most once per publisher (``_sent_live``).
+revision sends live copies, so a standby never does, and a version goes out on the live path
+once per publisher (``_mark_sent``; twice at most, when the loop's put meets the thread still
+sending it: a follower drops the second copy).
 
 When the durable put happens is ``_commits``'s business: at once if a commit's live copy could
 not go out; otherwise once the writer **pauses** for ``durable_quiet`` (20 ms), and for a writer
@@ -68,6 +69,7 @@ import contextlib
 import logging
 import math
 import socket
+import threading
 import time
 from typing import Any, Final
 
@@ -75,7 +77,7 @@ import msgspec
 
 from .. import StateStoreError, StateVersionError, Store, __version__
 from ._commits import DURABLE_MOST, DURABLE_QUIET, LOCAL_WAIT, Commits
-from ._connect import ConnectOptions, connect, describe_error
+from ._connect import ConnectOptions, connect, describe_error, disconnect
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
 from ._wire import (
@@ -160,7 +162,8 @@ class Publisher:
         self._warned_behind = False
         self._old_chunks = True  # chunks may be in the bucket that no manifest names
         self._live_conn: LiveConnection | None = None
-        self._sent_live = 0  # the newest version sent on the live path
+        self._sent_live = 0  # the newest version sent on the live path (see _mark_sent)
+        self._sent_lock = threading.Lock()
         self._nc: Any = None
 
     def stop(self) -> None:
@@ -197,8 +200,7 @@ class Publisher:
             with contextlib.suppress(StateStoreError):
                 store.replication.set_status(connected=False)
             if nc is not None:
-                with contextlib.suppress(Exception):
-                    await nc.close()
+                await disconnect(nc, self.options)
             store.close()
             self._store = None
 
@@ -258,16 +260,24 @@ class Publisher:
             self._live_conn = await asyncio.to_thread(open_live, self.options)
         try:
             with Commits(store, self._send_live, self.durable_quiet, self.durable_most) as commits:
-                await self._serve(nc, kv, store, commits)
+                try:
+                    await self._serve(nc, kv, store, commits)
+                finally:
+                    # Closed before the commit thread is joined: a send of that thread that a
+                    # stalled server holds fails at once, instead of holding the stop.
+                    await self._close_live()
             # A clean stop leaves the bucket at the newest version, as the live copies did
             # the replicas (the durable put may have been waiting for the writer to pause).
             if self.active and self._connected and store.version > self._done():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._publish_newest(kv, store, final=True), 10.0)
         finally:
-            live, self._live_conn = self._live_conn, None
-            if live is not None:
-                await asyncio.to_thread(live.close)
+            await self._close_live()
+
+    async def _close_live(self) -> None:
+        live, self._live_conn = self._live_conn, None
+        if live is not None:
+            await asyncio.to_thread(live.close)
 
     async def _serve(self, nc: Any, kv: Any, store: Store[Any], commits: Commits) -> None:
         last_heartbeat = last_live = 0.0
@@ -379,8 +389,7 @@ class Publisher:
                 data = encode_record(put)
             # The live copy first (unless the commit thread sent it): followers apply whichever
             # copy comes first, and this one skips JetStream's storage and acknowledgement.
-            if self.live and version > self._sent_live:
-                self._sent_live = version
+            if self.live and self._mark_sent(version):
                 live = self._live_conn
                 if live is None or not live.publish(live_subject(self.bucket), data):
                     await self._nc.publish(live_subject(self.bucket), data)
@@ -446,8 +455,18 @@ class Publisher:
                 for header, piece in live_parts(data, version, live.max_payload)
             )
         if sent:
-            self._sent_live = max(self._sent_live, version)
+            self._mark_sent(version)
         return sent
+
+    def _mark_sent(self, version: int) -> bool:
+        """Record *version* as sent on the live path; ``False`` if it or a newer one was.
+        From both threads: under a lock, so that the mark never goes back (a version the
+        commit thread is still sending may go out twice, which a follower drops)."""
+        with self._sent_lock:
+            if version <= self._sent_live:
+                return False
+            self._sent_live = version
+            return True
 
     async def _put_chunks(self, kv: Any, record: Record, data: bytes, limit: int) -> Record:
         """Put *data* (the encoded *record*) as chunks; the manifest to put into ``state``."""

@@ -14,7 +14,6 @@ decode is refused there, with nothing written.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
@@ -23,7 +22,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from .. import StateVersionError
-from ._connect import ConnectOptions, connect, describe_error, require_nats
+from ._connect import ConnectOptions, connect, describe_error, disconnect, require_nats
 from ._errors import MirrorError, NoPublisherError
 from ._wire import SetReply, default_bucket, set_subject, validate_bucket
 
@@ -70,8 +69,7 @@ class AsyncRemoteStore:
     async def close(self) -> None:
         nc, self._nc = self._nc, None
         if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await disconnect(nc, self.options)
 
     async def set(self, value: Any, expected_version: int | None = None) -> int:
         """Commit *value* on the origin (only at *expected_version*, if given); the new version."""
