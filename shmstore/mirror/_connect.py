@@ -14,16 +14,27 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import MirrorError
 
-__all__ = ["ConnectOptions", "connect", "describe_error", "disconnect", "redact", "require_nats"]
+__all__ = [
+    "ConnectOptions",
+    "concurrently",
+    "connect",
+    "describe_error",
+    "disconnect",
+    "from_nats",
+    "redact",
+    "require_nats",
+]
 
 log = logging.getLogger("shmstore.mirror")
+
+T = TypeVar("T")
 
 RECONNECT_WAIT: Final = 0.5  # between reconnect attempts; NATS itself is fast to come back
 PING_INTERVAL: Final = 2  # a dead server is noticed within about three pings
@@ -229,6 +240,36 @@ async def connect(
 async def disconnect(nc: Any, options: ConnectOptions) -> None:
     """Close *nc*, waiting at most ``connect_timeout`` for it: closing flushes what is
     pending, and a server that takes nothing (stopped, or its host gone) would hold it for
-    good."""
-    with contextlib.suppress(Exception):
+    good. Never raises, unless the caller itself is cancelled."""
+    try:
         await asyncio.wait_for(nc.close(), options.connect_timeout)
+    except asyncio.CancelledError:
+        if not from_nats():  # (a stalled server: measured) the connection is gone either way
+            raise
+    except Exception:  # closing: the connection is gone either way
+        pass
+
+
+def from_nats() -> bool:
+    """Whether the ``CancelledError`` being handled is nats-py's own, not a cancellation of
+    the running task. nats-py lets one out of ``flush()`` and ``close()`` when a future or a
+    transport it waits for is torn down under it (nats-io/nats.py#469; a stalled server's
+    connection did it to ``close()`` here): a failure of that call, to be handled as any other,
+    while a real cancellation must go on."""
+    task = asyncio.current_task()
+    return task is None or not task.cancelling()
+
+
+async def concurrently(*calls: Awaitable[T]) -> list[T]:
+    """Await NATS *calls* at once; their results, in order. When one fails, the others are
+    cancelled and awaited before its exception goes on: none is left running, or failing
+    with nobody to hear it (``asyncio.gather`` alone leaves them: a chunked put that met a
+    stalled server left puts that timed out after the publisher stopped)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -61,7 +61,14 @@ from typing import Any, Final
 
 from .. import StateStoreError, StateVersionError, Store, StoreExistsError, StoreNotFoundError
 from ..replication import create_replica
-from ._connect import ConnectOptions, connect, describe_error, disconnect
+from ._connect import (
+    ConnectOptions,
+    concurrently,
+    connect,
+    describe_error,
+    disconnect,
+    from_nats,
+)
 from ._live import open_live
 from ._wire import (
     KEY,
@@ -149,7 +156,9 @@ class Follower:
                     await self._follow(nc, js)
                 except StateStoreError:
                     raise
-                except Exception as exc:  # NATS down, bucket missing, leader election: retry
+                except (Exception, asyncio.CancelledError) as exc:  # NATS down, no bucket, ...
+                    if isinstance(exc, asyncio.CancelledError) and not from_nats():
+                        raise
                     self._status(connected=False)
                     text = describe_error(exc, self.options)
                     if "BucketNotFound" in text and not self._said_no_bucket:
@@ -163,13 +172,15 @@ class Follower:
                     await self._pause(RETRY_WAIT)
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
-            if nc is not None:
-                await disconnect(nc, self.options)
-            if self._replica is not None:
-                with contextlib.suppress(StateStoreError):
-                    self._replica.replication.set_status(connected=False)
-                self._replica.close()
-                self._replica = None
+            try:
+                if nc is not None:
+                    await disconnect(nc, self.options)
+            finally:  # also when this task is cancelled while closing
+                if self._replica is not None:
+                    with contextlib.suppress(StateStoreError):
+                        self._replica.replication.set_status(connected=False)
+                    self._replica.close()
+                    self._replica = None
 
     def _open_existing(self) -> Store[Any] | None:
         try:
@@ -344,7 +355,7 @@ class Follower:
         kv = self._kv
         keys = [chunk_key(manifest.version, i) for i in range(manifest.chunks)]
         try:
-            entries = await asyncio.gather(*(kv.get(key) for key in keys))
+            entries = await concurrently(*(kv.get(key) for key in keys))
             return assemble(manifest, [entry.value or b"" for entry in entries])
         except (KeyNotFoundError, StateStoreError) as exc:
             self._refuse(

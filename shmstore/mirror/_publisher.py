@@ -83,7 +83,14 @@ import msgspec
 
 from .. import StateStoreError, StateVersionError, Store, __version__
 from ._commits import DURABLE_MOST, DURABLE_QUIET, LOCAL_WAIT, Commits
-from ._connect import ConnectOptions, connect, describe_error, disconnect
+from ._connect import (
+    ConnectOptions,
+    concurrently,
+    connect,
+    describe_error,
+    disconnect,
+    from_nats,
+)
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
 from ._wire import (
@@ -205,10 +212,12 @@ class Publisher:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
             with contextlib.suppress(StateStoreError):
                 store.replication.set_status(connected=False)
-            if nc is not None:
-                await disconnect(nc, self.options)
-            store.close()
-            self._store = None
+            try:
+                if nc is not None:
+                    await disconnect(nc, self.options)
+            finally:  # also when this task is cancelled while closing
+                store.close()
+                self._store = None
 
     def _on_connected(self, up: bool) -> None:
         self._connected = up
@@ -307,7 +316,9 @@ class Publisher:
                     store.replication.set_status(connected=self._live())
                 except MirrorError:
                     raise
-                except Exception as exc:  # NATS down, leader election, timeouts: retry
+                except (Exception, asyncio.CancelledError) as exc:  # NATS down, elections, ...
+                    if isinstance(exc, asyncio.CancelledError) and not from_nats():
+                        raise
                     self._revision = None
                     store.replication.set_status(connected=False, behind=head - self.published)
                     log.debug("put failed: %s", describe_error(exc, self.options))
@@ -332,7 +343,9 @@ class Publisher:
                 last_heartbeat = now
                 try:  # a round trip to the server: "last sync" is a confirmation, not a hope
                     await asyncio.wait_for(nc.flush(), HEARTBEAT * 2)
-                except Exception:
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and not from_nats():
+                        raise
                     store.replication.set_status(connected=False)
                 else:
                     store.replication.set_status(
@@ -479,7 +492,7 @@ class Publisher:
         parts = split(data, limit)
         self._old_chunks = True  # until the manifest is in place, these may be orphans
         # All at once: each put waits for its acknowledgement, not for the one before.
-        seqs = await asyncio.gather(
+        seqs = await concurrently(
             *(kv.put(chunk_key(record.version, i), part) for i, part in enumerate(parts))
         )
         return manifest(record, data, len(parts), min(seqs))
