@@ -522,14 +522,30 @@ def test_live_parts_hold_at_most_one_record() -> None:
     small = Reassembly()
     assert [small.add(p, limit=49_999) for p in parts] == [None] * 4  # above the limit
     assert [small.add(p, limit=50_000) for p in parts] == [None, None, None, data]
-    # Parts ahead of their turn that claim a 50 KB record in 10,000 parts, 16 KB each: what
-    # the follower holds stays within the 50 KB they claim.
+    # Parts ahead of their turn that claim a 50 KB record in 40 parts, 16 KB each: what the
+    # follower holds stays within the 50 KB they claim.
     flood = Reassembly()
     tracemalloc.start()
     try:
-        for index in range(1, 200):
-            head = struct.pack(">QIIQI", 11, index, 10_000, 50_000, 0)
+        for index in range(1, 40):
+            head = struct.pack(">QIIQI", 11, index, 40, 50_000, 0)
             assert flood.add(head + os.urandom(16_000), limit=LIMIT) is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 200_000
+    # Tiny and empty parts ahead of their turn, of a record of 2**32-1 parts or of one of
+    # 48 parts (as many as 50 KB may have): each costs far more than its piece, and the
+    # count a record may claim bounds what they hold.
+    tiny = Reassembly()
+    tracemalloc.start()
+    try:
+        for count, index in [(2**32 - 1, i) for i in range(1, 50_000)] + [
+            (48, i) for i in range(1, 47)
+        ]:
+            for piece in (b"x", b""):
+                head = struct.pack(">QIIQI", 12, index, count, 50_000, 0)
+                assert tiny.add(head + piece, limit=LIMIT) is None
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

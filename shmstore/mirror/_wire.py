@@ -49,6 +49,7 @@ __all__ = [
     "CHUNKED_FORMAT",
     "HEADROOM",
     "KEY",
+    "MIN_PART",
     "RECORD_FORMAT",
     "RECORD_OVERHEAD",
     "Record",
@@ -74,6 +75,7 @@ KEY: Final = "state"
 RECORD_FORMAT: Final = 1
 CHUNKED_FORMAT: Final = 2  # a manifest: the record's bytes are in chunk keys
 HEADROOM: Final = 512  # a message's subject and headers travel with its payload
+MIN_PART: Final = 1024  # bytes of a live part but the last: none is smaller (see Reassembly)
 # A live record's bytes beyond its value: names and numbers (a live copy carries no schema).
 RECORD_OVERHEAD: Final = 64 * 1024
 MAX_BUCKET: Final = 32  # the header's bucket field (see _layout's mirror block)
@@ -247,7 +249,7 @@ _PART = struct.Struct(">QIIQI")  # version, index, count, size, crc
 def live_parts(data: bytes, version: int, max_payload: int) -> Iterator[tuple[bytes, memoryview]]:
     """The encoded record *data* of *version* as live parts (header, slice), each of which
     fits one message: sent as they are, without copying the slices."""
-    size = max(1024, max_payload - HEADROOM - _PART.size)
+    size = max(MIN_PART, max_payload - HEADROOM - _PART.size)
     view = memoryview(data)
     count = (len(data) + size - 1) // size
     crc = 0
@@ -269,7 +271,11 @@ class Reassembly:
     ``Replication.commit_at`` takes only versions newer than the replica's.
 
     Memory is bounded by one record: parts claiming more than *limit* bytes in all are dropped
-    unread, and a version's parts never hold more than the size they claim."""
+    unread, and a version's parts never hold more than the size they claim. So is the count of
+    parts held (each costs a few hundred bytes besides its piece): a sender's parts but the
+    last carry ``MIN_PART`` bytes or more, so the parts of a version that claims more than
+    ``size // MIN_PART + 1`` are dropped unread (1-byte parts once held ~400 bytes per byte
+    of record)."""
 
     def __init__(self) -> None:
         self._start(0, (0, 0))
@@ -295,6 +301,8 @@ class Reassembly:
         version, index, count, size, crc = _PART.unpack_from(message)
         if version <= newer_than or index >= count or size > limit:
             return None
+        if count > size // MIN_PART + 1:
+            return None  # tiny parts: no sender makes them
         if version != self._version:
             self._start(version, (count, size))
         if self._broken or index < self._next or index in self._parts:
