@@ -157,6 +157,9 @@ def test_durable_times_must_be_positive_seconds(option: str, value: str) -> None
         (("follow", "x", "--max-readers", "1e3"), "expected a whole number, got '1e3'"),
         (("set", "x", "1", "--expect", "soon"), "expected a version number, got 'soon'"),
         (("set", "x", "1", "--timeout", "a while"), "expected a number of seconds"),
+        (("set", "x", "1", "--bucket", "a b"), "bucket name must be letters, digits"),
+        (("publish", "x", "--bucket", "b" * 40), "bucket name is 40 characters"),
+        (("follow", "x", "--as", "a/b"), "store name must not contain '/'"),
     ],
 )
 def test_mirror_usage_errors_talk_about_the_value(args: tuple[str, ...], message: str) -> None:

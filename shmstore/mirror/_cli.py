@@ -26,8 +26,10 @@ import msgspec
 from .. import StateVersionError
 from .._cli_args import number, version
 from .._typeexpr import TypeExpressionError, resolve_type
+from ..replication import validate_name
 from ._commits import DURABLE_MOST, DURABLE_QUIET
 from ._connect import ConnectOptions
+from ._wire import validate_bucket
 
 __all__ = ["add_mirror_parser"]
 
@@ -175,6 +177,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _bucket(text: str) -> str:
+    try:
+        return validate_bucket(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _store_name(text: str) -> str:
+    try:
+        return validate_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
@@ -183,7 +199,7 @@ def _connection_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="NATS server URL (repeat, or comma-separate, for a cluster)",
     )
-    p.add_argument("--bucket", help="the KV bucket (default: shmstore_NAME)")
+    p.add_argument("--bucket", type=_bucket, help="the KV bucket (default: shmstore_NAME)")
     p.add_argument("--user", help="NATS user")
     p.add_argument("--password", help="NATS password (prefer $SHMSTORE_NATS_PASSWORD)")
     p.add_argument("--token", help="NATS token (prefer $SHMSTORE_NATS_TOKEN)")
@@ -245,7 +261,9 @@ def add_mirror_parser(subparsers: Any) -> None:
     p.set_defaults(run=cmd_follow)
     p.add_argument("name")
     _connection_arguments(p)
-    p.add_argument("--as", dest="local", metavar="LOCAL", help="local replica name (NAME)")
+    p.add_argument(
+        "--as", dest="local", type=_store_name, metavar="LOCAL", help="local replica name (NAME)"
+    )
     p.add_argument(
         "--max-readers",
         type=_readers,
