@@ -164,12 +164,14 @@ class Replication:
         if not att.replica:
             att.check_open()
             raise StateStoreError(f"store {att.name!r} is not a replica")
-        if not 0 < version < MAX_VERSION:
-            raise ValueError(f"a replicated version is between 1 and {MAX_VERSION}, got {version}")
-        if not 0 <= commit_ns < 1 << 64:
-            # Checked before anything is written: the slot's time is a u64, and a failure
-            # half-way through the slot would leave its seq odd (readers retrying forever).
-            raise ValueError(f"a replicated commit time is a u64 of nanoseconds, got {commit_ns}")
+        # Both checked before anything is written: the slot's words are u64s, and a failure
+        # half-way through the slot would leave its seq odd (readers retrying forever).
+        if not isinstance(version, int) or not 0 < version < MAX_VERSION:
+            raise ValueError(
+                f"a replicated version is an int between 1 and {MAX_VERSION}, got {version!r}"
+            )
+        if not isinstance(commit_ns, int) or not 0 <= commit_ns < 1 << 64:
+            raise ValueError(f"a replicated commit time is a u64 of nanoseconds, got {commit_ns!r}")
         limit = att.info.max_value_size
         if len(payload) > limit:
             raise SnapshotTooLargeError(

@@ -151,10 +151,12 @@ def test_an_impossible_commit_time_is_refused_before_anything_is_written(
     front: written half-way, it would leave the slot's seq odd and its readers retrying."""
     with _replica(store_name) as rep, Store.open(store_name, Point) as reader:
         rep.replication.commit_at(_encode(Point(1, 1)), 5, 1)
-        for when in (-1, 1 << 64):
+        for when in (-1, 1 << 64, 1.5):
             for validated in (False, True):
                 with pytest.raises(ValueError, match="commit time"):
                     rep.replication.commit_at(_encode(Point(9, 9)), 6, when, validated=validated)
+                with pytest.raises(ValueError, match="version"):
+                    rep.replication.commit_at(_encode(Point(9, 9)), 6.0, 1, validated=validated)
         assert reader.get_with_version() == (Point(1, 1), 5)
         for version in (6, 7):  # the slots of the refused version and the next are sound
             rep.replication.commit_at(_encode(Point(version, 0)), version, (1 << 64) - 1)
