@@ -98,6 +98,45 @@ def test_a_pause_heard_during_a_slow_put_still_puts(store_name: str) -> None:
         assert asyncio.run(scenario(origin)) == (True, True)
 
 
+def test_a_put_waits_for_a_pause_or_durable_most(store_name: str) -> None:
+    """The put is deferred, the point of the rules: a commit whose live copy went out is not
+    put while the writer has not paused (``quiet`` an hour away) and ``most`` has not passed;
+    a writer that never pauses is put at most once per ``most``. Driven on ``Commits``."""
+
+    async def scenario(origin: Store[Any]) -> tuple[bool, int, float]:
+        with Commits(origin, lambda: True, quiet=3600, most=3600) as commits:
+            origin.set({"n": 1})
+            deferred = await commits.wait_due(1, 0.5)  # the timeout is the answer: False
+        stop = threading.Event()
+
+        def write() -> None:  # never pauses, as far as the commit thread can tell
+            while not stop.is_set():
+                origin.set({"n": 2})
+
+        puts = 0
+        with Commits(origin, lambda: True, quiet=3600, most=0.2) as commits:
+            writer = threading.Thread(target=write)
+            writer.start()
+            started = asyncio.get_running_loop().time()
+            try:
+                put = origin.version
+                while (elapsed := asyncio.get_running_loop().time() - started) < 1.0:
+                    if await commits.wait_due(put, 1.0):
+                        puts += 1
+                        put = origin.version  # what the put would carry
+            finally:
+                stop.set()
+                await asyncio.to_thread(writer.join)
+        return deferred, puts, elapsed
+
+    with Store.create(store_name) as origin:
+        origin.set({"n": 0})
+        deferred, puts, elapsed = asyncio.run(scenario(origin))
+    assert deferred is False
+    # One put per `most` (0.2 s) at most, and one more for the first: never one per commit.
+    assert 1 <= puts <= elapsed / 0.2 + 1
+
+
 def test_a_writer_that_never_pauses_is_put_at_least_every_durable_most(
     names: tuple[str, str],
 ) -> None:

@@ -10,7 +10,9 @@ when one is due:
 * when the writer **pauses** -- ``quiet`` seconds without a commit -- so that the put lands
   between commits, not on the CPUs that the live copy of the next commit needs;
 * at the latest ``most`` seconds after the first commit the bucket does not have, for a writer
-  that never pauses (the loop's own timer).
+  that never pauses (the loop's own timer). Commits heard while a put was under way count
+  from the end of that put, which the thread cannot tell apart from the commits in it: the
+  bound is ``most`` plus one put's time.
 
 Why the thread decides, and not a timer in the loop: a put costs the publisher's loop, the
 server's JetStream and every follower's watch a few hundred microseconds of CPU, and so does,
@@ -82,6 +84,7 @@ class Commits:
         self._since: float | None = None  # when the first commit not yet put was heard
         self._put = -1  # the bucket's version at the loop's last wait_due
         self._deaf = False  # this thread stopped hearing commits
+        self._seen = store.version  # read here, not in the thread: a commit after it is heard
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"shmstore-publish-{store.name}", daemon=True
@@ -97,7 +100,7 @@ class Commits:
 
     def _run(self) -> None:
         store = self._store
-        seen = store.version
+        seen = self._seen
         heard: float | None = None  # when the last commit was heard, unless a pause was said
         while not self._stop.is_set():
             timeout = LOCAL_WAIT  # bounded: stop is prompt

@@ -52,8 +52,10 @@ at an older version until it (or a successor of the same origin) restarts and pu
 Stopping against a server that takes nothing (stopped, or its host gone, the connection still
 open): a live send gives up after ``SEND_TIMEOUT`` (1 s) without progress, the live connection
 is closed before the commit thread is joined (a send still under way fails at once), the final
-put waits at most 10 s and closing the client at most ``connect_timeout``. Such a stop takes
-~11 s (measured: 10.9 s with 32 MB of live copies held by a SIGSTOPped server), never forever.
+put waits at most 10 s, reopening the live connection and closing the client each at most
+``connect_timeout``. Such a stop takes 10-20 s (measured: 7-16 s with 8 MB to 32 MB of live
+copies held by a SIGSTOPped server), never forever; nats-py's own ``CancelledError`` out of a
+close or a flush (see ``_connect.from_nats``) is a failure of that call, not a traceback.
 
 Chunks
 ------
