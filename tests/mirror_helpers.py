@@ -219,7 +219,8 @@ class Relay:
     """A TCP relay on loopback in front of one server port, for cutting one client's connection
     while the others stay: it keeps the first bytes each client sent (NATS's CONNECT line, with
     the connection's name), and :meth:`cut` shuts the connections whose first bytes hold a
-    marker."""
+    marker; :meth:`freeze` makes them drop everything, both ways, with no error on either side
+    (a far end gone without a reset)."""
 
     def __init__(self, port: int) -> None:
         self._target = port
@@ -227,6 +228,7 @@ class Relay:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._links: list[tuple[bytearray, socket.socket, socket.socket]] = []
+        self._frozen: set[int] = set()  # ids of the first-bytes buffers of frozen links
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -243,16 +245,22 @@ class Relay:
             first = bytearray()
             with self._lock:
                 self._links.append((first, client, server))
-            threading.Thread(target=self._pump, args=(client, server, first), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, first, first), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, None, first), daemon=True
+            ).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, first: bytearray | None) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, first: bytearray | None, link: bytearray
+    ) -> None:
         try:
             while data := source.recv(65536):
                 if first is not None and len(first) < 4096:
                     first += data
-                sink.sendall(data)
+                if id(link) not in self._frozen:
+                    sink.sendall(data)
         except OSError:
             pass
         for sock in (source, sink):
@@ -272,6 +280,14 @@ class Relay:
             for sock in (client, server):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+        return len(links)
+
+    def freeze(self, marker: bytes) -> int:
+        """Drop, from now on, what either side of each connection whose first bytes hold
+        *marker* sends; how many."""
+        with self._lock:
+            links = [first for first, _, _ in self._links if marker in first]
+            self._frozen.update(id(first) for first in links)
         return len(links)
 
     def close(self) -> None:

@@ -309,6 +309,52 @@ def test_a_follower_reopens_a_broken_live_path_while_its_watch_is_busy(
                 writer.join()
 
 
+@pytest.mark.parametrize("side", ["publish", "follow"])
+def test_a_live_connection_gone_quiet_is_given_up_and_reopened(
+    names: tuple[str, str], side: str
+) -> None:
+    """A live connection whose far end went away without a reset (its host lost, a firewall's
+    state dropped) raises no error for minutes, and its records would come by the bucket only:
+    the publisher and the follower ask the server for a PONG every second, give up a
+    connection that stays silent and open a new one, which carries the records again (the
+    bucket, told to wait an hour, does not)."""
+    origin_name, replica_name = names
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name, Reading) as origin,
+        contextlib.closing(Relay(server.port)) as relay,
+    ):
+        origin.set(Reading.make(1))
+        through = {side: relay.url}
+        # Version 1 is put at the start; the bucket gets no other: what follows comes live.
+        start(
+            "publish",
+            origin_name,
+            "--server",
+            through.get("publish", server.url),
+            "--durable-quiet",
+            "3600",
+            "--durable-most",
+            "3600",
+        )
+        start(
+            "follow",
+            origin_name,
+            "--server",
+            through.get("follow", server.url),
+            "--as",
+            replica_name,
+        )
+        live = b'-live"'  # the name of a live connection, in its CONNECT line
+        with open_replica(replica_name, Reading) as replica:
+            wait_until(lambda: relay.opened(live) == 1, "a live connection through the relay")
+            assert relay.freeze(live) == 1
+            wait_until(lambda: relay.opened(live) == 2, "a new live connection")
+            origin.set(Reading.make(2))
+            wait_version(replica, 2)
+
+
 def connections_to(port: int) -> list[tuple[str, int]]:
     """(TCP state, bytes unsent) of each loopback connection to *port* (``/proc/net/tcp``;
     states as there: ``01`` established, ``04`` FIN-WAIT-1: closed by us, data still unsent)."""

@@ -232,11 +232,15 @@ class Follower:
             raw = await asyncio.to_thread(open_live, self.options, subjects, self._on_live_thread)
             if raw is None:  # the options need nats-py (TLS, creds): the same records, slower
                 live = await nc.subscribe(live_subject(self.bucket), cb=self._on_live)
-        opened = time.monotonic()
+        opened = probed = time.monotonic()
         watcher = await kv.watch(KEY)
         try:
             while not self._stop.is_set() and not self._reconnected.is_set():
-                if raw is not None and not raw.alive and time.monotonic() - opened >= RESYNC:
+                now = time.monotonic()
+                if raw is not None and now - probed >= RESYNC:
+                    probed = now
+                    raw.probe()  # a connection gone quiet for good is given up
+                if raw is not None and not raw.alive and now - opened >= RESYNC:
                     # Looked at on every update, not only when the watch is quiet: a busy
                     # watch would otherwise keep a broken live path broken for good.
                     return  # the next watch opens a new connection (once a RESYNC at most)

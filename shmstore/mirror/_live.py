@@ -21,6 +21,10 @@ slower, the same records.
 
 Correctness does not rest on this connection: it carries no acknowledgement, and a record lost
 here (a broken connection, a slow consumer cut off by the server) is applied from the bucket.
+Speed does: so a broken connection is given up and opened again -- one that fails a send, one
+whose send makes no progress for ``SEND_TIMEOUT`` (a stalled server), and one that answers no
+PING for ``PROBE_PATIENCE`` (its far end gone without a reset: a lost host, a firewall's dropped
+state; the owner's loop calls :meth:`LiveConnection.probe` every second).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Final
 from urllib.parse import urlsplit
@@ -45,6 +50,7 @@ log = logging.getLogger("shmstore.mirror")
 _CRLF: Final = b"\r\n"
 MAX_LINE: Final = 64 * 1024  # INFO lines carry cluster URLs; nothing legitimate is longer
 SEND_TIMEOUT: Final = 1  # seconds a send may make no progress before the connection is given up
+PROBE_PATIENCE: Final = 10.0  # seconds a PING may go unanswered: then it is given up too
 
 
 class LiveConnection:
@@ -64,6 +70,7 @@ class LiveConnection:
         self._on_message = on_message
         self._lock = threading.Lock()  # one writer at a time: the reader's PONG, publishers
         self._closed = False
+        self._asked: float | None = None  # when the PING awaiting its PONG went out
         self.alive = True
         self._thread = threading.Thread(target=self._read, name="shmstore-live", daemon=True)
         self._thread.start()
@@ -97,6 +104,32 @@ class LiveConnection:
         except OSError:
             self._abandon()
 
+    def probe(self) -> None:
+        """Ask the server for a PONG, unless one is awaited; give the connection up when the
+        one awaited is ``PROBE_PATIENCE`` late. For the owner's loop, every second or so: a
+        connection whose far end went away without a reset (its host lost, a firewall's state
+        dropped) shows no error for minutes, and meanwhile the records it should carry come
+        by the bucket only, tens of milliseconds late."""
+        if not self.alive:
+            return
+        now = time.monotonic()
+        asked = self._asked
+        if asked is not None:
+            if now - asked >= PROBE_PATIENCE:
+                log.warning("live path: no answer from the server for %.0f s", now - asked)
+                self._abandon()
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # a send under way, which SEND_TIMEOUT watches; never wait for it here
+        try:
+            self._asked = now
+            # 6 bytes; only a server that takes nothing makes this wait (SEND_TIMEOUT, once).
+            self._sock.sendall(b"PING\r\n")
+        except OSError:
+            self._abandon()
+        finally:
+            self._lock.release()
+
     def _abandon(self) -> None:
         """Stop using the connection: the server drops it, the reading thread ends, and any
         send under way fails at once."""
@@ -122,6 +155,8 @@ class LiveConnection:
                         self._on_message(fields[1].decode(), payload)
                 elif line.startswith(b"PING"):
                     self._send(b"PONG\r\n")
+                elif line.startswith(b"PONG"):
+                    self._asked = None
                 elif line.startswith(b"-ERR"):
                     log.warning(
                         "live path: the server said %s", line.decode(errors="replace")[:200]

@@ -343,6 +343,8 @@ class Publisher:
                     await asyncio.to_thread(live.close)
             if now - last_heartbeat >= HEARTBEAT and self._connected:
                 last_heartbeat = now
+                if self._live_conn is not None:  # one gone quiet for good is given up (reopened)
+                    self._live_conn.probe()
                 try:  # a round trip to the server: "last sync" is a confirmation, not a hope
                     await asyncio.wait_for(nc.flush(), HEARTBEAT * 2)
                 except (Exception, asyncio.CancelledError) as exc:
