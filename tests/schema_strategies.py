@@ -67,6 +67,12 @@ class StructSpec:
         for f in self.fields:
             if f.default is msgspec.NODEFAULT:
                 fields.append((f.name, f.tp))
+            elif isinstance(f.default, (list, dict)) and not f.default:
+                # An empty default as users write it (`[]`, `default_factory=list`), which
+                # omit_defaults leaves out. (A `lambda: []` factory's it keeps: msgspec cannot
+                # see its value. A type rebuilt from the description leaves it out, and every
+                # reader decodes the same value; only the bytes differ.)
+                fields.append((f.name, f.tp, type(f.default)()))
             elif isinstance(f.default, (list, dict, msgspec.Struct)):
                 value = f.default
                 fields.append(
