@@ -198,6 +198,7 @@ def test_durable_times_must_be_positive_seconds(option: str, value: str) -> None
         (("set", "x", "1", "--timeout", "a while"), "expected a number of seconds"),
         (("set", "x", "1", "--bucket", "a b"), "bucket name must be letters, digits"),
         (("publish", "x", "--bucket", "b" * 40), "bucket name is 40 characters"),
+        (("publish", "x", "--bucket", "evil\n"), "bucket name must be letters, digits"),
         (("follow", "x", "--as", "a/b"), "store name must not contain '/'"),
     ],
 )

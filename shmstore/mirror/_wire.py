@@ -79,7 +79,7 @@ MIN_PART: Final = 1024  # bytes of a live part but the last: none is smaller (se
 # A live record's bytes beyond its value: names and numbers (a live copy carries no schema).
 RECORD_OVERHEAD: Final = 64 * 1024
 MAX_BUCKET: Final = 32  # the header's bucket field (see _layout's mirror block)
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_BUCKET_RE = re.compile(r"[A-Za-z0-9_-]+")  # whole: fullmatch, so no trailing newline
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -220,7 +220,7 @@ def assemble(manifest: Record, parts: list[bytes]) -> Record:
 
 def validate_bucket(bucket: str) -> str:
     """Return *bucket* if NATS and the header's bucket field accept it, else raise ValueError."""
-    if not _BUCKET_RE.match(bucket):
+    if not _BUCKET_RE.fullmatch(bucket):
         raise ValueError(f"bucket name must be letters, digits, '_' or '-': {bucket!r}")
     if len(bucket) > MAX_BUCKET:
         raise ValueError(f"bucket name is {len(bucket)} characters; the limit is {MAX_BUCKET}")
