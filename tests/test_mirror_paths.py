@@ -10,10 +10,12 @@ bound a hang.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +42,7 @@ from mirror_helpers import (
 import shmstore
 from shmstore import CorruptStoreError, Store, SubscriberLaggedError
 from shmstore._names import segment_name
-from shmstore.mirror import default_bucket
+from shmstore.mirror import ConnectOptions, Follower, Publisher, default_bucket
 from shmstore.mirror._wire import (
     KEY,
     Record,
@@ -484,6 +486,51 @@ def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(
             origin.set("v2")
             wait_version(replica, 2)  # put by the publisher's periodic look
             assert replica.get() == "v2"
+
+
+# ---------------------------------------------------------------------------- cancellation
+
+
+def _worker(role: str, name: str, url: str) -> Publisher | Follower:
+    options = ConnectOptions(servers=(url,))
+    if role == "publish":
+        return Publisher(name, options=options)
+    return Follower(name, options=options)
+
+
+def _others() -> set[asyncio.Task[Any]]:
+    return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+
+
+@pytest.mark.parametrize("role", ["publish", "follow"])
+def test_cancelled_while_connecting_leaves_no_client_behind(store_name: str, role: str) -> None:
+    """An application that cancels ``run()`` while NATS is unreachable gets it back with
+    nothing left trying to connect for it (the attempt went on, owned by nobody, and stayed
+    connected once a server came)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{s.getsockname()[1]}"  # nobody listens there
+
+    async def scenario() -> set[asyncio.Task[Any]]:
+        task = asyncio.create_task(_worker(role, store_name, url).run())
+        deadline = time.monotonic() + HANG
+        while not any("connect" in t.get_coro().__qualname__ for t in _others() if t is not task):
+            assert time.monotonic() < deadline, "no connection attempt"
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        left = _others()
+        if left:  # cancelled here, bounded: a failure must not hang asyncio.run's own cancel
+            for other in left:
+                other.cancel()
+            await asyncio.wait(left, timeout=5)
+        return left
+
+    with contextlib.ExitStack() as stack:
+        if role == "publish":
+            stack.enter_context(Store.create(store_name))
+        assert asyncio.run(scenario()) == set()
 
 
 def test_the_follower_trusts_only_the_replicas_own_schema(names: tuple[str, str]) -> None:

@@ -212,7 +212,16 @@ async def connect(
         else:
             stopping = asyncio.ensure_future(stop.wait())
         waiting.add(stopping)
-        await asyncio.wait(waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait(waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the attempt must not go on (and connect) unowned
+            stopping.cancel()
+            connecting.cancel()
+            # Bounded: nats-py's reconnecting loop may swallow a cancellation; closing the
+            # client ends it.
+            await asyncio.wait({connecting}, timeout=options.connect_timeout)
+            await disconnect(nc, options)
+            raise
         stopping.cancel()
         if connecting.done() and connecting.exception() is None:
             break
