@@ -184,7 +184,8 @@ class Commits:
                     with self._lock:
                         return self._is_due(version)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._due.wait(), until - now)
+                    async with asyncio.timeout(until - now):  # see _connect.raise_if_cancelled
+                        await self._due.wait()
             finally:
                 with self._lock:
                     self._waiting = False

@@ -68,6 +68,7 @@ from ._connect import (
     describe_error,
     disconnect,
     from_nats,
+    raise_if_cancelled,
 )
 from ._live import open_live
 from ._wire import (
@@ -152,6 +153,7 @@ class Follower:
                 return
             js = nc.jetstream(timeout=5.0)
             while not self._stop.is_set():
+                raise_if_cancelled()
                 try:
                     await self._follow(nc, js)
                 except StateStoreError:
@@ -212,7 +214,8 @@ class Follower:
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     async def _follow(self, nc: Any, js: Any) -> None:
         """One watch of the key (and one subscription to the live subject), until it fails, the
@@ -236,6 +239,7 @@ class Follower:
         watcher = await kv.watch(KEY)
         try:
             while not self._stop.is_set() and not self._reconnected.is_set():
+                raise_if_cancelled()  # a cancellation that a wait inside nats-py lost
                 now = time.monotonic()
                 if raw is not None and now - probed >= RESYNC:
                     probed = now

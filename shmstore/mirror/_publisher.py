@@ -92,6 +92,7 @@ from ._connect import (
     describe_error,
     disconnect,
     from_nats,
+    raise_if_cancelled,
 )
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
@@ -239,6 +240,7 @@ class Publisher:
 
         logged = -60.0
         while not self._stop.is_set():
+            raise_if_cancelled()
             try:
                 try:
                     return await js.key_value(self.bucket)
@@ -270,7 +272,8 @@ class Publisher:
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     async def _loop(self, nc: Any, kv: Any, store: Store[Any]) -> None:
         if self.live:
@@ -287,7 +290,8 @@ class Publisher:
             # the replicas (the durable put may have been waiting for the writer to pause).
             if self.active and self._connected and store.version > self._done():
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._publish_newest(kv, store, final=True), 10.0)
+                    async with asyncio.timeout(10.0):
+                        await self._publish_newest(kv, store, final=True)
         finally:
             await self._close_live()
 
@@ -302,6 +306,7 @@ class Publisher:
         self._serving = False
         due = True  # a put of the newest version, unless the bucket has it
         while not self._stop.is_set():
+            raise_if_cancelled()  # a cancellation that a wait inside nats-py lost
             head = store.version
             if (due and head > self._done()) or not self.active:
                 try:
@@ -346,7 +351,8 @@ class Publisher:
                 if self._live_conn is not None:  # one gone quiet for good is given up (reopened)
                     self._live_conn.probe()
                 try:  # a round trip to the server: "last sync" is a confirmation, not a hope
-                    await asyncio.wait_for(nc.flush(), HEARTBEAT * 2)
+                    async with asyncio.timeout(HEARTBEAT * 2):
+                        await nc.flush()
                 except (Exception, asyncio.CancelledError) as exc:
                     if isinstance(exc, asyncio.CancelledError) and not from_nats():
                         raise
