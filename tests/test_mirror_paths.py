@@ -311,6 +311,36 @@ def test_a_follower_reopens_a_broken_live_path_while_its_watch_is_busy(
                 writer.join()
 
 
+def test_a_server_that_stalls_and_comes_back_costs_no_traceback(names: tuple[str, str]) -> None:
+    """A server that stops answering for a few seconds: the publisher's heartbeat says
+    "disconnected", and when the server answers again the publisher goes on, with no
+    traceback on the operator's screen (a heartbeat that cancelled its flush made nats-py's
+    read loop fail on the late PONG)."""
+    origin_name, _ = names
+    bucket = default_bucket(origin_name)
+    with (
+        nats_servers() as (server,),
+        mirror_processes() as start,
+        Store.create(origin_name) as origin,
+    ):
+        assert server.proc is not None
+        origin.set({"n": 1})
+        publisher = start("publish", origin_name, "--server", server.url)
+        wait_until(lambda: origin.mirror_status.connected, "the publisher")
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not origin.mirror_status.connected, "the heartbeat's silence")
+        finally:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        newest = origin.set({"n": 2})
+        wait_until(
+            lambda: (r := bucket_record([server.url], bucket)) is not None and r.version == newest,
+            "the newest version in the bucket",
+        )
+        assert publisher.signal(signal.SIGTERM) == 0
+        assert "Traceback" not in publisher.log()
+
+
 @pytest.mark.parametrize("side", ["publish", "follow"])
 def test_a_live_connection_gone_quiet_is_given_up_and_reopened(
     names: tuple[str, str], side: str

@@ -123,6 +123,7 @@ log = logging.getLogger("shmstore.mirror")
 STANDBY_CHECK: Final = 1.0
 RETRY_WAIT: Final = 0.25
 HEARTBEAT: Final = 1.0  # a quiet, connected publisher refreshes its "last sync" this often
+FLUSH_PATIENCE: Final = 30  # nats-py's timeout of a heartbeat's flush (see _heartbeat)
 QUEUE_GROUP: Final = "shmstore-publishers"
 
 
@@ -181,6 +182,8 @@ class Publisher:
         self._sent_live = 0  # the newest version sent on the live path (see _mark_sent)
         self._sent_lock = threading.Lock()
         self._nc: Any = None
+        self._flushing: asyncio.Future[None] | None = None  # the heartbeat's flush
+        self._flush_started = 0.0
 
     def stop(self) -> None:
         """Make :meth:`run` return (from the event loop's thread)."""
@@ -213,6 +216,8 @@ class Publisher:
             await self._loop(nc, kv, store)
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
+            if self._flushing is not None:
+                self._flushing.cancel()
             with contextlib.suppress(StateStoreError):
                 store.replication.set_status(connected=False)
             try:
@@ -295,6 +300,35 @@ class Publisher:
         finally:
             await self._close_live()
 
+    def _heartbeat(self, nc: Any, store: Store[Any], now: float) -> None:
+        """A round trip to the server, so that "last sync" is a confirmation, not a hope: a
+        flush, in a task of its own that is never cancelled. (nats-py answers a PONG by
+        setting the result of the flush's future; one cancelled by a timeout raised
+        InvalidStateError in its read loop when a stalled server answered late: a traceback
+        and a reconnection. Its own timeout, FLUSH_PATIENCE, is past the ~6 s in which its
+        pings find a stalled server and reconnect, which forgets the future.)"""
+        flush = self._flushing
+        if flush is not None and not flush.done():
+            if now - self._flush_started >= HEARTBEAT * 2:
+                store.replication.set_status(connected=False)  # no answer for 2 s
+            return
+
+        def flushed(task: asyncio.Future[None]) -> None:
+            if store.closed:
+                return
+            if task.cancelled() or task.exception() is not None:
+                store.replication.set_status(connected=False)
+            else:
+                store.replication.set_status(
+                    connected=self._live(),
+                    last_sync_ns=time.time_ns(),
+                    behind=store.version - self.published,
+                )
+
+        self._flush_started = now
+        self._flushing = asyncio.ensure_future(nc.flush(FLUSH_PATIENCE))
+        self._flushing.add_done_callback(flushed)
+
     async def _close_live(self) -> None:
         live, self._live_conn = self._live_conn, None
         if live is not None:
@@ -350,19 +384,7 @@ class Publisher:
                 last_heartbeat = now
                 if self._live_conn is not None:  # one gone quiet for good is given up (reopened)
                     self._live_conn.probe()
-                try:  # a round trip to the server: "last sync" is a confirmation, not a hope
-                    async with asyncio.timeout(HEARTBEAT * 2):
-                        await nc.flush()
-                except (Exception, asyncio.CancelledError) as exc:
-                    if isinstance(exc, asyncio.CancelledError) and not from_nats():
-                        raise
-                    store.replication.set_status(connected=False)
-                else:
-                    store.replication.set_status(
-                        connected=self._live(),
-                        last_sync_ns=time.time_ns(),
-                        behind=store.version - self.published,
-                    )
+                self._heartbeat(nc, store, now)
             due = await commits.wait_due(self._done(), LOCAL_WAIT)
 
     async def _publish_newest(self, kv: Any, store: Store[Any], *, final: bool = False) -> None:
