@@ -83,7 +83,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .. import StateStoreError, StateVersionError, Store, __version__
+from .. import StateStoreError, Store, __version__
 from ._commits import DURABLE_MOST, DURABLE_QUIET, LOCAL_WAIT, Commits
 from ._connect import (
     ConnectOptions,
@@ -96,12 +96,12 @@ from ._connect import (
 )
 from ._errors import MirrorError
 from ._live import LiveConnection, open_live
+from ._requests import apply_request
 from ._wire import (
     HEADROOM,
     KEY,
     Record,
     SetReply,
-    SetRequest,
     chunk_key,
     chunk_subjects,
     decode_record,
@@ -316,14 +316,15 @@ class Publisher:
         def flushed(task: asyncio.Future[None]) -> None:
             if store.closed:
                 return
-            if task.cancelled() or task.exception() is not None:
-                store.replication.set_status(connected=False)
-            else:
-                store.replication.set_status(
-                    connected=self._live(),
-                    last_sync_ns=time.time_ns(),
-                    behind=store.version - self.published,
-                )
+            with contextlib.suppress(StateStoreError):  # (a callback: nobody would hear it)
+                if task.cancelled() or task.exception() is not None:
+                    store.replication.set_status(connected=False)
+                else:
+                    store.replication.set_status(
+                        connected=self._live(),
+                        last_sync_ns=time.time_ns(),
+                        behind=store.version - self.published,
+                    )
 
         self._flush_started = now
         self._flushing = asyncio.ensure_future(nc.flush(FLUSH_PATIENCE))
@@ -577,41 +578,11 @@ class Publisher:
 
     async def _on_request(self, msg: Any) -> None:
         try:
-            reply = await self._apply_request(msg.data)
+            reply = await apply_request(
+                msg.data, self._store, name=self.name, bucket=self.bucket, active=self.active
+            )
         except Exception as exc:  # whatever failed, the writer hears a refusal, not silence
             log.exception("remote set of %r failed", self.name)
             reply = SetReply(error=f"the publisher failed to apply it: {type(exc).__name__}")
         with contextlib.suppress(Exception):
             await msg.respond(msgspec.json.encode(reply))
-
-    async def _apply_request(self, data: bytes) -> SetReply:
-        store = self._store
-        if store is None or store.closed:
-            return SetReply(error="the publisher is stopping")
-        if not self.active:
-            return SetReply(error=f"this publisher is a standby for bucket {self.bucket!r}")
-        if not store.writable:
-            return SetReply(
-                error=f"the publisher of {self.name!r} was started without the store's type "
-                f"({store.type_name}): start it with --type to accept remote writes"
-            )
-        try:
-            request = msgspec.json.decode(data, type=SetRequest)
-            value = msgspec.json.decode(request.value, type=store.value_type)
-        except msgspec.DecodeError as exc:
-            return SetReply(error=f"value is not valid for {store.type_name}: {exc}")
-        except RecursionError:
-            return SetReply(error="value is nested too deeply")
-        try:
-            version = await asyncio.to_thread(self._set, store, value, request.expect)
-        except StateVersionError as exc:
-            return SetReply(conflict=True, actual=exc.actual)
-        except StateStoreError as exc:
-            return SetReply(error=str(exc))
-        except RecursionError:
-            return SetReply(error="value is nested too deeply")
-        return SetReply(version=version)
-
-    @staticmethod
-    def _set(store: Store[Any], value: Any, expect: int | None) -> int:
-        return store.set(value, expect)
