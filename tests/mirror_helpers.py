@@ -229,6 +229,7 @@ class Relay:
         self._lock = threading.Lock()
         self._links: list[tuple[bytearray, socket.socket, socket.socket]] = []
         self._frozen: set[int] = set()  # ids of the first-bytes buffers of frozen links
+        self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -239,11 +240,19 @@ class Relay:
         while True:
             try:
                 client, _ = self._listener.accept()
-                server = socket.create_connection(("127.0.0.1", self._target))
             except OSError:
                 return  # closed
+            try:
+                server = socket.create_connection(("127.0.0.1", self._target))
+            except OSError:  # the server is down: so is this connection
+                client.close()
+                continue
             first = bytearray()
             with self._lock:
+                if self._closed:
+                    client.close()
+                    server.close()
+                    return
                 self._links.append((first, client, server))
             threading.Thread(
                 target=self._pump, args=(client, server, first, first), daemon=True
@@ -291,7 +300,17 @@ class Relay:
         return len(links)
 
     def close(self) -> None:
+        """Close the listener and every connection (none is left for the garbage collector,
+        which would warn of it in whichever test runs then)."""
         self._listener.close()
+        with self._lock:
+            self._closed = True
+            links, self._links = self._links, []
+        for _, client, server in links:
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
         with self._lock:
             links, self._links = self._links, []
         for _, client, server in links:
