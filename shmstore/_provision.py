@@ -475,6 +475,16 @@ def create_replica(
     validate_name(name)
     if len(fingerprint) != 16:
         raise ValueError(f"a schema fingerprint is 16 bytes, got {len(fingerprint)}")
+    record = None
+    if schema_record:  # checked before anything exists: a bad one leaves no segment behind
+        try:
+            record = _schemarecord.SchemaRecord.decode(schema_record)
+        except (msgspec.DecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise SchemaMismatchError(
+                f"the origin's schema record does not decode: {exc}"
+            ) from None
+        if record.fingerprint != fingerprint:
+            raise ValueError("the schema record's newest type is not the given fingerprint")
     plan = _plan(Any, options)
     plan.codec.fingerprint = fingerprint
     plan.codec.type_name = type_name
@@ -494,11 +504,6 @@ def create_replica(
         segment.close()
         unlink_segment(segment.name)
         raise
-    record = None
-    if schema_record:
-        record = _schemarecord.SchemaRecord.decode(schema_record)
-        if record.fingerprint != fingerprint:
-            raise ValueError("the schema record's newest type is not the given fingerprint")
     replica_plan = _Plan(
         plan.geometry,
         plan.codec,

@@ -57,7 +57,8 @@ def create_replica(
     *schema_record* (the origin's ``store.replication.schema_record``) records the origin's
     types as well, so readers of older types keep reading and
     ``store.replication.follow_schema`` can follow the origin's evolutions. Raises like
-    :meth:`Store.create`."""
+    :meth:`Store.create`, and :class:`SchemaMismatchError` (nothing created) if
+    *schema_record* does not decode."""
     options = CreateOptions(
         slots=slots,
         slot_size=slot_size,

@@ -20,11 +20,13 @@ from shmstore import (
     StateStoreError,
     StateVersionError,
     Store,
+    StoreNotFoundError,
     SubscriberLaggedError,
 )
 from shmstore import _layout as L
 from shmstore._codec import fingerprint_of, type_name_of
 from shmstore.metrics import prometheus_text
+from shmstore.mirror import ConnectOptions, MirrorError
 from shmstore.replication import create_replica
 
 
@@ -34,7 +36,11 @@ class Point(msgspec.Struct):
 
 
 def _replica(
-    name: str, tp: Any = Point, slots: int = 4, max_value_size: int | None = 1024
+    name: str,
+    tp: Any = Point,
+    slots: int = 4,
+    max_value_size: int | None = 1024,
+    schema_record: bytes = b"",
 ) -> Store[Any]:
     return create_replica(
         name,
@@ -45,6 +51,7 @@ def _replica(
         slots=slots,
         slot_size=256,
         max_value_size=max_value_size,
+        schema_record=schema_record,
     )
 
 
@@ -53,6 +60,24 @@ def _encode(value: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize(
+    "schema_record",
+    [b"{not json", b"[1]", b'{"a": 1}', b"null", b'"x"', b"[" * 100_000 + b"]" * 100_000],
+)
+def test_a_schema_record_that_does_not_decode_creates_nothing(
+    store_name: str, schema_record: bytes
+) -> None:
+    """A follower creates its replica from a bucket record: a bad schema record in it is a
+    StateStoreError before any segment exists (it was KeyError or TypeError, and left a
+    zero-filled segment that failed every later follower as a corrupt store)."""
+    with pytest.raises(SchemaMismatchError, match="schema record does not decode"):
+        _replica(store_name, schema_record=schema_record)
+    with pytest.raises(StoreNotFoundError):
+        Store.open(store_name)
+    with _replica(store_name) as replica:  # the name is free for a good record
+        assert replica.version == 0
 
 
 def test_mirror_block_fits_the_free_header_space() -> None:
@@ -310,21 +335,28 @@ def test_default_buckets_are_valid_distinct_and_fit_the_header() -> None:
             validate_bucket(bad)
 
 
-def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
-    from shmstore.mirror._wire import Record, decode_record, encode_record  # noqa: PLC0415
+def _record(version: int, value: bytes) -> Any:
+    """A mirror record of *value* at *version*, as a publisher of store ``robot`` makes it."""
+    from shmstore.mirror._wire import Record  # noqa: PLC0415
 
-    record = Record(
+    return Record(
         shmstore="0.1.0",
         origin="host/robot/1",
         store="robot",
-        version=7,
+        version=version,
         commit_ns=123,
         fingerprint=b"f" * 16,
         type_name="m:T",
         slots=8,
         slot_size=64,
-        value=b"\x93\x01\x02\x03",
+        value=value,
     )
+
+
+def test_records_round_trip_and_foreign_bytes_are_refused() -> None:
+    from shmstore.mirror._wire import decode_record, encode_record  # noqa: PLC0415
+
+    record = _record(7, b"\x93\x01\x02\x03")
     assert decode_record(encode_record(record)) == record
     with pytest.raises(StateStoreError, match="not a shmstore mirror record"):
         decode_record(b"hello")
@@ -361,6 +393,16 @@ def test_secrets_never_show() -> None:
     assert "urlsecret" not in error
     assert "pw-secret" not in error
     assert error.startswith("OSError: ")
+
+
+@pytest.mark.parametrize(
+    "servers", [(), [], ("",), (" ",), "nats://127.0.0.1:4222", ("nats://h:99999",), ("nats://:1",)]
+)
+def test_connect_options_refuse_servers_no_client_can_try(servers: Any) -> None:
+    """No server (or a string, read as one server per character) made nats-py's connect retry
+    in a loop that never awaits: 100% CPU, deaf to SIGTERM, Ctrl-C and cancellation."""
+    with pytest.raises(MirrorError, match="server"):
+        ConnectOptions(servers=servers)
 
 
 def test_mirror_set_without_a_server_is_one_clear_line() -> None:
@@ -465,6 +507,35 @@ def _parts(data: bytes, version: int) -> list[bytes]:
 
 
 LIMIT = 1 << 20  # the largest record a follower takes parts of, in these tests
+
+
+def test_a_manifest_must_be_one_the_replica_can_take() -> None:
+    """Checked before any chunk is read: a 200-byte manifest that claimed a million chunks
+    made a follower start a million reads (2.9 GB, then MemoryError)."""
+    from shmstore.mirror._wire import (  # noqa: PLC0415
+        MIN_PART,
+        check_manifest,
+        decode_record,
+        encode_record,
+        manifest,
+        split,
+    )
+
+    record = _record(3, os.urandom(100_000))
+    data = encode_record(record)
+    parts = split(data, 16_384)
+    good = manifest(decode_record(data), data, len(parts), 1)
+    check_manifest(good, len(data))  # what a publisher makes passes
+    check_manifest(msgspec.structs.replace(good, chunks=-(-len(data) // MIN_PART)), len(data))
+    for claims, message in [
+        ({"chunks": 1_000_000}, "chunks for"),
+        ({"chunks": 0}, "chunks for"),
+        ({"chunks": -1}, "chunks for"),
+        ({"size": 0}, "bytes"),
+        ({"size": len(data) + 1}, "bytes"),
+    ]:
+        with pytest.raises(StateStoreError, match=message):
+            check_manifest(msgspec.structs.replace(good, **claims), len(data))
 
 
 def test_live_parts_reassemble_only_whole_and_matching() -> None:

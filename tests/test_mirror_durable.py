@@ -200,6 +200,11 @@ def test_durable_times_must_be_positive_seconds(option: str, value: str) -> None
         (("publish", "x", "--bucket", "b" * 40), "bucket name is 40 characters"),
         (("publish", "x", "--bucket", "evil\n"), "bucket name must be letters, digits"),
         (("follow", "x", "--as", "a/b"), "store name must not contain '/'"),
+        # (no server at all made nats-py's connect spin without awaiting: deaf to signals)
+        (("follow", "x", "--server", ","), "no server URL in ','"),
+        (("publish", "x", "--server", ""), "no server URL in ''"),
+        (("follow", "x", "--server", "nats://127.0.0.1:99999"), "not a NATS server URL"),
+        (("follow", "x", "--server", "nats://u:pw@:4222"), "'nats://***@:4222'"),
     ],
 )
 def test_mirror_usage_errors_talk_about_the_value(args: tuple[str, ...], message: str) -> None:

@@ -473,14 +473,22 @@ def test_the_publisher_answers_a_request_it_cannot_apply(names: tuple[str, str])
         assert origin.version == 1
 
 
-def test_a_follower_refuses_an_impossible_version_and_goes_on(names: tuple[str, str]) -> None:
+def test_a_follower_refuses_impossible_records_and_goes_on(
+    names: tuple[str, str],
+) -> None:
+    """A version >= 2**62 is refused, visibly. A ~200-byte manifest claiming 100,000 chunks
+    (on either path) is refused before any chunk is read (it cost 647 MB, a million chunks
+    2.9 GB and a MemoryError). A first record whose schema record does not decode is refused,
+    with no replica segment left behind (it failed the follower for good, and every later
+    one, on a zero-filled segment)."""
     origin_name, replica_name = names
+    second_name = f"{origin_name}-r2"
     bucket = default_bucket(origin_name)
-    with (
-        nats_servers() as (server,),
-        mirror_processes() as start,
-        Store.create(origin_name) as origin,
-    ):
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shmstore.remove, second_name)  # after the followers are gone
+        server = cleanup.enter_context(nats_servers())[0]
+        start = cleanup.enter_context(mirror_processes())
+        origin = cleanup.enter_context(Store.create(origin_name))
         urls = [server.url]
         origin.set("v1")
         publisher = start("publish", origin_name, "--server", server.url)
@@ -491,9 +499,44 @@ def test_a_follower_refuses_an_impossible_version_and_goes_on(names: tuple[str, 
             kv_put(urls, bucket, [(KEY, forged(base, 1 << 62, "impossible"))])
             wait_until(lambda: f"refused version {1 << 62}" in follower.log(), "the refusal")
             assert replica.statistics().mirror_behind > 0
-            kv_put(urls, bucket, [(KEY, forged(base, 2, "v2"))])
-            wait_version(replica, 2)
-            assert replica.get() == "v2"
+            data = forged(base, 2, "v2")
+            huge = msgspec.structs.replace(
+                manifest(decode_record(data), data, 100_000, 0), version=2
+            )
+            kv_put(urls, bucket, [(KEY, encode_record(huge))])
+            wait_until(lambda: "refused version 2" in follower.log(), "the bucket's refusal")
+            nats_call(
+                urls,
+                lambda nc: nc.publish(
+                    live_subject(bucket),
+                    encode_record(msgspec.structs.replace(huge, version=3, schema=b"")),
+                ),
+            )
+            wait_until(lambda: "refused version 3" in follower.log(), "the live refusal")
+            assert "100000 chunks for" in follower.log()
+            assert replica.version == 1  # the last good state
+            assert replica.get() == "v1"
+            # A new follower whose first record's schema record does not decode.
+            kv_put(urls, bucket, [(KEY, encode_record(_with(base, 4, "v4", b"[1]")))])
+            second = start("follow", origin_name, "--server", server.url, "--as", second_name)
+            wait_until(lambda: "refused version 4" in second.log(), "the schema's refusal")
+            assert "schema record does not decode" in second.log()
+            with pytest.raises(StoreNotFoundError):
+                Store.open(second_name)
+            # Both go on: the next good record reaches the one and creates the other.
+            kv_put(urls, bucket, [(KEY, forged(base, 5, "v5"))])
+            wait_version(replica, 5)
+            assert replica.get() == "v5"
+            with open_replica(second_name, None) as created:
+                wait_version(created, 5)
+                assert created.get() == "v5"
+            assert [p.proc.poll() for p in (follower, second) if p.proc] == [None, None]
+            assert "Traceback" not in follower.log() + second.log()
+            assert "never retrieved" not in follower.log()
+
+
+def _with(base: Record, version: int, value: Any, schema: bytes) -> Record:
+    return msgspec.structs.replace(decode_record(forged(base, version, value)), schema=schema)
 
 
 def test_a_publisher_without_a_reader_entry_says_so_and_still_mirrors(

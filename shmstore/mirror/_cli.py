@@ -28,7 +28,8 @@ from .._cli_args import number, version
 from .._typeexpr import TypeExpressionError, resolve_type
 from ..replication import validate_name
 from ._commits import DURABLE_MOST, DURABLE_QUIET
-from ._connect import ConnectOptions
+from ._connect import ConnectOptions, check_server
+from ._errors import MirrorError
 from ._wire import validate_bucket
 
 __all__ = ["add_mirror_parser"]
@@ -43,9 +44,8 @@ EXIT_INTERRUPTED = 130
 def _options(args: argparse.Namespace) -> ConnectOptions:
     # asyncio's own chatter about TLS connections closing is no news to an operator.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
-    servers = [s.strip() for spec in args.server for s in spec.split(",") if s.strip()]
     return ConnectOptions(
-        servers=tuple(servers),
+        servers=tuple(server for servers in args.server for server in servers),
         user=args.user,
         password=args.password or os.environ.get("SHMSTORE_NATS_PASSWORD") or None,
         token=args.token or os.environ.get("SHMSTORE_NATS_TOKEN") or None,
@@ -191,10 +191,21 @@ def _store_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _servers(text: str) -> list[str]:
+    servers = [s.strip() for s in text.split(",") if s.strip()]
+    if not servers:
+        raise argparse.ArgumentTypeError(f"no server URL in {text!r}")
+    try:
+        return [check_server(server) for server in servers]
+    except MirrorError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
         action="append",
+        type=_servers,
         required=True,
         metavar="URL",
         help="NATS server URL (repeat, or comma-separate, for a cluster)",

@@ -23,6 +23,7 @@ from ._errors import MirrorError
 
 __all__ = [
     "ConnectOptions",
+    "check_server",
     "concurrently",
     "connect",
     "describe_error",
@@ -74,6 +75,14 @@ class ConnectOptions:
     name: str | None = None  # the connection's name in NATS monitoring
     connect_timeout: float = 5.0
 
+    def __post_init__(self) -> None:
+        # Checked here, not by the client: with no server nats-py's connect retries in a
+        # loop that never awaits (the process spun at 100% CPU, deaf to SIGTERM and Ctrl-C).
+        if isinstance(self.servers, str) or not self.servers:
+            raise MirrorError("servers: give one NATS server URL at least, in a list")
+        for server in self.servers:
+            check_server(server)
+
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca_file or self.tls_cert_file):
             return None
@@ -117,6 +126,21 @@ class ConnectOptions:
     def shown(self) -> str:
         """The servers, with any user information removed: safe for logs."""
         return ",".join(redact(s) for s in self.servers)
+
+
+def check_server(url: str) -> str:
+    """Return the server URL *url* if a client can try it, else raise :class:`MirrorError`
+    (the message shows it without user information)."""
+    if not isinstance(url, str) or not url.strip():
+        raise MirrorError(f"a NATS server URL is a non-empty string, got {url!r}")
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        port = parts.port  # ValueError if out of range or not a number
+    except ValueError:
+        raise MirrorError(f"not a NATS server URL: {redact(url)!r}") from None
+    if not parts.hostname or (port is not None and port == 0):
+        raise MirrorError(f"not a NATS server URL (host:port): {redact(url)!r}")
+    return url
 
 
 def redact(url: str) -> str:

@@ -43,12 +43,14 @@ and the watch and ``RESYNC`` reads catch up whatever the live path lost).
 
 Chunks
 ------
-A manifest (see ``_wire``) is fetched -- every chunk at once -- and checked (count, size,
-digest) before anything is decoded; missing or foreign chunks make the follower refuse that
-version (said once, "behind" in the header) and wait: the next manifest or the next ``RESYNC``
-read tries again, so the replica catches up from the newest complete version and is never
-torn. Live parts of a large record are reassembled in the reading thread and checked the same
-way; parts that do not add up are dropped, and the bucket's copy follows.
+A manifest (see ``_wire``) is first checked against what the replica can hold
+(``check_manifest``: a manifest no publisher makes, say a million chunks in 200 bytes, is
+refused before a chunk is read), then fetched -- ``FETCH_AT_ONCE`` chunks at a time -- and
+checked (count, size, digest) before anything is decoded; missing or foreign chunks make the
+follower refuse that version (said once, "behind" in the header) and wait: the next manifest or
+the next ``RESYNC`` read tries again, so the replica catches up from the newest complete
+version and is never torn. Live parts of a large record are reassembled in the reading thread
+and checked the same way; parts that do not add up are dropped, and the bucket's copy follows.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ import logging
 import time
 from typing import Any, Final
 
-from .. import StateStoreError, StateVersionError, Store, StoreExistsError, StoreNotFoundError
+from .. import (
+    SchemaMismatchError,
+    StateStoreError,
+    StateVersionError,
+    Store,
+    StoreExistsError,
+    StoreNotFoundError,
+)
 from ..replication import create_replica
 from ._connect import (
     ConnectOptions,
@@ -72,11 +81,14 @@ from ._connect import (
 )
 from ._live import open_live
 from ._wire import (
+    DURABLE_OVERHEAD,
     KEY,
+    MAX_STORE_VALUE,
     RECORD_OVERHEAD,
     Reassembly,
     Record,
     assemble,
+    check_manifest,
     chunk_key,
     decode_record,
     default_bucket,
@@ -91,6 +103,7 @@ log = logging.getLogger("shmstore.mirror")
 
 RESYNC: Final = 1.0
 RETRY_WAIT: Final = 0.5
+FETCH_AT_ONCE: Final = 32  # chunk reads in flight for one record
 
 
 class Follower:
@@ -175,6 +188,7 @@ class Follower:
         finally:
             self._stop.set()  # closing on purpose: the client's disconnect is no news
             try:
+                await self._end_live_tasks()
                 if nc is not None:
                     await disconnect(nc, self.options)
             finally:  # also when this task is cancelled while closing
@@ -320,17 +334,33 @@ class Follower:
                 loop.call_soon_threadsafe(self._spawn, data)
 
     def _spawn(self, data: bytes | bytearray) -> None:
-        task = asyncio.ensure_future(self._receive(data))
+        if self._stop.is_set():
+            return
+        task = asyncio.ensure_future(self._receive_live(data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _on_live(self, msg: Any) -> None:
+        await self._receive_live(msg.data)
+
+    async def _receive_live(self, data: bytes | bytearray) -> None:
+        """A live record that the loop applies: whatever fails (a chunk read that timed out, a
+        connection closing), the bucket's copy of this version follows; never unheard."""
         if self._replica is None:
             return  # the bucket's first record creates it: that copy carries the schema
         try:
-            await self._receive(msg.data)
-        except Exception as exc:  # the bucket's copy of this version follows; say it once
+            await self._receive(data)
+        except Exception as exc:
             log.debug("live record not applied: %s", describe_error(exc, self.options))
+
+    async def _end_live_tasks(self) -> None:
+        """Cancel and await the live records still being applied: none may outlive run() (one
+        that ended after the replica was closed would open it again, and leak it)."""
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:  # bounded: a wait inside nats-py may swallow a cancellation (see _connect)
+            await asyncio.wait(tasks, timeout=self.options.connect_timeout)
 
     async def _receive(self, data: bytes | bytearray) -> None:
         """Apply the record in *data* (from either path) unless the replica has its version."""
@@ -344,6 +374,13 @@ class Follower:
             if record.version in self._fetching or (
                 replica is not None and record.version <= replica.version
             ):
+                return
+            # What the replica can hold (the one this record would create, if none yet).
+            most = replica.max_value_size if replica is not None else record.max_value_size
+            try:
+                check_manifest(record, (most or MAX_STORE_VALUE) + DURABLE_OVERHEAD)
+            except StateStoreError as exc:
+                self._refuse(record.version, f"{exc}; waiting for a newer complete version")
                 return
             self._fetching.add(record.version)
             try:
@@ -361,10 +398,17 @@ class Follower:
         from nats.js.errors import KeyNotFoundError  # noqa: PLC0415
 
         kv = self._kv
-        keys = [chunk_key(manifest.version, i) for i in range(manifest.chunks)]
+        parts: list[bytes] = []
         try:
-            entries = await concurrently(*(kv.get(key) for key in keys))
-            return assemble(manifest, [entry.value or b"" for entry in entries])
+            # FETCH_AT_ONCE reads at a time: a record of many small chunks costs a few round
+            # trips more, never a read in flight per chunk; the first one missing ends it.
+            for first in range(0, manifest.chunks, FETCH_AT_ONCE):
+                last = min(first + FETCH_AT_ONCE, manifest.chunks)
+                entries = await concurrently(
+                    *(kv.get(chunk_key(manifest.version, i)) for i in range(first, last))
+                )
+                parts.extend(entry.value or b"" for entry in entries)
+            return assemble(manifest, parts)
         except (KeyNotFoundError, StateStoreError) as exc:
             self._refuse(
                 manifest.version,
@@ -376,7 +420,13 @@ class Follower:
     def _apply(self, record: Record) -> None:
         replica = self._replica
         if replica is None:
-            replica = self._replica = self._create(record)
+            if self._stop.is_set():
+                return  # stopping: a replica created now would be left open
+            try:
+                replica = self._replica = self._create(record)
+            except (SchemaMismatchError, ValueError) as exc:  # the record's own claims
+                self._refuse(record.version, f"no replica can be created from it: {exc}")
+                return
         if record.fingerprint != replica.replication.fingerprint:
             reason = "remove the replica to follow the new schema"
             if record.schema:  # the origin evolved: follow it (issue 21)

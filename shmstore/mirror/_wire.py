@@ -47,8 +47,10 @@ from ..replication import validate_name
 
 __all__ = [
     "CHUNKED_FORMAT",
+    "DURABLE_OVERHEAD",
     "HEADROOM",
     "KEY",
+    "MAX_STORE_VALUE",
     "MIN_PART",
     "RECORD_FORMAT",
     "RECORD_OVERHEAD",
@@ -57,6 +59,7 @@ __all__ = [
     "SetRequest",
     "Reassembly",
     "assemble",
+    "check_manifest",
     "chunk_key",
     "chunk_subjects",
     "decode_record",
@@ -75,9 +78,12 @@ KEY: Final = "state"
 RECORD_FORMAT: Final = 1
 CHUNKED_FORMAT: Final = 2  # a manifest: the record's bytes are in chunk keys
 HEADROOM: Final = 512  # a message's subject and headers travel with its payload
-MIN_PART: Final = 1024  # bytes of a live part but the last: none is smaller (see Reassembly)
+MIN_PART: Final = 1024  # bytes of a live part or a chunk but the last: none is smaller
 # A live record's bytes beyond its value: names and numbers (a live copy carries no schema).
 RECORD_OVERHEAD: Final = 64 * 1024
+# A durable record's: also the origin's schema record (kilobytes for real types; generous).
+DURABLE_OVERHEAD: Final = 16 << 20
+MAX_STORE_VALUE: Final = (1 << 31) - 1  # the largest value a store can hold (its slot field)
 MAX_BUCKET: Final = 32  # the header's bucket field (see _layout's mirror block)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9_-]+")  # whole: fullmatch, so no trailing newline
 
@@ -175,7 +181,7 @@ def _digest(data: bytes) -> bytes:
 
 def split(data: bytes, max_payload: int) -> list[bytes]:
     """*data* in chunks that each travel in one message of a server with *max_payload*."""
-    size = max(1024, max_payload - HEADROOM)
+    size = max(MIN_PART, max_payload - HEADROOM)
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
@@ -199,6 +205,25 @@ def chunk_key(version: int, index: int) -> str:
 def chunk_subjects(bucket: str) -> str:
     """The stream subjects of every chunk key of *bucket* (for purging old ones)."""
     return f"$KV.{bucket}.chunk.>"
+
+
+def check_manifest(manifest: Record, limit: int) -> None:
+    """Refuse (:class:`StateStoreError`) a manifest whose claims no publisher makes: more than
+    *limit* bytes (what the replica can take, with the record around the value), or a number
+    of chunks that its size does not explain (``split`` makes chunks of ``MIN_PART`` bytes at
+    least). Checked before a chunk is fetched: a 200-byte manifest that claimed a million
+    chunks made the follower start a million reads (2.9 GB, then MemoryError)."""
+    if not 0 < manifest.size <= limit:
+        raise StateStoreError(
+            f"version {manifest.version}: the manifest says {manifest.size} bytes; this replica "
+            f"takes 1 to {limit}"
+        )
+    most = -(-manifest.size // MIN_PART)
+    if not 0 < manifest.chunks <= most:
+        raise StateStoreError(
+            f"version {manifest.version}: the manifest says {manifest.chunks} chunks for "
+            f"{manifest.size} bytes (1 to {most})"
+        )
 
 
 def assemble(manifest: Record, parts: list[bytes]) -> Record:
