@@ -42,7 +42,7 @@ from mirror_helpers import (
 import shmstore
 from shmstore import CorruptStoreError, Store, StoreNotFoundError, SubscriberLaggedError
 from shmstore._names import segment_name
-from shmstore.mirror import ConnectOptions, Follower, Publisher, default_bucket
+from shmstore.mirror import ConnectOptions, Follower, MirrorError, Publisher, default_bucket
 from shmstore.mirror._wire import (
     KEY,
     Record,
@@ -573,6 +573,27 @@ def _worker(role: str, name: str, url: str) -> Publisher | Follower:
 
 def _others() -> set[asyncio.Task[Any]]:
     return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+
+
+@pytest.mark.parametrize("role", ["publish", "follow"])
+def test_run_runs_once(store_name: str, role: str) -> None:
+    """A second ``run()`` says it cannot (it returned at once, doing nothing: the first run's
+    stop was still set)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{s.getsockname()[1]}"  # nobody listens there
+
+    async def scenario() -> None:
+        worker = _worker(role, store_name, url)
+        worker.stop()
+        await worker.run()  # stopped before it began: it returns
+        with pytest.raises(MirrorError, match=r"run\(\) runs once"):
+            await worker.run()
+
+    with contextlib.ExitStack() as stack:
+        if role == "publish":
+            stack.enter_context(Store.create(store_name))
+        asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("role", ["publish", "follow"])

@@ -79,6 +79,7 @@ from ._connect import (
     from_nats,
     raise_if_cancelled,
 )
+from ._errors import MirrorError
 from ._live import open_live
 from ._wire import (
     DURABLE_OVERHEAD,
@@ -142,6 +143,7 @@ class Follower:
         self.applied = 0
         """Versions committed into the replica by this follower."""
         self._stop = asyncio.Event()
+        self._ran = False  # run() runs once: its stop, its replica or store are not reset
         self._replica: Store[Any] | None = None
         self._connected = False
         self._refused: tuple[int, str] | None = None
@@ -158,6 +160,11 @@ class Follower:
         self._stop.set()
 
     async def run(self) -> None:
+        """Follow the origin into the replica until :meth:`stop` or a cancellation. Once per
+        instance: a second call raises :class:`MirrorError`."""
+        if self._ran:
+            raise MirrorError("Follower.run() runs once: make a new Follower to run again")
+        self._ran = True
         self._replica = self._open_existing()
         nc = None
         try:

@@ -171,6 +171,7 @@ class Publisher:
         self.published = 0
         """The newest version this publisher knows to be in the bucket."""
         self._stop = asyncio.Event()
+        self._ran = False  # run() runs once: its stop, its replica or store are not reset
         self._store: Store[Any] | None = None
         self._revision: int | None = None  # the key's revision, None when unknown
         self._origin = ""
@@ -192,6 +193,11 @@ class Publisher:
     # ------------------------------------------------------------------ main loop
 
     async def run(self) -> None:
+        """Publish the store until :meth:`stop` or a cancellation. Once per instance: a
+        second call raises :class:`MirrorError`."""
+        if self._ran:
+            raise MirrorError("Publisher.run() runs once: make a new Publisher to run again")
+        self._ran = True
         store = Store.open(self.name, self.value_type)
         status = store.mirror_status
         if status.role == "replica":
