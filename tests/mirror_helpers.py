@@ -130,6 +130,17 @@ class NatsServer:
             s.settimeout(1)
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block: it takes nothing and answers nothing,
+        its connections still open; continued after the block, whatever happened in it."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL, the whole process group."""
         proc, self.proc = self.proc, None
@@ -213,6 +224,14 @@ def bucket_record(urls: list[str], bucket: str) -> Any:
             await nc.close()
 
     return asyncio.run(read())
+
+
+def wait_bucket_version(urls: list[str], bucket: str, version: int) -> Any:
+    """The record in *bucket* once it is at *version* (the bucket trails the live copies)."""
+    return wait_until(
+        lambda: (r := bucket_record(urls, bucket)) is not None and r.version == version and r,
+        f"version {version} in the bucket",
+    )
 
 
 class Relay:

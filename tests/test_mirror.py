@@ -27,6 +27,7 @@ from mirror_helpers import (
     mirror_processes,
     nats_servers,
     open_replica,
+    wait_bucket_version,
     wait_until,
     wait_version,
 )
@@ -117,10 +118,7 @@ def test_a_late_follower_gets_the_current_value_at_once(names: tuple[str, str]) 
         for seq in range(1, 21):
             origin.set(Reading.make(seq))
         bucket = default_bucket(origin_name)
-        wait_until(
-            lambda: (r := bucket_record([server.url], bucket)) and r.version == 20,
-            "version 20 in the bucket",
-        )
+        wait_bucket_version([server.url], bucket, 20)
         start("follow", origin_name, "--server", server.url, "--as", replica_name)
         with open_replica(replica_name) as replica:
             # The first version the replica ever held is the newest: no replay of history.

@@ -35,6 +35,7 @@ from mirror_helpers import (
     nats_call,
     nats_servers,
     open_replica,
+    wait_bucket_version,
     wait_until,
     wait_version,
 )
@@ -113,19 +114,13 @@ def test_values_above_max_payload_travel_in_chunks(names: tuple[str, str]) -> No
             wait_version(replica, 2)
             assert replica.get() == four
             # The bucket trails the live copy (a pause of the writer, then 65 puts): wait for it.
-            record = wait_until(
-                lambda: (r := bucket_record([server.url], bucket)) and r.version == 2 and r,
-                "version 2 in the bucket",
-            )
+            record = wait_bucket_version([server.url], bucket, 2)
             assert record.chunks == 65
             # A follower stopped while a 20 MiB record goes out catches up from the bucket.
             assert follower.signal(signal.SIGKILL) == -signal.SIGKILL
             twenty = big(3, 20 << 20)
             origin.set(twenty)
-            wait_until(
-                lambda: (r := bucket_record([server.url], bucket)) and r.version == 3,
-                "version 3 in the bucket",
-            )
+            wait_bucket_version([server.url], bucket, 3)
             follower.start()
             wait_version(replica, 3)
             assert replica.get() == twenty
@@ -323,20 +318,13 @@ def test_a_server_that_stalls_and_comes_back_costs_no_traceback(names: tuple[str
         mirror_processes() as start,
         Store.create(origin_name) as origin,
     ):
-        assert server.proc is not None
         origin.set({"n": 1})
         publisher = start("publish", origin_name, "--server", server.url)
         wait_until(lambda: origin.mirror_status.connected, "the publisher")
-        os.killpg(server.proc.pid, signal.SIGSTOP)
-        try:
+        with server.stalled():
             wait_until(lambda: not origin.mirror_status.connected, "the heartbeat's silence")
-        finally:
-            os.killpg(server.proc.pid, signal.SIGCONT)
         newest = origin.set({"n": 2})
-        wait_until(
-            lambda: (r := bucket_record([server.url], bucket)) is not None and r.version == newest,
-            "the newest version in the bucket",
-        )
+        wait_bucket_version([server.url], bucket, newest)
         assert publisher.signal(signal.SIGTERM) == 0
         assert "Traceback" not in publisher.log()
 
@@ -425,12 +413,10 @@ def test_a_publisher_stops_while_a_stalled_server_holds_its_live_copy(
         mirror_processes() as start,
         Store.create(origin_name) as origin,
     ):
-        assert server.proc is not None
         origin.set(b"small")
         publisher = start("publish", origin_name, "--server", server.url)
         wait_until(lambda: origin.mirror_status.connected, "the publisher")
-        os.killpg(server.proc.pid, signal.SIGSTOP)
-        try:
+        with server.stalled():
             for i in range(8):  # 32 MB: more than loopback's buffers take
                 newest = origin.set(bytes([i]) * (4 << 20))
             wait_until(lambda: stalled_live_copy(server.port), "a stalled live copy")
@@ -438,13 +424,8 @@ def test_a_publisher_stops_while_a_stalled_server_holds_its_live_copy(
                 wait_until(lambda: live_copy_given_up(server.port), "the live copy given up")
             assert publisher.signal(signal.SIGTERM) == 0
             assert "Traceback" not in publisher.log()
-        finally:
-            os.killpg(server.proc.pid, signal.SIGCONT)
         start("publish", origin_name, "--server", server.url)
-        wait_until(
-            lambda: (r := bucket_record([server.url], bucket)) is not None and r.version == newest,
-            "the newest version in the bucket",
-        )
+        wait_bucket_version([server.url], bucket, newest)
 
 
 # ---------------------------------------------------------------------------- hardening
