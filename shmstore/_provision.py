@@ -479,7 +479,7 @@ def create_replica(
     if schema_record:  # checked before anything exists: a bad one leaves no segment behind
         try:
             record = _schemarecord.SchemaRecord.decode(schema_record)
-        except (msgspec.DecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        except ValueError as exc:
             raise SchemaMismatchError(
                 f"the origin's schema record does not decode: {exc}"
             ) from None

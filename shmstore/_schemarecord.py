@@ -120,12 +120,19 @@ class SchemaRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> SchemaRecord:
-        data = msgspec.json.decode(raw)
-        fingerprints = tuple(bytes.fromhex(fp) for fp in data["fingerprints"])
-        schemas = tuple(data["schemas"])
+        """The record in *raw*; ``ValueError`` for anything that is not one: bad JSON, a
+        field missing or of another type, nesting too deep (records come from other
+        processes and from other hosts' publishers)."""
+        try:
+            data = msgspec.json.decode(raw)
+            fingerprints = tuple(bytes.fromhex(fp) for fp in data["fingerprints"])
+            schemas = tuple(data["schemas"])
+            type_name = str(data["type_name"])
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # DecodeError too
+            raise ValueError(str(exc)) from None
         if not fingerprints or len(fingerprints) != len(schemas):
             raise ValueError("a record lists one schema per fingerprint, at least one")
-        return cls(str(data["type_name"]), fingerprints, schemas)
+        return cls(type_name, fingerprints, schemas)
 
 
 def record_segment_name(name: str, generation: int) -> str:
@@ -193,7 +200,7 @@ def _read(name: str, created_ns: int, generation: int) -> SchemaRecord | None:
         segment.close()
     try:
         record = SchemaRecord.decode(raw)
-    except (msgspec.DecodeError, ValueError, TypeError, KeyError) as exc:
+    except ValueError as exc:
         raise CorruptStoreError(
             f"store {name!r}: schema record {generation} does not decode: {exc}"
         ) from None
